@@ -1,0 +1,218 @@
+"""GPT-2 in Flax linen: params (and an optional KV cache) in, logits (and the new cache) out.
+
+Param names mirror the Hugging Face layout: `wte`, `wpe`, `h_{i}/{ln_1,attn,ln_2,mlp}`, `ln_f`.
+HF's Conv1D stores weights as (in, out), exactly a Flax Dense kernel, so nothing is transposed.
+
+Shapes: B batch, T new tokens, S attended slots (T without a cache, the cache length with one),
+D n_embd, H heads, K head_dim, V vocab, I MLP width, L layers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from gpt2cli.config import GPT2Config
+
+_ACTIVATIONS = {
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+
+
+@struct.dataclass
+class KVCache:
+    """Fixed-size keys and values of every layer, and how many slots are filled.
+
+    `keys[l]`, `values[l]`: [B, S, H, K]. `mask`: [B, S], true where a slot holds a real
+    (not padding) token. `index`: the next slot to write, the same for every row (prompts
+    are left-padded so they all end at the same slot).
+    """
+
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+    mask: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def empty(cls, config: GPT2Config, batch: int, length: int, dtype: Any = jnp.float32):
+        shape = (batch, length, config.n_head, config.head_dim)
+        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layer))
+        return cls(
+            keys=zeros,
+            values=zeros,
+            mask=jnp.zeros((batch, length), jnp.bool_),
+            index=jnp.zeros((), jnp.int32),
+        )
+
+    @property
+    def length(self) -> int:
+        return self.mask.shape[1]
+
+
+def _dense(features: int, name: str, std: float, dtype: Any, param_dtype: Any) -> nn.Dense:
+    return nn.Dense(
+        features,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nn.initializers.normal(std),
+        name=name,
+    )
+
+
+class Attention(nn.Module):
+    config: GPT2Config
+    layer_idx: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, key_mask, query_slots, cache_kv, index, deterministic):
+        cfg = self.config
+        B, T, D = x.shape
+        H, K = cfg.n_head, cfg.head_dim
+        proj_std = 0.02 / (2 * cfg.n_layer) ** 0.5
+
+        qkv = _dense(3 * D, "c_attn", 0.02, self.dtype, self.param_dtype)(x)  # [B, T, 3D]
+        q, k, v = jnp.split(qkv, 3, axis=-1)  # 3 x [B, T, D]
+        q, k, v = (a.reshape(B, T, H, K) for a in (q, k, v))  # 3 x [B, T, H, K]
+
+        if cache_kv is not None:  # write the new keys/values at slot `index`
+            cache_k, cache_v = cache_kv
+            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, index, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
+            cache_kv = (k, v)  # [B, S, H, K] each
+
+        scale = 1.0
+        if cfg.scale_attn_weights:
+            scale /= K**0.5
+        if cfg.scale_attn_by_inverse_layer_idx:
+            scale /= self.layer_idx + 1
+        scores = jnp.einsum("bthk,bshk->bhts", q, k.astype(q.dtype)).astype(jnp.float32)
+        scores = scores * scale  # [B, H, T, S]
+
+        key_slots = jnp.arange(k.shape[1])  # [S]
+        causal = key_slots[None, None, :] <= query_slots[None, :, None]  # [1, T, S]
+        allowed = causal & key_mask[:, None, :]  # [B, T, S]
+        scores = jnp.where(allowed[:, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)  # [B, H, T, S]
+        probs = nn.Dropout(cfg.attn_pdrop)(probs, deterministic=deterministic)
+
+        out = jnp.einsum("bhts,bshk->bthk", probs, v.astype(self.dtype))  # [B, T, H, K]
+        out = out.reshape(B, T, D)
+        out = _dense(D, "c_proj", proj_std, self.dtype, self.param_dtype)(out)  # [B, T, D]
+        return out, cache_kv
+
+
+class MLP(nn.Module):
+    config: GPT2Config
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        proj_std = 0.02 / (2 * cfg.n_layer) ** 0.5
+        h = _dense(cfg.mlp_width, "c_fc", 0.02, self.dtype, self.param_dtype)(x)  # [B, T, I]
+        h = _ACTIVATIONS[cfg.activation_function](h)
+        return _dense(cfg.n_embd, "c_proj", proj_std, self.dtype, self.param_dtype)(h)  # [B, T, D]
+
+
+class Block(nn.Module):
+    config: GPT2Config
+    layer_idx: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, key_mask, query_slots, cache_kv, index, deterministic):
+        cfg = self.config
+        norm = dict(epsilon=cfg.layer_norm_epsilon, dtype=self.dtype, param_dtype=self.param_dtype)
+        drop = nn.Dropout(cfg.resid_pdrop)
+
+        attn = Attention(cfg, self.layer_idx, self.dtype, self.param_dtype, name="attn")
+        a, cache_kv = attn(
+            nn.LayerNorm(**norm, name="ln_1")(x), key_mask, query_slots, cache_kv, index, deterministic
+        )
+        x = x + drop(a, deterministic=deterministic)  # [B, T, D]
+        m = MLP(cfg, self.dtype, self.param_dtype, name="mlp")(nn.LayerNorm(**norm, name="ln_2")(x))
+        x = x + drop(m, deterministic=deterministic)  # [B, T, D]
+        return x, cache_kv
+
+
+class GPT2(nn.Module):
+    """GPT-2 language model with the LM head tied to the token embedding."""
+
+    config: GPT2Config
+    dtype: Any = jnp.float32  # compute dtype
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids: jax.Array,  # [B, T] int
+        positions: jax.Array | None = None,  # [B, T] int; default 0..T-1
+        attention_mask: jax.Array | None = None,  # [B, T] 1 = real token, 0 = padding
+        cache: KVCache | None = None,
+        deterministic: bool = True,
+    ) -> tuple[jax.Array, KVCache | None]:
+        cfg = self.config
+        B, T = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+        new_mask = jnp.ones((B, T), jnp.bool_) if attention_mask is None else attention_mask
+        new_mask = new_mask.astype(jnp.bool_)
+
+        if cache is None:
+            index = jnp.zeros((), jnp.int32)
+            key_mask = new_mask  # [B, S=T]
+        else:
+            index = cache.index
+            key_mask = jax.lax.dynamic_update_slice(cache.mask, new_mask, (0, index))  # [B, S]
+        query_slots = index + jnp.arange(T)  # [T]
+
+        wte = nn.Embed(
+            cfg.vocab_size, cfg.n_embd, dtype=self.dtype, param_dtype=self.param_dtype,
+            embedding_init=nn.initializers.normal(0.02), name="wte",
+        )
+        wpe = nn.Embed(
+            cfg.n_positions, cfg.n_embd, dtype=self.dtype, param_dtype=self.param_dtype,
+            embedding_init=nn.initializers.normal(0.01), name="wpe",
+        )
+        x = wte(input_ids) + wpe(positions)  # [B, T, D]
+        x = nn.Dropout(cfg.embd_pdrop)(x, deterministic=deterministic)
+
+        new_keys, new_values = [], []
+        for i in range(cfg.n_layer):
+            layer_kv = None if cache is None else (cache.keys[i], cache.values[i])
+            block = Block(cfg, i, self.dtype, self.param_dtype, name=f"h_{i}")
+            x, layer_kv = block(x, key_mask, query_slots, layer_kv, index, deterministic)
+            if cache is not None:
+                new_keys.append(layer_kv[0])
+                new_values.append(layer_kv[1])
+
+        x = nn.LayerNorm(
+            epsilon=cfg.layer_norm_epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
+            name="ln_f",
+        )(x)
+        logits = wte.attend(x).astype(jnp.float32)  # [B, T, V]
+
+        if cache is not None:
+            cache = KVCache(tuple(new_keys), tuple(new_values), key_mask, index + T)
+        return logits, cache
+
+
+def init_params(config: GPT2Config, seed: int = 0, param_dtype: Any = jnp.float32) -> dict:
+    """Fresh GPT-2 weights (normal 0.02, residual projections scaled by 1/sqrt(2L))."""
+    model = GPT2(config, param_dtype=param_dtype)
+    dummy = jnp.zeros((1, 1), jnp.int32)
+    return jax.jit(model.init)(jax.random.key(seed), dummy)["params"]

@@ -41,6 +41,8 @@ def hub_progress_class():
     )
 
     class RichTqdm(hub_tqdm):
+        rich_progress = progress
+
         def __init__(self, *args, **kwargs):
             kwargs["disable"] = True  # tqdm draws nothing; rich does
             super().__init__(*args, **kwargs)

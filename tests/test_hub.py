@@ -92,3 +92,16 @@ def test_tokenizer_comes_from_the_model_folder_or_the_bundle(tmp_path):
     assert load_tokenizer(model_ref=str(TINY_B)).eos_id == 50256  # no files there: bundled
     with pytest.raises(UserError, match="no tokenizer files"):
         load_tokenizer(str(TINY_B))
+
+
+def test_download_progress_adapter_counts_bytes_like_tqdm():
+    from gpt2cli.progress import hub_progress_class
+
+    bar_class = hub_progress_class()
+    bar = bar_class(total=100, desc="model.safetensors", unit="B", name="huggingface_hub")
+    bar.update(40)
+    bar.update(60)
+    (task,) = bar_class.rich_progress.tasks
+    assert (task.description, task.completed, task.total) == ("model.safetensors", 100, 100)
+    bar.close()
+    assert not bar_class.rich_progress.live.is_started

@@ -1,0 +1,183 @@
+"""The run folder: its settings (run.json), metrics.jsonl, and resumable checkpoints.
+
+A checkpoint `ckpt-0000500.npz` holds the params, every optimizer-state leaf and a JSON header
+(step, model config). It is written to a temporary file and renamed into place, so a crash or
+`kill -9` during a save leaves the previous checkpoint as the latest complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from gpt2cli.atomic import atomic_write
+from gpt2cli.checkpoint import flatten, unflatten
+from gpt2cli.config import GPT2Config
+from gpt2cli.errors import UserError
+
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"
+RUN_FORMAT = "gpt2cli-run"
+CKPT_FORMAT = "gpt2cli-train-ckpt"
+VERSION = 1
+_HEADER = "__train__"
+_CKPT = re.compile(r"^ckpt-(\d+)\.npz$")
+
+
+class RunFolder:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    # ---- run.json ----------------------------------------------------------------------
+
+    @classmethod
+    def check_new(cls, path: Path) -> None:
+        """Refuse a folder that already holds a run, or a file where the folder would go."""
+        path = Path(path)
+        if (path / RUN_FILE).exists():
+            raise UserError(
+                f"{path} already holds a run; continue it with --resume {path}, "
+                "or choose another --out"
+            )
+        if path.exists() and not path.is_dir():
+            raise UserError(f"--out {path} is a file; give a folder for the run")
+
+    @classmethod
+    def create(cls, path: Path, spec: dict[str, Any]) -> RunFolder:
+        path = Path(path)
+        cls.check_new(path)
+        path.mkdir(parents=True, exist_ok=True)
+        run = cls(path)
+        run.write_spec(spec)
+        return run
+
+    @classmethod
+    def open(cls, path: Path) -> RunFolder:
+        path = Path(path)
+        if not path.is_dir():
+            raise UserError(f"--resume {path}: no such folder")
+        if not (path / RUN_FILE).is_file():
+            raise UserError(f"--resume {path}: not a training run (no {RUN_FILE} in it)")
+        return cls(path)
+
+    def write_spec(self, spec: dict[str, Any]) -> None:
+        spec = {"format": RUN_FORMAT, "version": VERSION, **spec}
+        text = json.dumps(spec, indent=2) + "\n"
+        atomic_write(self.path / RUN_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+    def spec(self) -> dict[str, Any]:
+        file = self.path / RUN_FILE
+        try:
+            spec = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UserError(f"cannot read {file}: {exc}") from None
+        if not isinstance(spec, dict) or spec.get("format") != RUN_FORMAT:
+            raise UserError(f"{file} is not a gpt2 training run file")
+        if spec.get("version") != VERSION:
+            raise UserError(
+                f"{file} has run format version {spec.get('version')!r}; expected {VERSION}"
+            )
+        return spec
+
+    # ---- metrics -----------------------------------------------------------------------
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        with open(self.path / METRICS_FILE, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def metrics(self) -> list[dict[str, Any]]:
+        file = self.path / METRICS_FILE
+        if not file.is_file():
+            return []
+        return [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line]
+
+    def truncate_metrics(self, step: int) -> None:
+        """Drop records after `step`: a resumed run logs those steps again."""
+        kept = [r for r in self.metrics() if r.get("step", 0) <= step]
+        text = "".join(json.dumps(r) + "\n" for r in kept)
+        atomic_write(self.path / METRICS_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+    # ---- checkpoints -------------------------------------------------------------------
+
+    def checkpoints(self) -> list[tuple[int, Path]]:
+        """Complete checkpoints, oldest first (temporary files of a broken save are skipped)."""
+        found = []
+        for file in self.path.iterdir():
+            match = _CKPT.match(file.name)
+            if match:
+                found.append((int(match.group(1)), file))
+        return sorted(found)
+
+    def remove_partial(self) -> None:
+        """Delete temporary files left by a save that was killed half-way."""
+        for tmp in self.path.glob(".ckpt-*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+    def latest(self) -> tuple[int, Path] | None:
+        ckpts = self.checkpoints()
+        return ckpts[-1] if ckpts else None
+
+    def save(self, step: int, config: GPT2Config, params: Any, opt_state: Any, keep: int) -> Path:
+        """Write ckpt-<step>.npz atomically, then delete all but the newest `keep`."""
+        arrays = {f"params/{k}": np.asarray(v) for k, v in flatten(params).items()}
+        leaves = jax.tree.leaves(opt_state)
+        arrays.update({f"opt/{i:05d}": np.asarray(leaf) for i, leaf in enumerate(leaves)})
+        header = {
+            "format": CKPT_FORMAT,
+            "version": VERSION,
+            "step": step,
+            "config": config.to_hf(),
+            "opt_leaves": len(leaves),
+        }
+        arrays[_HEADER] = np.array(json.dumps(header))
+        path = self.path / f"ckpt-{step:07d}.npz"
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+
+        atomic_write(path, write)
+        for _, old in self.checkpoints()[:-keep] if keep > 0 else []:
+            old.unlink(missing_ok=True)
+        return path
+
+
+def load_checkpoint(path: Path, params_like: Any, opt_like: Any) -> tuple[int, Any, Any]:
+    """(step, params, opt_state) of a checkpoint, checked against the run's shapes."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            header = json.loads(str(data[_HEADER]))
+            flat = {k[len("params/") :]: data[k] for k in data.files if k.startswith("params/")}
+            opt = [data[f"opt/{i:05d}"] for i in range(header["opt_leaves"])]
+    except (zipfile.BadZipFile, EOFError, OSError, KeyError, ValueError) as exc:
+        raise UserError(f"checkpoint {path} is unreadable ({exc})") from None
+    if header.get("format") != CKPT_FORMAT:
+        raise UserError(f"{path} is not a training checkpoint")
+
+    expected = {k: tuple(v.shape) for k, v in flatten(params_like).items()}
+    got = {k: tuple(v.shape) for k, v in flat.items()}
+    if set(expected) != set(got):
+        missing = sorted(set(expected) - set(got))[:3]
+        raise UserError(
+            f"checkpoint {path} was made with another model shape (arrays differ: {missing} ...)"
+        )
+    for name, shape in expected.items():
+        if got[name] != shape:
+            raise UserError(
+                f"checkpoint {path} was made with another model shape: {name} is {got[name]}, "
+                f"this run's model needs {shape}"
+            )
+    opt_leaves, treedef = jax.tree.flatten(opt_like)
+    if len(opt) != len(opt_leaves) or any(
+        a.shape != tuple(b.shape) for a, b in zip(opt, opt_leaves, strict=True)
+    ):
+        raise UserError(
+            f"checkpoint {path}: its optimizer state does not match this run's optimizer settings"
+        )
+    return int(header["step"]), unflatten(flat), jax.tree.unflatten(treedef, opt)

@@ -1,0 +1,383 @@
+"""Training: settings, the AdamW optimizer, one jitted train step, and the loop.
+
+The loop is UI-free: it reports through a `Hooks` object (log lines, evaluations, saves) and
+asks `should_stop()` after every step, which is how the CLI's Ctrl-C handler stops it cleanly.
+Everything a step depends on (its batch, its dropout key, its learning rate) is a function of
+the step number, so a run resumed from a checkpoint repeats the uninterrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from gpt2cli import sharding
+from gpt2cli.config import GPT2Config
+from gpt2cli.data import Blocks, Sampler, batch_for_step, val_batches
+from gpt2cli.errors import UserError
+from gpt2cli.model import GPT2
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting that changes the numbers a run produces (stored in the run folder)."""
+
+    batch_size: int = 8  # sequences per micro-batch, over all devices and processes
+    seq_length: int = 256
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 3e-4
+    min_lr: float = 3e-5  # the cosine decay ends here
+    warmup: int = 100  # linear warm-up steps
+    decay_steps: int = 1000  # the cosine reaches min_lr here; constant afterwards
+    weight_decay: float = 0.1  # on weight matrices and embeddings only
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # global-norm clipping; 0 turns it off
+    dropout: float | None = None  # overrides the model's three dropout rates when set
+    dtype: str = "float32"  # compute dtype; master weights stay float32
+    seed: int = 0  # init (with --init), data order and dropout
+    parallel: str = "single"  # one of sharding.MODES
+    remat: bool = False  # recompute activations in the backward pass to save memory
+
+    def __post_init__(self) -> None:
+        positive = ("batch_size", "seq_length", "grad_accum")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                flag = "--" + name.replace("_", "-")
+                raise UserError(f"{flag} must be a positive integer, got {getattr(self, name)}")
+        if self.lr <= 0 or self.min_lr < 0:
+            raise UserError(f"--lr must be > 0 and --min-lr >= 0, got {self.lr} and {self.min_lr}")
+        if self.warmup < 0:
+            raise UserError(f"--warmup must be >= 0, got {self.warmup}")
+        if self.dtype not in DTYPES:
+            raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.parallel not in sharding.MODES:
+            raise UserError(f"parallel mode must be one of {sharding.MODES}, got {self.parallel!r}")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def learning_rate(tc: TrainConfig) -> Callable[[jax.Array], jax.Array]:
+    """Linear warm-up to lr (step 0 already moves), cosine decay to min_lr, then constant."""
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        warm = tc.lr * (step + 1) / max(tc.warmup, 1)
+        span = max(tc.decay_steps - tc.warmup, 1)
+        progress = jnp.clip((step - tc.warmup) / span, 0.0, 1.0)
+        cosine = tc.min_lr + 0.5 * (tc.lr - tc.min_lr) * (1 + jnp.cos(jnp.pi * progress))
+        return jnp.where(step < tc.warmup, warm, cosine)
+
+    return schedule
+
+
+def decay_mask(params: Any) -> Any:
+    """Weight decay on matrices (kernels, embeddings), not on biases or LayerNorm (nanoGPT)."""
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+    adamw = optax.adamw(
+        learning_rate(tc),
+        b1=tc.beta1,
+        b2=tc.beta2,
+        eps=1e-8,
+        weight_decay=tc.weight_decay,
+        mask=decay_mask,
+    )
+    if tc.grad_clip > 0:
+        return optax.chain(optax.clip_by_global_norm(tc.grad_clip), adamw)
+    return adamw
+
+
+def training_config(model_config: GPT2Config, tc: TrainConfig) -> GPT2Config:
+    """The model config used for training: the dropout override applied."""
+    if tc.dropout is None:
+        return model_config
+    p = tc.dropout
+    return model_config.replace(resid_pdrop=p, embd_pdrop=p, attn_pdrop=p)
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer steps done
+    params: Any
+    opt_state: Any
+
+
+def token_loss(model: GPT2, params, tokens, rng, deterministic: bool) -> jax.Array:
+    """Mean next-token cross-entropy of [B, T+1] tokens."""
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]  # [B, T] each
+    rngs = None if deterministic else {"dropout": rng}
+    logits, _ = model.apply({"params": params}, inputs, deterministic=deterministic, rngs=rngs)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+
+class Trainer:
+    """The model, optimizer, mesh and jitted steps of one training configuration."""
+
+    def __init__(self, model_config: GPT2Config, tc: TrainConfig):
+        self.tc = tc
+        self.model_config = training_config(model_config, tc)
+        self.model = GPT2(self.model_config, dtype=DTYPES[tc.dtype], param_dtype=jnp.float32)
+        self.tx = make_optimizer(tc)
+        self.schedule = learning_rate(tc)
+        self.mesh = sharding.make_mesh(tc.parallel)
+        sharding.check_batch(self.mesh, tc.batch_size)
+        if tc.seq_length > model_config.n_positions:
+            raise UserError(
+                f"--seq-length {tc.seq_length} exceeds the model's context of "
+                f"{model_config.n_positions} positions"
+            )
+        self.batch_sharding = sharding.batch_sharding(self.mesh)
+        self._state_shardings = None
+        self._init = None
+        self._step = None
+        self._eval = None
+
+    @staticmethod
+    @functools.lru_cache(maxsize=4)
+    def cached(model_config: GPT2Config, tc: TrainConfig) -> Trainer:
+        """One Trainer (and so one compilation) per configuration in this process."""
+        return Trainer(model_config, tc)
+
+    # ---- state -------------------------------------------------------------------------
+
+    def state_shardings(self, params_shape: Any) -> TrainState:
+        opt_shape = jax.eval_shape(self.tx.init, params_shape)
+        fsdp = self.tc.parallel == "fsdp"
+        scalar = sharding.replicated(self.mesh)
+        return TrainState(
+            step=scalar,
+            params=sharding.tree_shardings(params_shape, self.mesh, fsdp),
+            opt_state=sharding.tree_shardings(opt_shape, self.mesh, fsdp),
+        )
+
+    def opt_state_template(self, params: Any) -> Any:
+        """The optimizer state's structure and shapes, without computing it."""
+        return jax.eval_shape(self.tx.init, params)
+
+    def create_state(self, params: Any, opt_state: Any = None, step: int = 0) -> TrainState:
+        """Place params (and a saved optimizer state, else a fresh one) on the mesh."""
+        params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+        shardings = self.state_shardings(params)
+        self._state_shardings = shardings
+        placed = sharding.put(params, shardings.params)
+        if opt_state is None:
+            if self._init is None:
+                self._init = jax.jit(self.tx.init, out_shardings=shardings.opt_state)
+            opt = self._init(placed)
+        else:
+            opt = sharding.put(opt_state, shardings.opt_state)
+        return TrainState(
+            step=sharding.put(np.int32(step), shardings.step),
+            params=placed,
+            opt_state=opt,
+        )
+
+    # ---- jitted steps ------------------------------------------------------------------
+
+    def _loss_and_grads(self, params, tokens, rng):
+        loss_fn = lambda p: token_loss(self.model, p, tokens, rng, deterministic=False)  # noqa: E731
+        if self.tc.remat:
+            loss_fn = jax.checkpoint(loss_fn)
+        return jax.value_and_grad(loss_fn)(params)
+
+    def _train_step(self, state: TrainState, batch: jax.Array):
+        """One optimizer step over [accum, rows, T+1] tokens."""
+        key = jax.random.fold_in(jax.random.key(self.tc.seed), state.step)
+        accum = batch.shape[0]
+        if accum == 1:
+            loss, grads = self._loss_and_grads(state.params, batch[0], key)
+        else:
+
+            def micro(carry, xs):
+                tokens, i = xs
+                loss, grads = self._loss_and_grads(state.params, tokens, jax.random.fold_in(key, i))
+                total_loss, total_grads = carry
+                return (total_loss + loss, jax.tree.map(jnp.add, total_grads, grads)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            (loss, grads), _ = jax.lax.scan(micro, (0.0, zeros), (batch, jnp.arange(accum)))
+            loss = loss / accum
+            grads = jax.tree.map(lambda g: g / accum, grads)
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, {"loss": loss, "grad_norm": grad_norm}
+
+    def step(self, state: TrainState, local_batch: np.ndarray) -> tuple[TrainState, dict]:
+        """Run one step on this process's rows; returns device values (no host sync)."""
+        if self._step is None:
+            shardings = self._state_shardings
+            self._step = jax.jit(
+                self._train_step,
+                in_shardings=(shardings, self.batch_sharding),
+                out_shardings=(shardings, sharding.replicated(self.mesh)),
+                donate_argnums=0,
+            )
+        batch = sharding.put_batch(local_batch, self.batch_sharding)
+        return self._step(state, batch)
+
+    def eval_loss(self, params: Any, local_batches: list[np.ndarray]) -> float:
+        """Mean loss over validation batches (each [1, rows, T+1], this process's rows)."""
+        if self._eval is None:
+            self._eval = jax.jit(
+                lambda p, b: token_loss(self.model, p, b[0], None, deterministic=True),
+                in_shardings=(self._state_shardings.params, self.batch_sharding),
+                out_shardings=sharding.replicated(self.mesh),
+            )
+        losses = [
+            self._eval(params, sharding.put_batch(b, self.batch_sharding)) for b in local_batches
+        ]
+        return float(np.mean(jax.device_get(losses)))
+
+    def lr_at(self, step: int) -> float:
+        return float(self.schedule(step))
+
+
+# ---- data as the loop sees it ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainData:
+    """Train and validation blocks plus the sampler; slices out this process's rows."""
+
+    train: Blocks
+    val: Blocks | None
+    sampler: Sampler
+    rows: int
+    accum: int
+    eval_batches: int = 8
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.rows * self.accum * self.train.seq
+
+    def _local(self, rows_axis_array: np.ndarray, axis: int) -> np.ndarray:
+        n, i = jax.process_count(), jax.process_index()
+        size = rows_axis_array.shape[axis] // n
+        return np.take(rows_axis_array, np.arange(i * size, (i + 1) * size), axis=axis)
+
+    def batch(self, step: int) -> np.ndarray:
+        """This process's rows of step `step`'s [accum, rows, T+1] batch."""
+        global_batch = batch_for_step(self.train, self.sampler, step, self.rows, self.accum)
+        return self._local(global_batch, axis=1)
+
+    def validation(self) -> list[np.ndarray]:
+        if self.val is None:
+            return []
+        return [
+            self._local(b[None], axis=1)
+            for b in val_batches(self.val, self.rows, self.eval_batches)
+        ]
+
+
+# ---- the loop ----------------------------------------------------------------------------
+
+
+class Diverged(UserError):
+    """The loss became NaN or infinite."""
+
+    def __init__(self, step: int):
+        self.step = step
+        super().__init__(f"the loss became NaN or infinite at step {step}")
+
+
+class Hooks(Protocol):
+    def on_log(self, record: dict) -> None: ...
+    def on_save(self, state: TrainState, step: int) -> None: ...
+
+
+@dataclass
+class LoopSettings:
+    steps: int
+    log_every: int = 10
+    eval_every: int = 0  # 0: only at the end
+    save_every: int = 0  # 0: only at the end (the caller saves)
+
+
+def train_loop(
+    trainer: Trainer,
+    state: TrainState,
+    data: TrainData,
+    settings: LoopSettings,
+    hooks: Hooks,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> tuple[TrainState, int]:
+    """Run steps until settings.steps or a stop request; returns the state and its step.
+
+    Losses stay on the device between log points; they are read (and checked for NaN) at
+    each log, evaluation and save.
+    """
+    step = int(jax.device_get(state.step))
+    pending: list[tuple[int, jax.Array]] = []
+    since, tokens_since = time.perf_counter(), 0
+    validation = data.validation()
+
+    def flush(val_loss: float | None = None) -> None:
+        nonlocal since, tokens_since
+        losses = [float(x) for x in jax.device_get([loss for _, loss in pending])]
+        for (s, _), loss in zip(pending, losses, strict=True):
+            if not math.isfinite(loss):
+                raise Diverged(s)
+        now = time.perf_counter()
+        record = {"step": step}
+        if losses:
+            record["loss"] = float(np.mean(losses))
+            record["lr"] = trainer.lr_at(step - 1)
+            record["tokens_per_s"] = tokens_since / max(now - since, 1e-9)
+        if val_loss is not None:
+            record["val_loss"] = val_loss
+        hooks.on_log(record)
+        pending.clear()
+        since, tokens_since = now, 0
+
+    while step < settings.steps:
+        state, metrics = trainer.step(state, data.batch(step))
+        pending.append((step + 1, metrics["loss"]))
+        step += 1
+        tokens_since += data.tokens_per_step
+        last = step == settings.steps
+        stopping = should_stop()
+        evaluate = bool(validation) and (
+            last or (settings.eval_every and step % settings.eval_every == 0)
+        )
+        if evaluate:
+            flush(trainer.eval_loss(state.params, validation))
+        elif pending and (step % settings.log_every == 0 or last or stopping):
+            flush()
+        if stopping:
+            break
+        if settings.save_every and step % settings.save_every == 0 and not last:
+            if pending:
+                flush()
+            hooks.on_save(state, step)
+    if pending:
+        flush()
+    return state, step

@@ -1,0 +1,281 @@
+"""`gpt2 train` in-process: optimizer pieces, learning, the seed's command, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from gpt2cli.checkpoint import load_npz
+from gpt2cli.cli.app import app
+from gpt2cli.train import TrainConfig, decay_mask, learning_rate
+from tests.helpers_train import TINY_A, Recorder, losses, write_corpus
+
+
+def gpt2(*args: str, env: dict | None = None):
+    return CliRunner().invoke(app, list(args), env=env)
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPT2_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt")
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, corpus):
+    """A short fine-tuning run of the tiny-a fixture, shared by the resume-error tests."""
+    out = tmp_path_factory.mktemp("runs") / "ft"
+    done = gpt2(
+        "train",
+        "--dataset",
+        str(corpus),
+        "-m",
+        str(TINY_A),
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--seq-length",
+        "16",
+        "--out",
+        str(out),
+    )
+    assert done.exit_code == 0, done.output
+    return out
+
+
+def test_learning_rate_warms_up_then_decays_to_min():
+    lr = learning_rate(TrainConfig(lr=1e-3, min_lr=1e-4, warmup=10, decay_steps=110))
+    assert float(lr(0)) == pytest.approx(1e-4)  # the first step already moves
+    assert float(lr(9)) == pytest.approx(1e-3)
+    assert float(lr(60)) == pytest.approx(5.5e-4)  # half-way down the cosine
+    assert float(lr(110)) == pytest.approx(1e-4) and float(lr(500)) == pytest.approx(1e-4)
+
+
+def test_weight_decay_only_on_matrices():
+    from gpt2cli.config import preset
+    from gpt2cli.model import init_params
+
+    mask = decay_mask(jax.eval_shape(lambda: init_params(preset("tiny"))))
+    assert mask["h_0"]["attn"]["c_attn"]["kernel"] and mask["wte"]["embedding"]
+    assert not mask["h_0"]["attn"]["c_attn"]["bias"]
+    assert not mask["h_0"]["ln_1"]["scale"] and not mask["ln_f"]["bias"]
+
+
+def test_seed_command_line_writes_gpt2_finetuned(tmp_path, corpus):
+    """The original script's flags, with DATA_DIR, the fixture standing in for gpt2."""
+    done = gpt2(
+        "train",
+        "--dataset",
+        corpus.name,
+        "--model-name",
+        str(TINY_A),
+        "--batch-size",
+        "2",
+        "--seq-length",
+        "64",
+        "--steps",
+        "10",
+        env={"DATA_DIR": str(corpus.parent)},
+    )
+    assert done.exit_code == 0, done.output
+    config, params = load_npz(tmp_path / "gpt2_finetuned.npz")
+    _, start = load_npz_hf()
+    assert config.n_embd == 16 and config.n_layer == 2
+    moved = np.abs(params["wte"]["embedding"] - start["wte"]["embedding"]).max()
+    assert moved > 1e-5  # trained, not just copied
+    again = gpt2(
+        "train",
+        "--dataset",
+        corpus.name,
+        "--model-name",
+        str(TINY_A),
+        "--steps",
+        "1",
+        env={"DATA_DIR": str(corpus.parent)},
+    )
+    assert again.exit_code == 1 and "gpt2_finetuned.npz already exists" in again.output
+
+
+def load_npz_hf():
+    from gpt2cli.hub import load_model
+
+    return load_model(str(TINY_A))
+
+
+# Settings of the from-scratch runs; the same everywhere, so the step compiles once.
+SCRATCH = (
+    "--batch-size",
+    "8",
+    "--seq-length",
+    "32",
+    "--lr",
+    "3e-3",
+    "--warmup",
+    "5",
+    "--decay-steps",
+    "30",
+    "--val-fraction",
+    "0.1",
+)
+
+
+def test_from_scratch_validation_loss_falls(tmp_path, corpus):
+    done = gpt2(
+        "train",
+        "--dataset",
+        str(corpus),
+        "--init",
+        "tiny",
+        "--steps",
+        "30",
+        *SCRATCH,
+        "--eval-every",
+        "15",
+        "--out",
+        "scratch",
+    )
+    assert done.exit_code == 0, done.output
+    records = [json.loads(x) for x in (tmp_path / "scratch/metrics.jsonl").read_text().splitlines()]
+    val = [r["val_loss"] for r in records if "val_loss" in r]
+    print(val)
+    assert len(val) == 2
+    assert val[-1] < math.log(50257) - 5.0  # from ~10.8 at random init to below 5.8
+    assert val[-1] < val[0]
+    config, params = load_npz(tmp_path / "scratch/final.npz")
+    assert config.n_embd == 64 and params["h_1"]["mlp"]["c_fc"]["kernel"].shape == (64, 256)
+
+
+def test_grad_accumulation_equals_the_bigger_batch(corpus):
+    from gpt2cli import data
+    from gpt2cli.hub import load_model
+    from gpt2cli.tokenizer import bundled
+    from gpt2cli.train import LoopSettings, TrainData, Trainer, train_loop
+
+    config, params = load_model(str(TINY_A))
+    blocks, _ = data.split(data.load_tokens([corpus], bundled()), 16, 0.0)
+    result = {}
+    for rows, accum in ((4, 1), (2, 2)):
+        tc = TrainConfig(
+            batch_size=rows,
+            grad_accum=accum,
+            seq_length=16,
+            lr=1e-2,
+            warmup=0,
+            decay_steps=3,
+            dropout=0.0,
+        )
+        trainer = Trainer(config, tc)
+        hooks = Recorder()
+        train_data = TrainData(blocks, None, data.Sampler(len(blocks), 0), rows, accum)
+        state, _ = train_loop(
+            trainer,
+            trainer.create_state(params),
+            train_data,
+            LoopSettings(steps=3, log_every=1),
+            hooks,
+        )
+        result[accum] = (hooks.losses, jax.device_get(state.params["wpe"]["embedding"]))
+    assert result[1][0] == pytest.approx(result[2][0], abs=1e-5)
+    assert np.abs(result[1][1] - result[2][1]).max() < 1e-5
+    assert result[1][0][0] != result[1][0][2]  # the steps really changed the model
+
+
+def test_nan_loss_stops_with_a_clear_message(tmp_path, corpus):
+    from gpt2cli.checkpoint import save_npz
+
+    config, params = load_npz_hf()
+    params["ln_f"]["scale"] = np.full_like(params["ln_f"]["scale"], np.nan)
+    save_npz(tmp_path / "broken.npz", config, params)
+    done = gpt2(
+        "train",
+        "--dataset",
+        str(corpus),
+        "-m",
+        "broken.npz",
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--seq-length",
+        "16",
+        "--out",
+        "nan",
+    )
+    assert done.exit_code == 1
+    assert "loss became NaN or infinite at step 1; stopped: no checkpoint was saved" in done.output
+    assert not (tmp_path / "nan/final.npz").exists()
+    assert not list((tmp_path / "nan").glob("ckpt-*.npz"))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
+        (["--dataset", "missing/*.txt"], "'missing/*.txt' matches no file"),
+        (["--seq-length", "4096"], "--seq-length 4096 exceeds the model's context of 128"),
+        (["--init", "tiny"], "give either --model (fine-tune) or --init (from scratch)"),
+    ],
+)
+def test_bad_arguments_fail_in_one_line(corpus, args, message):
+    done = gpt2("train", "--dataset", str(corpus), "-m", str(TINY_A), "--steps", "1", *args)
+    assert done.exit_code == 1
+    assert message in done.output
+    assert len(done.output.strip().splitlines()) == 1, done.output
+
+
+def test_resume_of_a_folder_that_is_not_a_run(tmp_path):
+    (tmp_path / "notarun").mkdir()
+    done = gpt2("train", "--resume", "notarun")
+    assert done.exit_code == 1 and "not a training run (no run.json in it)" in done.output
+
+
+def test_resume_refuses_changed_settings(finished_run):
+    done = gpt2("train", "--resume", str(finished_run), "--lr", "1")
+    assert done.exit_code == 1
+    assert "--lr cannot be combined with --resume" in done.output
+
+
+def test_resume_refuses_a_checkpoint_of_another_shape(tmp_path, finished_run, corpus):
+    other = tmp_path / "other"
+    done = gpt2(
+        "train",
+        "--dataset",
+        str(corpus),
+        "--init",
+        "tiny",
+        "--steps",
+        "1",
+        *SCRATCH,
+        "--out",
+        str(other),
+    )
+    assert done.exit_code == 0, done.output
+    foreign = sorted(finished_run.glob("ckpt-*.npz"))[-1]
+    before = foreign.read_bytes()
+    (other / "ckpt-0000009.npz").write_bytes(before)  # tiny-a's weights in a tiny-preset run
+    final = (other / "final.npz").read_bytes()
+    done = gpt2("train", "--resume", str(other), "--steps", "12")
+    assert done.exit_code == 1
+    assert "was made with another model shape" in done.output
+    assert (other / "final.npz").read_bytes() == final  # nothing overwritten
+    assert foreign.read_bytes() == before
+
+
+def test_resume_extends_a_finished_run(finished_run):
+    done = gpt2("train", "--resume", str(finished_run), "--steps", "5", "--log-every", "1")
+    assert done.exit_code == 0, done.output
+    assert sorted(losses(finished_run)) == [3, 4, 5]
+    spec = json.loads((finished_run / "run.json").read_text())
+    assert spec["loop"]["steps"] == 5 and spec["train"]["decay_steps"] == 3

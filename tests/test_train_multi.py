@@ -1,0 +1,159 @@
+"""More than one device (data parallel, FSDP) and more than one process (jax.distributed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tests.helpers_train import TINY_A, losses, write_corpus
+
+pytestmark = pytest.mark.slow
+
+FAST_COMPILE = "--xla_backend_optimization_level=0"  # tiny models: compile time dominates
+
+MODES = textwrap.dedent(
+    """
+    import json, sys
+    import jax
+    from pathlib import Path
+    from gpt2cli import data
+    from gpt2cli.hub import load_model
+    from gpt2cli.tokenizer import bundled
+    from gpt2cli.train import LoopSettings, TrainConfig, TrainData, Trainer, train_loop
+
+    config, params = load_model(sys.argv[1])
+    blocks, _ = data.split(data.load_tokens([Path(sys.argv[2])], bundled()), 16, 0.0)
+    out = {"devices": jax.device_count()}
+    for mode in ("single", "data-parallel", "fsdp"):
+        tc = TrainConfig(batch_size=4, seq_length=16, lr=1e-2, warmup=0, decay_steps=4,
+                         parallel=mode)
+        trainer = Trainer(config, tc)
+        logged = []
+        hooks = type("H", (), {"on_log": lambda self, r: logged.append(r["loss"]),
+                               "on_save": lambda self, s, k: None})()
+        train_data = TrainData(blocks, None, data.Sampler(len(blocks), 0), 4, 1)
+        state, _ = train_loop(trainer, trainer.create_state(params), train_data,
+                              LoopSettings(steps=4, log_every=1), hooks)
+        kernel = state.params["h_0"]["mlp"]["c_fc"]["kernel"]  # [16, 64]
+        mu = state.opt_state[1][0].mu["h_0"]["mlp"]["c_fc"]["kernel"]
+        out[mode] = {
+            "losses": logged,
+            "kernel_spec": list(kernel.sharding.spec),
+            "kernel_shard": list(kernel.addressable_shards[0].data.shape),
+            "mu_shard": list(mu.addressable_shards[0].data.shape),
+            "kernel_devices": len(kernel.sharding.device_set),
+            "wte_shard": list(state.params["wte"]["embedding"].addressable_shards[0].data.shape),
+        }
+    print(json.dumps(out))
+    """
+)
+
+
+def test_data_parallel_and_fsdp_match_one_device(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    env = {
+        **os.environ,
+        "GPT2_CACHE_DIR": str(tmp_path / "cache"),
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count=4 {FAST_COMPILE}",
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", MODES, str(TINY_A), str(corpus)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["devices"] == 4
+    single = out["single"]["losses"]
+    assert len(single) == 4 and single[3] < single[0]
+    for mode in ("data-parallel", "fsdp"):
+        assert out[mode]["losses"] == pytest.approx(single, abs=1e-5)
+    assert out["single"]["kernel_devices"] == 1
+    dp = out["data-parallel"]
+    assert dp["kernel_devices"] == 4 and dp["kernel_shard"] == [16, 64]  # replicated
+    fsdp = out["fsdp"]
+    assert fsdp["kernel_spec"] == [None, "data"]
+    assert fsdp["kernel_shard"] == [16, 16] and fsdp["mu_shard"] == [16, 16]  # a quarter each
+    assert fsdp["wte_shard"] == [50257, 4]  # 50257 rows do not split by 4: columns do
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    env = {
+        **os.environ,
+        "GPT2_CACHE_DIR": str(tmp_path / "cache"),
+        "HF_HUB_OFFLINE": "1",
+        "XLA_FLAGS": FAST_COMPILE,
+    }
+    env.pop("JAX_PLATFORMS", None)
+    common = [
+        "train",
+        "--dataset",
+        str(corpus),
+        "-m",
+        str(TINY_A),
+        "--steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--seq-length",
+        "16",
+        "--log-every",
+        "1",
+        "--lr",
+        "1e-2",
+    ]
+    cli = [sys.executable, "-c", "from gpt2cli.cli.app import main; main()"]
+    port = free_port()
+    procs = [
+        subprocess.Popen(
+            [
+                *cli,
+                *common,
+                "--out",
+                str(tmp_path / "multi"),
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    single = subprocess.run(
+        [*cli, *common, "--out", str(tmp_path / "single")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    results = [p.communicate(timeout=300) for p in procs]
+    for p, (_, stderr) in zip(procs, results, strict=True):
+        assert p.returncode == 0, stderr
+    assert single.returncode == 0, single.stderr
+    spec = json.loads((tmp_path / "multi" / "run.json").read_text())
+    assert spec["train"]["parallel"] == "data-parallel"
+    multi, one = losses(tmp_path / "multi"), losses(tmp_path / "single")
+    assert sorted(multi) == [1, 2, 3, 4]
+    assert [multi[s] for s in range(1, 5)] == pytest.approx([one[s] for s in range(1, 5)], abs=1e-5)
+    assert (tmp_path / "multi" / "final.npz").is_file()  # written once, by process 0

@@ -1,0 +1,129 @@
+"""Resume is exact and checkpoints are never half-written: real processes, real signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from gpt2cli.cli.app import app
+from gpt2cli.runs import RunFolder, load_checkpoint
+from tests.helpers_train import TINY_A, losses, write_corpus
+
+pytestmark = pytest.mark.slow
+
+STEPS = 120
+ARGS = (
+    "--model",
+    str(TINY_A),
+    "--steps",
+    str(STEPS),
+    "--batch-size",
+    "2",
+    "--seq-length",
+    "16",
+    "--log-every",
+    "1",
+    "--lr",
+    "1e-3",
+    "--warmup",
+    "10",
+    "--save-every",
+    "50",
+)
+
+
+def gpt2_command() -> list[str]:
+    return [sys.executable, "-c", "from gpt2cli.cli.app import main; main()"]
+
+
+def wait_for(predicate, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_sigint_saves_and_resume_repeats_the_uninterrupted_losses(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPT2_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [*gpt2_command(), "train", "--dataset", str(corpus), *ARGS, "--out", "stopped"]
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "stopped" / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    stopped_at = max(losses(tmp_path / "stopped"))
+    assert 3 <= stopped_at < STEPS
+    assert f"stopped at step {stopped_at} of {STEPS}" in stderr
+    assert "gpt2 train --resume stopped" in stderr
+    assert RunFolder(tmp_path / "stopped").latest()[0] == stopped_at
+
+    resumed = subprocess.run(
+        [*gpt2_command(), "train", "--resume", "stopped"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert (tmp_path / "stopped" / "final.npz").is_file()
+
+    whole = CliRunner().invoke(app, ["train", "--dataset", str(corpus), *ARGS, "--out", "whole"])
+    assert whole.exit_code == 0, whole.output
+    expected, got = losses(tmp_path / "whole"), losses(tmp_path / "stopped")
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert max(abs(got[s] - expected[s]) for s in expected) <= 1e-6
+    assert expected[STEPS] < expected[1] - 0.5  # the run really trained
+
+
+SAVER = textwrap.dedent(
+    """
+    import sys, time
+    import numpy as np
+    from gpt2cli.config import preset
+    from gpt2cli.runs import RunFolder
+
+    folder = RunFolder(sys.argv[1])
+    params = {"w": np.ones((64, 64), np.float32)}
+    opt = [np.zeros((64, 64), np.float32), np.zeros((64, 64), np.float32)]
+    folder.save(1, preset("tiny"), params, opt, keep=3)
+
+    def slow_savez(f, **arrays):  # write part of the file, then hang
+        f.write(b"PK\\x03\\x04" + bytes(1000))
+        f.flush()
+        print("writing", flush=True)
+        time.sleep(120)
+
+    np.savez = slow_savez
+    folder.save(2, preset("tiny"), {"w": params["w"] * 2}, opt, keep=3)
+    """
+)
+
+
+def test_kill_9_during_a_save_leaves_the_previous_checkpoint(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SAVER, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "writing"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    folder = RunFolder(tmp_path)
+    assert list(tmp_path.glob(".ckpt-0000002.npz.*.tmp"))  # the half-written file
+    assert folder.latest() == (1, tmp_path / "ckpt-0000001.npz")
+    import numpy as np
+
+    like = {"w": np.zeros((64, 64), np.float32)}
+    step, params, opt = load_checkpoint(folder.latest()[1], like, [like["w"], like["w"]])
+    assert step == 1 and float(params["w"].sum()) == 64 * 64
+    folder.remove_partial()
+    assert not list(tmp_path.glob(".ckpt-*"))

@@ -103,6 +103,31 @@ class RunFolder:
         text = "".join(json.dumps(r) + "\n" for r in kept)
         atomic_write(self.path / METRICS_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
+    def plot(self) -> Path:
+        """Draw the training and validation loss curves into loss.png (needs matplotlib)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib import pyplot as plt
+
+        records = self.metrics()
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+        train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+        val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+        if train:
+            ax.plot(*zip(*train, strict=True), label="train loss")
+        if val:
+            ax.plot(*zip(*val, strict=True), "o-", label="validation loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (nats per token)")
+        ax.set_title(self.path.name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        path = self.path / "loss.png"
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+        plt.close(fig)
+        return path
+
     # ---- checkpoints -------------------------------------------------------------------
 
     def checkpoints(self) -> list[tuple[int, Path]]:

@@ -87,6 +87,13 @@ def to_host(tree: Any) -> Any:
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
+def any_process(flag: bool) -> bool:
+    """True in every process when `flag` is true in any of them (a collective)."""
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
+
+
 def init_distributed(coordinator: str, num_processes: int, process_id: int) -> None:
     """Join a multi-process run; must come before any JAX computation.
 

@@ -145,7 +145,7 @@ class Trainer:
         self.model_config = training_config(model_config, tc)
         self.model = GPT2(self.model_config, dtype=DTYPES[tc.dtype], param_dtype=jnp.float32)
         self.tx = make_optimizer(tc)
-        self.schedule = learning_rate(tc)
+        self.schedule = jax.jit(learning_rate(tc))  # one compile, not one per operation
         self.mesh = sharding.make_mesh(tc.parallel)
         sharding.check_batch(self.mesh, tc.batch_size)
         if tc.seq_length > model_config.n_positions:

@@ -82,8 +82,11 @@ def default_folder() -> Path:
     return Path("runs") / datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
 
 
-def new_plan(req: NewRun, model_config: GPT2Config, *, force: bool) -> Plan:
-    """Check everything that could fail late; the folder is created by `start_folder`."""
+def new_plan(req: NewRun, model_config: GPT2Config, *, force: bool, main_process: bool) -> Plan:
+    """Check everything that could fail late; the folder is created by `start_folder`.
+
+    Only the main process checks for existing outputs: the others may look after it wrote them.
+    """
     data_dir = _data_dir()
     files = datalib.resolve_files(req.dataset, data_dir)
     val_files = datalib.resolve_files(req.val_dataset, data_dir) if req.val_dataset else None
@@ -92,7 +95,7 @@ def new_plan(req: NewRun, model_config: GPT2Config, *, force: bool) -> Plan:
         output = Path(req.output)
     else:
         output = folder / "final.npz" if req.out else Path(SEED_OUTPUT)
-    if output.exists() and not force:
+    if main_process and output.exists() and not force:
         raise UserError(f"{output} already exists (use --force to overwrite, or --output)")
     if output.is_dir():
         raise UserError(f"--output {output} is a folder; give a .npz file name")
@@ -139,7 +142,8 @@ def new_plan(req: NewRun, model_config: GPT2Config, *, force: bool) -> Plan:
         },
         "output": str(output.resolve()),
     }
-    RunFolder.check_new(folder)
+    if main_process:
+        RunFolder.check_new(folder)
     return Plan(RunFolder(folder), spec, resumed=False)
 
 

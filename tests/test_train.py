@@ -116,19 +116,9 @@ def load_npz_hf():
 
 # Settings of the from-scratch runs; the same everywhere, so the step compiles once.
 SCRATCH = (
-    "--batch-size",
-    "8",
-    "--seq-length",
-    "32",
-    "--lr",
-    "3e-3",
-    "--warmup",
-    "5",
-    "--decay-steps",
-    "30",
-    "--val-fraction",
-    "0.1",
-)
+    "--batch-size", "4", "--seq-length", "32", "--lr", "3e-3", "--warmup", "5",
+    "--decay-steps", "30", "--val-fraction", "0.1", "--eval-batches", "2"
+)  # fmt: skip
 
 
 def test_from_scratch_validation_loss_falls(tmp_path, corpus):
@@ -149,7 +139,6 @@ def test_from_scratch_validation_loss_falls(tmp_path, corpus):
     assert done.exit_code == 0, done.output
     records = [json.loads(x) for x in (tmp_path / "scratch/metrics.jsonl").read_text().splitlines()]
     val = [r["val_loss"] for r in records if "val_loss" in r]
-    print(val)
     assert len(val) == 2
     assert val[-1] < math.log(50257) - 5.0  # from ~10.8 at random init to below 5.8
     assert val[-1] < val[0]

@@ -55,22 +55,51 @@ MODES = textwrap.dedent(
 )
 
 
-def test_data_parallel_and_fsdp_match_one_device(tmp_path):
-    corpus = write_corpus(tmp_path / "corpus.txt")
-    env = {
-        **os.environ,
-        "GPT2_CACHE_DIR": str(tmp_path / "cache"),
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count=4 {FAST_COMPILE}",
-    }
-    done = subprocess.run(
-        [sys.executable, "-c", MODES, str(TINY_A), str(corpus)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr
-    out = json.loads(done.stdout)
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Run, side by side: the three modes on 4 devices, and a 2-process CLI run."""
+    tmp = tmp_path_factory.mktemp("multi")
+    corpus = write_corpus(tmp / "corpus.txt")
+    env = {**os.environ, "GPT2_CACHE_DIR": str(tmp / "cache"), "HF_HUB_OFFLINE": "1"}
+    env.pop("JAX_PLATFORMS", None)
+    four = {**env, "XLA_FLAGS": f"--xla_force_host_platform_device_count=4 {FAST_COMPILE}"}
+    modes = subprocess.Popen([sys.executable, "-c", MODES, str(TINY_A), str(corpus)], env=four,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    # the same settings as MODES's TrainConfig
+    train = [
+        sys.executable, "-c", "from gpt2cli.cli.app import main; main()", "train",
+        "--dataset", str(corpus), "-m", str(TINY_A), "--steps", "4", "--batch-size", "4",
+        "--seq-length", "16", "--log-every", "1", "--lr", "1e-2", "--min-lr", "3e-5",
+        "--warmup", "0", "--decay-steps", "4", "--val-fraction", "0", "--out", str(tmp / "multi"),
+        "--coordinator", f"127.0.0.1:{free_port()}", "--num-processes", "2",
+    ]  # fmt: skip
+    one = {**env, "XLA_FLAGS": FAST_COMPILE}
+    procs = [
+        subprocess.Popen(
+            [*train, "--process-id", str(i)],
+            env=one,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    out, err = modes.communicate(timeout=300)
+    assert modes.returncode == 0, err
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+    return json.loads(out), tmp / "multi"
+
+
+def test_data_parallel_and_fsdp_match_one_device(runs):
+    out, _ = runs
     assert out["devices"] == 4
     single = out["single"]["losses"]
     assert len(single) == 4 and single[3] < single[0]
@@ -85,75 +114,11 @@ def test_data_parallel_and_fsdp_match_one_device(tmp_path):
     assert fsdp["wte_shard"] == [50257, 4]  # 50257 rows do not split by 4: columns do
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_processes_train_like_one(tmp_path):
-    corpus = write_corpus(tmp_path / "corpus.txt")
-    env = {
-        **os.environ,
-        "GPT2_CACHE_DIR": str(tmp_path / "cache"),
-        "HF_HUB_OFFLINE": "1",
-        "XLA_FLAGS": FAST_COMPILE,
-    }
-    env.pop("JAX_PLATFORMS", None)
-    common = [
-        "train",
-        "--dataset",
-        str(corpus),
-        "-m",
-        str(TINY_A),
-        "--steps",
-        "4",
-        "--batch-size",
-        "4",
-        "--seq-length",
-        "16",
-        "--log-every",
-        "1",
-        "--lr",
-        "1e-2",
-    ]
-    cli = [sys.executable, "-c", "from gpt2cli.cli.app import main; main()"]
-    port = free_port()
-    procs = [
-        subprocess.Popen(
-            [
-                *cli,
-                *common,
-                "--out",
-                str(tmp_path / "multi"),
-                "--coordinator",
-                f"127.0.0.1:{port}",
-                "--num-processes",
-                "2",
-                "--process-id",
-                str(i),
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    single = subprocess.run(
-        [*cli, *common, "--out", str(tmp_path / "single")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    results = [p.communicate(timeout=300) for p in procs]
-    for p, (_, stderr) in zip(procs, results, strict=True):
-        assert p.returncode == 0, stderr
-    assert single.returncode == 0, single.stderr
-    spec = json.loads((tmp_path / "multi" / "run.json").read_text())
+def test_two_processes_train_like_one(runs):
+    out, run_dir = runs
+    spec = json.loads((run_dir / "run.json").read_text())
     assert spec["train"]["parallel"] == "data-parallel"
-    multi, one = losses(tmp_path / "multi"), losses(tmp_path / "single")
+    multi = losses(run_dir)
     assert sorted(multi) == [1, 2, 3, 4]
-    assert [multi[s] for s in range(1, 5)] == pytest.approx([one[s] for s in range(1, 5)], abs=1e-5)
-    assert (tmp_path / "multi" / "final.npz").is_file()  # written once, by process 0
+    assert [multi[s] for s in range(1, 5)] == pytest.approx(out["single"]["losses"], abs=1e-5)
+    assert (run_dir / "final.npz").is_file()  # written once, by process 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import signal
 from pathlib import Path
 from typing import Annotated
@@ -207,6 +208,10 @@ def train(
     elif not (dataset or more_files):
         raise UserError("give the text to train on with --dataset FILE (or --resume a run)")
 
+    if plot and importlib.util.find_spec("matplotlib") is None:
+        raise UserError(
+            "--plot needs matplotlib: install it (uv pip install matplotlib) or drop --plot"
+        )
     if coordinator:
         from gpt2cli.sharding import init_distributed
 
@@ -264,17 +269,23 @@ def train(
                 "parallel": parallel or "single",
             },
         )
-        plan = train_run.new_plan(request, model_config, force=force)
-    _run(plan, None if resume else start_params, force=force or bool(resume))
+        plan = train_run.new_plan(request, model_config, force=force, main_process=_is_main())
+    _run(plan, None if resume else start_params, force=force or bool(resume), plot=plot)
 
 
-def _run(plan, start_params, force: bool) -> None:
+def _is_main() -> bool:
+    import jax
+
+    return jax.process_index() == 0
+
+
+def _run(plan, start_params, force: bool, plot: bool) -> None:
     import jax
 
     from gpt2cli import train_run
     from gpt2cli.checkpoint import save_npz
     from gpt2cli.hub import load_model, load_tokenizer
-    from gpt2cli.sharding import to_host
+    from gpt2cli.sharding import any_process, to_host
     from gpt2cli.train import Diverged, Trainer, train_loop
 
     main_process = jax.process_index() == 0
@@ -306,6 +317,16 @@ def _run(plan, start_params, force: bool) -> None:
 
     stop = _Interrupt()
     reporter = _Reporter(folder, loop.steps, start, main_process, save)
+    steps_done = 0
+
+    def should_stop() -> bool:
+        """Processes agree at each log step, so all of them stop after the same step."""
+        nonlocal steps_done
+        steps_done += 1
+        if jax.process_count() == 1:
+            return stop.requested()
+        return steps_done % loop.log_every == 0 and any_process(stop.requested())
+
     what = "resuming" if plan.resumed else "training"
     err.print(
         f"{what} {source['source'] or 'a fresh ' + source['init']} "
@@ -314,7 +335,7 @@ def _run(plan, start_params, force: bool) -> None:
     )
     try:
         with stop, reporter:
-            state, step = train_loop(trainer, state, data, loop, reporter, stop.requested)
+            state, step = train_loop(trainer, state, data, loop, reporter, should_stop)
     except Diverged as exc:
         last = folder.latest()
         kept = (
@@ -328,7 +349,7 @@ def _run(plan, start_params, force: bool) -> None:
         path = save(state, step)
         if path:
             err.print(f"saved checkpoint {path}")
-    if stop.requested():
+    if step < loop.steps:  # stopped early by Ctrl-C
         err.print(
             f"stopped at step {step} of {loop.steps}. Continue with: gpt2 train --resume {folder.path}"
         )
@@ -337,6 +358,8 @@ def _run(plan, start_params, force: bool) -> None:
         params = to_host(state.params)
         written = save_npz(plan.output, config, params, force=force)
         err.print(f"wrote {written}")
+        if plot:
+            err.print(f"wrote {folder.plot()}")
     else:
         to_host(state.params)
 

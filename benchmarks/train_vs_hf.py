@@ -1,0 +1,195 @@
+"""Training speed of our jitted AdamW step against transformers + torch, and peak memory.
+
+    uv run python benchmarks/train_vs_hf.py /work/bench/gpt2-124m-random
+
+Measures, in one run on the same machine: the fp32 matmul peak (best of XLA and torch), our
+train step (fp32 and bf16 compute) and transformers' GPT2LMHeadModel + torch.optim.AdamW on the
+same weights, batch 8 x 128, 2 threads; then the peak resident memory of fine-tuning
+gpt2-medium (random weights) at batch 4 x 256, ours and transformers'. The peer runs in its own
+virtual environment (GPT2_PEER_PYTHON, default ../peer/bin/python from the repository root).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+THREADS = 2
+
+PEER_SPEED = textwrap.dedent(
+    """
+    import json, sys, time, torch
+    from transformers import GPT2LMHeadModel
+    torch.set_num_threads(int(sys.argv[2]))
+    torch.manual_seed(0)
+    batch, seq, steps, warmup = (int(x) for x in sys.argv[3:7])
+
+    n = 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    matmul = 10 * 2 * n**3 / (time.perf_counter() - t) / 1e9
+
+    model = GPT2LMHeadModel.from_pretrained(sys.argv[1], attn_implementation="sdpa")
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    ids = torch.randint(0, model.config.vocab_size, (steps + warmup, batch, seq + 1))
+    times = []
+    for i in range(steps + warmup):
+        t = time.perf_counter()
+        x = ids[i]
+        loss = model(input_ids=x[:, :-1], labels=x[:, :-1]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t)
+    step = sorted(times[warmup:])[len(times[warmup:]) // 2]
+    print(json.dumps({"matmul_gflops": matmul, "tokens_per_s": batch * seq / step}))
+    """
+)
+
+PEER_MEMORY = textwrap.dedent(
+    """
+    import json, resource, sys, torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.set_num_threads(int(sys.argv[1]))
+    batch, seq = int(sys.argv[2]), int(sys.argv[3])
+    model = GPT2LMHeadModel(GPT2Config(n_embd=1024, n_layer=24, n_head=16))
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    for _ in range(2):
+        x = torch.randint(0, 50257, (batch, seq))
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    print(json.dumps({"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+    """
+)
+
+OUR_MEMORY = textwrap.dedent(
+    """
+    import json, resource, sys
+    import jax, numpy as np
+    from gpt2cli.config import preset
+    from gpt2cli.model import init_params
+    from gpt2cli.train import TrainConfig, Trainer
+
+    batch, seq, remat = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
+    config = preset("gpt2-medium")
+    trainer = Trainer(config, TrainConfig(batch_size=batch, seq_length=seq, remat=remat))
+    state = trainer.create_state(jax.device_get(init_params(config)))
+    rng = np.random.default_rng(0)
+    for _ in range(2):
+        tokens = rng.integers(0, config.vocab_size, (1, batch, seq + 1), dtype=np.int32)
+        state, metrics = trainer.step(state, tokens)
+        jax.block_until_ready(metrics)
+    print(json.dumps({"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+    """
+)
+
+
+def peer_python() -> str:
+    return os.environ.get("GPT2_PEER_PYTHON", str(ROOT.parent / "peer" / "bin" / "python"))
+
+
+def run_json(cmd: list[str], env: dict | None = None) -> dict:
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        sys.exit(f"benchmark subprocess failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def xla_matmul_gflops(n: int = 2048, reps: int = 10) -> float:
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    dot = jax.jit(jnp.dot)
+    for _ in range(3):
+        dot(a, b).block_until_ready()
+    t = time.perf_counter()
+    for _ in range(reps):
+        dot(a, b).block_until_ready()
+    return reps * 2 * n**3 / (time.perf_counter() - t) / 1e9
+
+
+def our_tokens_per_s(model_dir: str, dtype: str, batch: int, seq: int, steps: int, warmup: int):
+    import jax
+    import numpy as np
+
+    from gpt2cli.train import TrainConfig, Trainer
+    from gpt2cli.weights import load_hf_folder
+
+    config, params = load_hf_folder(Path(model_dir))
+    tc = TrainConfig(batch_size=batch, seq_length=seq, lr=1e-4, dtype=dtype)
+    trainer = Trainer(config, tc)
+    state = trainer.create_state(params)
+    rng = np.random.default_rng(0)
+    batches = rng.integers(0, config.vocab_size, (steps + warmup, 1, batch, seq + 1), np.int32)
+    times = []
+    for i in range(steps + warmup):
+        t = time.perf_counter()
+        state, metrics = trainer.step(state, batches[i])
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t)
+    step = sorted(times[warmup:])[len(times[warmup:]) // 2]
+    return batch * seq / step, config.num_params()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model_dir", help="HF folder of a GPT-2 124M (random weights are fine)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--skip-memory", action="store_true")
+    args = parser.parse_args()
+
+    print(f"load before: {os.getloadavg()[0]:.2f} (1-min average, {os.cpu_count()} cores)")
+    peer = run_json(
+        [peer_python(), "-c", PEER_SPEED, args.model_dir, str(THREADS),
+         str(args.batch), str(args.seq), str(args.steps), str(args.warmup)]
+    )
+    xla_peak = xla_matmul_gflops()
+    peak = max(xla_peak, peer["matmul_gflops"])
+    ours, n_params = our_tokens_per_s(
+        args.model_dir, "float32", args.batch, args.seq, args.steps, args.warmup
+    )
+    ours_bf16, _ = our_tokens_per_s(
+        args.model_dir, "bfloat16", args.batch, args.seq, args.steps, args.warmup
+    )
+    limit = peak * 1e9 / (6 * n_params)
+    hf = peer["tokens_per_s"]
+    print(f"fp32 matmul peak: {peak:.1f} GFLOP/s (XLA {xla_peak:.1f}, torch {peer['matmul_gflops']:.1f})")
+    print(f"matmul-peak limit: {limit:.1f} tokens/s (6 x {n_params / 1e6:.1f}M FLOP per token)")
+    print(f"transformers + torch AdamW fp32: {hf:.1f} tokens/s")
+    print(f"gpt2 train fp32: {ours:.1f} tokens/s = {ours / hf:.2f}x transformers, "
+          f"{100 * ours / limit:.0f}% of the matmul-peak limit")
+    print(f"gpt2 train bf16: {ours_bf16:.1f} tokens/s = {ours_bf16 / hf:.2f}x transformers fp32")
+    if not args.skip_memory:
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        ours_mem = run_json([sys.executable, "-c", OUR_MEMORY, "4", "256", "0"], env)
+        ours_remat = run_json([sys.executable, "-c", OUR_MEMORY, "4", "256", "1"], env)
+        peer_mem = run_json([peer_python(), "-c", PEER_MEMORY, str(THREADS), "4", "256"])
+        print("peak RSS, fine-tuning gpt2-medium at batch 4 x 256 (AdamW, fp32):")
+        print(f"  gpt2 train: {ours_mem['peak_rss_gib']:.2f} GiB "
+              f"(--remat: {ours_remat['peak_rss_gib']:.2f} GiB)")
+        print(f"  transformers + torch: {peer_mem['peak_rss_gib']:.2f} GiB")
+    print(f"load after: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -121,29 +121,36 @@ SCRATCH = (
 )  # fmt: skip
 
 
-def test_from_scratch_validation_loss_falls(tmp_path, corpus):
-    done = gpt2(
-        "train",
-        "--dataset",
-        str(corpus),
-        "--init",
-        "tiny",
-        "--steps",
-        "30",
-        *SCRATCH,
-        "--eval-every",
-        "15",
-        "--out",
-        "scratch",
-    )
+@pytest.fixture(scope="module")
+def scratch_run(tmp_path_factory, corpus):
+    out = tmp_path_factory.mktemp("runs") / "scratch"
+    done = gpt2("train", "--dataset", str(corpus), "--init", "tiny", "--steps", "30", *SCRATCH,
+                "--eval-every", "15", "--out", str(out))  # fmt: skip
     assert done.exit_code == 0, done.output
-    records = [json.loads(x) for x in (tmp_path / "scratch/metrics.jsonl").read_text().splitlines()]
+    return out
+
+
+def test_from_scratch_validation_loss_falls(scratch_run):
+    records = [json.loads(x) for x in (scratch_run / "metrics.jsonl").read_text().splitlines()]
     val = [r["val_loss"] for r in records if "val_loss" in r]
     assert len(val) == 2
     assert val[-1] < math.log(50257) - 5.0  # from ~10.8 at random init to below 5.8
     assert val[-1] < val[0]
-    config, params = load_npz(tmp_path / "scratch/final.npz")
+    config, params = load_npz(scratch_run / "final.npz")
     assert config.n_embd == 64 and params["h_1"]["mlp"]["c_fc"]["kernel"].shape == (64, 256)
+
+
+def test_generate_loads_trained_models(scratch_run, finished_run):
+    """`gpt2 generate` reads what `gpt2 train` wrote (once that command is in the app)."""
+    import typer.main
+
+    names = {c.name for c in typer.main.get_command(app).commands.values()}
+    if "generate" not in names:
+        pytest.skip("gpt2 generate is not in this build yet")
+    for model in (scratch_run / "final.npz", finished_run / "final.npz"):
+        done = gpt2("generate", "the cat", "-m", str(model), "--max-new-tokens", "3")
+        assert done.exit_code == 0, done.output
+        assert done.stdout.startswith("the cat")
 
 
 def test_grad_accumulation_equals_the_bigger_batch(corpus):
@@ -268,3 +275,15 @@ def test_resume_extends_a_finished_run(finished_run):
     assert sorted(losses(finished_run)) == [3, 4, 5]
     spec = json.loads((finished_run / "run.json").read_text())
     assert spec["loop"]["steps"] == 5 and spec["train"]["decay_steps"] == 3
+
+
+def test_plot_needs_matplotlib_or_writes_loss_png(finished_run, monkeypatch):
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        done = gpt2("train", "--resume", str(finished_run), "--plot")
+        assert done.exit_code == 1 and "--plot needs matplotlib" in done.output
+    else:
+        done = gpt2("train", "--resume", str(finished_run), "--steps", "6", "--plot")
+        assert done.exit_code == 0, done.output
+        assert (finished_run / "loss.png").read_bytes()[:4] == b"\x89PNG"

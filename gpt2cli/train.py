@@ -225,11 +225,10 @@ class Trainer:
             (loss, grads), _ = jax.lax.scan(micro, (0.0, zeros), (batch, jnp.arange(accum)))
             loss = loss / accum
             grads = jax.tree.map(lambda g: g / accum, grads)
-        grad_norm = optax.tree.norm(grads)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
-        return new_state, {"loss": loss, "grad_norm": grad_norm}
+        return new_state, {"loss": loss}
 
     def step(self, state: TrainState, local_batch: np.ndarray) -> tuple[TrainState, dict]:
         """Run one step on this process's rows; returns device values (no host sync)."""
@@ -242,7 +241,10 @@ class Trainer:
                 donate_argnums=0,
             )
         batch = sharding.put_batch(local_batch, self.batch_sharding)
-        return self._step(state, batch)
+        # The classic threefry layout draws dropout masks ~2.5x faster on CPU than the
+        # partitionable one, and its numbers do not depend on the sharding either.
+        with jax.threefry_partitionable(False):
+            return self._step(state, batch)
 
     def eval_loss(self, params: Any, local_batches: list[np.ndarray]) -> float:
         """Mean loss over validation batches (each [1, rows, T+1], this process's rows)."""

@@ -1,7 +1,7 @@
 """From command-line choices to a ready run: settings, run folder, weights, data, and saving.
 
-A new run writes every setting to run.json first; `--resume` rebuilds the very same run from
-that file, so a resumed run needs no flags besides (optionally) a new --steps.
+A new run records every setting in run.json once its data has loaded; `--resume` rebuilds the
+very same run from that file, so a resumed run needs no flags besides (optionally) --steps.
 """
 
 from __future__ import annotations
@@ -100,6 +100,15 @@ def new_plan(req: NewRun, model_config: GPT2Config, *, force: bool, main_process
     if output.is_dir():
         raise UserError(f"--output {output} is a folder; give a .npz file name")
     steps = req.steps
+    loop = check_loop(
+        {
+            "steps": steps,
+            "log_every": req.log_every,
+            "eval_every": req.eval_every,
+            "save_every": req.save_every,
+            "keep": req.keep,
+        }
+    )
     lr = req.train.get("lr") or (6e-4 if req.init else 5e-5)
     train = {
         "lr": lr,
@@ -115,13 +124,10 @@ def new_plan(req: NewRun, model_config: GPT2Config, *, force: bool, main_process
             f"--seq-length {tc.seq_length} exceeds the model's context of "
             f"{model_config.n_positions} positions"
         )
-    for name in ("log_every", "eval_batches"):
-        if getattr(req, name) <= 0:
-            raise UserError(
-                f"--{name.replace('_', '-')} must be positive, got {getattr(req, name)}"
-            )
-    if steps <= 0:
-        raise UserError(f"--steps must be a positive integer, got {steps}")
+    if not 0.0 <= req.val_fraction < 1.0:
+        raise UserError(f"--val-fraction must be in [0, 1), got {req.val_fraction}")
+    if req.eval_batches <= 0:
+        raise UserError(f"--eval-batches must be a positive integer, got {req.eval_batches}")
     spec = {
         "model": {"source": req.model, "init": req.init, "config": model_config.to_hf()},
         "tokenizer": req.tokenizer,
@@ -133,13 +139,7 @@ def new_plan(req: NewRun, model_config: GPT2Config, *, force: bool, main_process
             "eval_batches": req.eval_batches,
         },
         "train": tc.to_dict(),
-        "loop": {
-            "steps": steps,
-            "log_every": req.log_every,
-            "eval_every": req.eval_every,
-            "save_every": req.save_every,
-            "keep": req.keep,
-        },
+        "loop": loop,
         "output": str(output.resolve()),
     }
     if main_process:
@@ -168,9 +168,19 @@ def resume_plan(path: str, overrides: dict[str, Any]) -> Plan:
             spec["train"]["parallel"] = value
         else:
             spec["loop"][key] = value
-    if spec["loop"]["steps"] <= 0:
-        raise UserError(f"--steps must be a positive integer, got {spec['loop']['steps']}")
+    check_loop(spec["loop"])
     return Plan(folder, spec, resumed=True)
+
+
+def check_loop(loop: dict[str, int]) -> dict[str, int]:
+    """Step counts and cadences: positive; evaluating and saving may be 0 (only at the end)."""
+    for name, value in loop.items():
+        flag = "--" + name.replace("_", "-")
+        zero_ok = name in ("eval_every", "save_every")
+        if value < 0 or (value == 0 and not zero_ok):
+            allowed = "0 or a positive integer" if zero_ok else "a positive integer"
+            raise UserError(f"{flag} must be {allowed}, got {value}")
+    return loop
 
 
 def initial_weights(plan: Plan, trainer: Trainer, load_model) -> TrainState:

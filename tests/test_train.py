@@ -222,13 +222,28 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path, corpus):
         (["--dataset", "missing/*.txt"], "'missing/*.txt' matches no file"),
         (["--seq-length", "4096"], "--seq-length 4096 exceeds the model's context of 128"),
         (["--init", "tiny"], "give either --model (fine-tune) or --init (from scratch)"),
+        (["--dataset", "latin1.txt"], "latin1.txt is not UTF-8 text: byte 0xe9 at offset 3"),
+        (["--dataset", "empty.txt"], "empty.txt is empty"),
+        (["--dataset", "short.txt", "--seq-length", "64"], "shorter than one block"),
+        (["--keep", "0"], "--keep must be a positive integer, got 0"),
     ],
 )
-def test_bad_arguments_fail_in_one_line(corpus, args, message):
-    done = gpt2("train", "--dataset", str(corpus), "-m", str(TINY_A), "--steps", "1", *args)
+def test_bad_inputs_fail_in_one_line_and_write_nothing(tmp_path, corpus, args, message):
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "short.txt").write_text("Only a few words here.")
+    data = [] if "--dataset" in args else ["--dataset", str(corpus)]
+    done = gpt2("train", *data, "-m", str(TINY_A), "--steps", "1", *args)
     assert done.exit_code == 1
     assert message in done.output
     assert len(done.output.strip().splitlines()) == 1, done.output
+    written = {p.name for p in tmp_path.iterdir()} - {
+        "cache",
+        "empty.txt",
+        "latin1.txt",
+        "short.txt",
+    }
+    assert not written  # no run folder, no gpt2_finetuned.npz
 
 
 def test_resume_of_a_folder_that_is_not_a_run(tmp_path):

@@ -42,7 +42,7 @@ def evaluate(
             "context (HF perplexity guide) \\[default: --seq-length, no overlap].",
         ),
     ] = None,
-    batch_size: Annotated[int, Opt("--batch-size", "-b", help="Windows per forward pass.")] = 8,
+    batch_size: Annotated[int, Opt("--batch-size", "-b", help="Windows per forward pass.")] = 4,
     dtype: Annotated[str, Opt("--dtype", help="Compute dtype: float32 or bfloat16.")] = "float32",
     errors: Annotated[
         str, Opt("--errors", help="Non-UTF-8 bytes: strict (stop) or replace.")

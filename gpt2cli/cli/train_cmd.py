@@ -301,6 +301,8 @@ def _run(plan, start_params, force: bool, plot: bool) -> None:
     else:
         state = train_run.initial_weights(plan, trainer, load_model)
     start = int(jax.device_get(state.step))
+    if plan.loop.steps < start:
+        raise UserError(f"--steps {plan.loop.steps} is below the run's step {start}; give more")
     if main_process:
         train_run.start_folder(plan)
         if plan.resumed:

@@ -84,9 +84,9 @@ OUR_MEMORY = textwrap.dedent(
     from gpt2cli.model import init_params
     from gpt2cli.train import TrainConfig, Trainer
 
-    batch, seq, remat = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
+    batch, seq = int(sys.argv[1]), int(sys.argv[2])
     config = preset("gpt2-medium")
-    trainer = Trainer(config, TrainConfig(batch_size=batch, seq_length=seq, remat=remat))
+    trainer = Trainer(config, TrainConfig(batch_size=batch, seq_length=seq))
     state = trainer.create_state(jax.device_get(init_params(config)))
     rng = np.random.default_rng(0)
     for _ in range(2):
@@ -201,14 +201,10 @@ def main() -> None:
     )
     if not args.skip_memory:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        ours_mem = run_json([sys.executable, "-c", OUR_MEMORY, "4", "256", "0"], env)
-        ours_remat = run_json([sys.executable, "-c", OUR_MEMORY, "4", "256", "1"], env)
+        ours_mem = run_json([sys.executable, "-c", OUR_MEMORY, "4", "256"], env)
         peer_mem = run_json([peer_python(), "-c", PEER_MEMORY, str(THREADS), "4", "256"])
         print("peak RSS, fine-tuning gpt2-medium at batch 4 x 256 (AdamW, fp32):")
-        print(
-            f"  gpt2 train: {ours_mem['peak_rss_gib']:.2f} GiB "
-            f"(--remat: {ours_remat['peak_rss_gib']:.2f} GiB)"
-        )
+        print(f"  gpt2 train: {ours_mem['peak_rss_gib']:.2f} GiB")
         print(f"  transformers + torch: {peer_mem['peak_rss_gib']:.2f} GiB")
     print(f"load after: {os.getloadavg()[0]:.2f}")
 

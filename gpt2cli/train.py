@@ -50,7 +50,6 @@ class TrainConfig:
     dtype: str = "float32"  # compute dtype; master weights stay float32
     seed: int = 0  # init (with --init), data order and dropout
     parallel: str = "single"  # one of sharding.MODES
-    remat: bool = False  # recompute activations in the backward pass to save memory
 
     def __post_init__(self) -> None:
         positive = ("batch_size", "seq_length", "grad_accum")
@@ -202,10 +201,7 @@ class Trainer:
     # ---- jitted steps ------------------------------------------------------------------
 
     def _loss_and_grads(self, params, tokens, rng):
-        loss_fn = lambda p: token_loss(self.model, p, tokens, rng, deterministic=False)  # noqa: E731
-        if self.tc.remat:
-            loss_fn = jax.checkpoint(loss_fn)
-        return jax.value_and_grad(loss_fn)(params)
+        return jax.value_and_grad(token_loss, argnums=1)(self.model, params, tokens, rng, False)
 
     def _train_step(self, state: TrainState, batch: jax.Array):
         """One optimizer step over [accum, rows, T+1] tokens."""

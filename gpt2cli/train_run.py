@@ -28,6 +28,7 @@ class Plan:
     folder: RunFolder
     spec: dict[str, Any]
     resumed: bool
+    start_params: Any = None  # a new run's starting weights (host copy), when already loaded
 
     @property
     def model_config(self) -> GPT2Config:

@@ -36,7 +36,6 @@ _FIXED_ON_RESUME = (
     "dropout",
     "dtype",
     "seed",
-    "remat",
 )
 
 Opt = typer.Option
@@ -128,9 +127,6 @@ def train(
     ] = None,
     seed: Annotated[
         int | None, Opt("--seed", help="Data order, dropout and init \\[default: 0].")
-    ] = None,
-    remat: Annotated[
-        bool | None, Opt("--remat/--no-remat", help="Recompute activations to save memory.")
     ] = None,
     val_dataset: Annotated[
         list[str] | None, Opt("--val-dataset", help="Validation text file(s) instead of a split.")
@@ -265,12 +261,12 @@ def train(
                 "dropout": dropout,
                 "dtype": dtype,
                 "seed": seed,
-                "remat": remat,
                 "parallel": parallel or "single",
             },
         )
         plan = train_run.new_plan(request, model_config, force=force, main_process=_is_main())
-    _run(plan, None if resume else start_params, force=force or bool(resume), plot=plot)
+        plan.start_params, start_params = start_params, None
+    _run(plan, force=force or bool(resume), plot=plot)
 
 
 def _is_main() -> bool:
@@ -279,7 +275,7 @@ def _is_main() -> bool:
     return jax.process_index() == 0
 
 
-def _run(plan, start_params, force: bool, plot: bool) -> None:
+def _run(plan, force: bool, plot: bool) -> None:
     import jax
 
     from gpt2cli import train_run
@@ -296,8 +292,9 @@ def _run(plan, start_params, force: bool, plot: bool) -> None:
             plan, tokenizer, lambda done, total: progress.update(task, completed=done, total=total)
         )
     trainer = Trainer.cached(plan.model_config, plan.train_config)
-    if start_params is not None:
-        state = trainer.create_state(start_params)
+    if plan.start_params is not None:
+        state = trainer.create_state(plan.start_params)
+        plan.start_params = None  # the device holds them now; free the host copy
     else:
         state = train_run.initial_weights(plan, trainer, load_model)
     start = int(jax.device_get(state.step))

@@ -25,6 +25,7 @@ def evaluate(
     more_files: Annotated[
         list[str] | None,
         typer.Argument(
+            metavar="FILES",
             help="More dataset files (what a shell makes of --dataset val/*.txt).",
             show_default=False,
         ),

@@ -51,6 +51,7 @@ def train(
     more_files: Annotated[
         list[str] | None,
         typer.Argument(
+            metavar="FILES",
             help="More dataset files (what a shell makes of --dataset corpus/*.txt).",
             show_default=False,
         ),

@@ -34,25 +34,27 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, corpus):
-    """A short fine-tuning run of the tiny-a fixture, shared by the resume-error tests."""
+    """A short bfloat16 fine-tuning run of the tiny-a fixture, for the resume tests."""
     out = tmp_path_factory.mktemp("runs") / "ft"
-    done = gpt2(
-        "train",
-        "--dataset",
-        str(corpus),
-        "-m",
-        str(TINY_A),
-        "--steps",
-        "3",
-        "--batch-size",
-        "2",
-        "--seq-length",
-        "16",
-        "--out",
-        str(out),
-    )
+    done = gpt2("train", "--dataset", str(corpus), "-m", str(TINY_A), *FT, "--save-every", "1",
+                "--keep", "2", "--log-every", "1", "--out", str(out))  # fmt: skip
     assert done.exit_code == 0, done.output
     return out
+
+
+# Fine-tuning settings shared by several tests, so the step compiles once.
+FT = ("--steps", "3", "--batch-size", "2", "--seq-length", "16", "--dtype", "bfloat16")
+
+
+def test_bfloat16_run_keeps_float32_weights_and_the_last_checkpoints(finished_run):
+    config, params = load_npz(finished_run / "final.npz")
+    assert params["h_0"]["attn"]["c_attn"]["kernel"].dtype == np.float32  # the master weights
+    assert [p.name for p in sorted(finished_run.glob("ckpt-*.npz"))] == [
+        "ckpt-0000002.npz",
+        "ckpt-0000003.npz",
+    ]  # --keep 2
+    steps = losses(finished_run)
+    assert sorted(steps) == [1, 2, 3] and all(math.isfinite(v) for v in steps.values())
 
 
 def test_learning_rate_warms_up_then_decays_to_min():
@@ -194,21 +196,7 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path, corpus):
     config, params = load_npz_hf()
     params["ln_f"]["scale"] = np.full_like(params["ln_f"]["scale"], np.nan)
     save_npz(tmp_path / "broken.npz", config, params)
-    done = gpt2(
-        "train",
-        "--dataset",
-        str(corpus),
-        "-m",
-        "broken.npz",
-        "--steps",
-        "3",
-        "--batch-size",
-        "2",
-        "--seq-length",
-        "16",
-        "--out",
-        "nan",
-    )
+    done = gpt2("train", "--dataset", str(corpus), "-m", "broken.npz", *FT, "--out", "nan")
     assert done.exit_code == 1
     assert "loss became NaN or infinite at step 1; stopped: no checkpoint was saved" in done.output
     assert not (tmp_path / "nan/final.npz").exists()
@@ -287,7 +275,7 @@ def test_resume_refuses_a_checkpoint_of_another_shape(tmp_path, finished_run, co
 def test_resume_extends_a_finished_run(finished_run):
     done = gpt2("train", "--resume", str(finished_run), "--steps", "5", "--log-every", "1")
     assert done.exit_code == 0, done.output
-    assert sorted(losses(finished_run)) == [3, 4, 5]
+    assert sorted(losses(finished_run)) == [1, 2, 3, 4, 5]
     spec = json.loads((finished_run / "run.json").read_text())
     assert spec["loop"]["steps"] == 5 and spec["train"]["decay_steps"] == 3
 

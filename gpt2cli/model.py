@@ -46,10 +46,10 @@ class KVCache:
     @classmethod
     def empty(cls, config: GPT2Config, batch: int, length: int, dtype: Any = jnp.float32):
         shape = (batch, length, config.n_head, config.head_dim)
-        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layer))
+        # Separate buffers per layer and for keys/values, so a jitted step can donate them all.
         return cls(
-            keys=zeros,
-            values=zeros,
+            keys=tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layer)),
+            values=tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layer)),
             mask=jnp.zeros((batch, length), jnp.bool_),
             index=jnp.zeros((), jnp.int32),
         )

@@ -38,11 +38,11 @@ class GPT2Config:
             if not isinstance(value, int) or value <= 0:
                 raise UserError(f"config field {name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head:
-            raise UserError(
-                f"config n_embd={self.n_embd} is not divisible by n_head={self.n_head}"
-            )
+            raise UserError(f"config n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if self.n_inner is not None and (not isinstance(self.n_inner, int) or self.n_inner <= 0):
-            raise UserError(f"config field n_inner must be a positive integer or null, got {self.n_inner!r}")
+            raise UserError(
+                f"config field n_inner must be a positive integer or null, got {self.n_inner!r}"
+            )
         if self.activation_function not in ACTIVATIONS:
             raise UserError(
                 f"config activation_function={self.activation_function!r} is not supported "
@@ -65,11 +65,15 @@ class GPT2Config:
         d, inner = self.n_embd, self.mlp_width
         per_layer = (
             2 * d  # ln_1
-            + d * 3 * d + 3 * d  # attn.c_attn
-            + d * d + d  # attn.c_proj
+            + d * 3 * d
+            + 3 * d  # attn.c_attn
+            + d * d
+            + d  # attn.c_proj
             + 2 * d  # ln_2
-            + d * inner + inner  # mlp.c_fc
-            + inner * d + d  # mlp.c_proj
+            + d * inner
+            + inner  # mlp.c_fc
+            + inner * d
+            + d  # mlp.c_proj
         )
         embeddings = self.vocab_size * d + self.n_positions * d
         return embeddings + self.n_layer * per_layer + 2 * d  # + ln_f

@@ -141,7 +141,12 @@ class Block(nn.Module):
 
         attn = Attention(cfg, self.layer_idx, self.dtype, self.param_dtype, name="attn")
         a, cache_kv = attn(
-            nn.LayerNorm(**norm, name="ln_1")(x), key_mask, query_slots, cache_kv, index, deterministic
+            nn.LayerNorm(**norm, name="ln_1")(x),
+            key_mask,
+            query_slots,
+            cache_kv,
+            index,
+            deterministic,
         )
         x = x + drop(a, deterministic=deterministic)  # [B, T, D]
         m = MLP(cfg, self.dtype, self.param_dtype, name="mlp")(nn.LayerNorm(**norm, name="ln_2")(x))
@@ -181,12 +186,20 @@ class GPT2(nn.Module):
         query_slots = index + jnp.arange(T)  # [T]
 
         wte = nn.Embed(
-            cfg.vocab_size, cfg.n_embd, dtype=self.dtype, param_dtype=self.param_dtype,
-            embedding_init=nn.initializers.normal(0.02), name="wte",
+            cfg.vocab_size,
+            cfg.n_embd,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            embedding_init=nn.initializers.normal(0.02),
+            name="wte",
         )
         wpe = nn.Embed(
-            cfg.n_positions, cfg.n_embd, dtype=self.dtype, param_dtype=self.param_dtype,
-            embedding_init=nn.initializers.normal(0.01), name="wpe",
+            cfg.n_positions,
+            cfg.n_embd,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            embedding_init=nn.initializers.normal(0.01),
+            name="wpe",
         )
         x = wte(input_ids) + wpe(positions)  # [B, T, D]
         x = nn.Dropout(cfg.embd_pdrop)(x, deterministic=deterministic)
@@ -201,7 +214,9 @@ class GPT2(nn.Module):
                 new_values.append(layer_kv[1])
 
         x = nn.LayerNorm(
-            epsilon=cfg.layer_norm_epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
+            epsilon=cfg.layer_norm_epsilon,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
             name="ln_f",
         )(x)
         logits = wte.attend(x).astype(jnp.float32)  # [B, T, V]

@@ -45,9 +45,10 @@ def from_bpe_files(vocab: Path, merges: Path) -> GPT2Tokenizer:
 def bundled() -> GPT2Tokenizer:
     """The OpenAI GPT-2 vocabulary shipped inside the package (works offline)."""
     assets = resources.files("gpt2cli") / "assets"
-    with resources.as_file(assets / "vocab.json") as vocab, resources.as_file(
-        assets / "merges.txt"
-    ) as merges:
+    with (
+        resources.as_file(assets / "vocab.json") as vocab,
+        resources.as_file(assets / "merges.txt") as merges,
+    ):
         return from_bpe_files(vocab, merges)
 
 

@@ -39,12 +39,16 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 EOT = 50256
 MAX_NEW_TOKENS = 20
+# seeds picked (out of 0..11) for the largest smallest top1-top2 margin over all greedy steps, so
+# that float32 / TF32 round-off elsewhere cannot flip a greedy token
+SEED_A = 8
+SEED_B = 11
 
-TINY_A_LOGITS_TEXT = "The quick brown fox jumps"
+TINY_A_LOGITS_TEXT = "The quick brown fox jumps over"
 TINY_A_PROMPTS = [
     "Hello, world",
-    "The capital of France is Paris, and",
-    "Once upon a time, in a small village by the sea, there lived",
+    "The capital of France is Paris and",
+    "Once upon a time, in a small village, there lived",
 ]
 EVAL_TEXT = (
     "The river ran slowly through the valley, past the old mill and the stone bridge that the "
@@ -56,7 +60,8 @@ EVAL_TEXT = (
     "notebook grew thick, and people from the town came to read it when they wanted to know "
     "whether a new house would be safe. Nobody remembers exactly when the mill stopped working, "
     "but the notebook is still kept in the library, and on quiet afternoons a student sometimes "
-    "opens it and reads the careful handwriting aloud."
+    "opens it and reads the careful handwriting aloud. "
+    "The bell rang twice before anyone answered the door, and the rain kept falling all night."
 )
 PPL_WINDOW = 32
 PPL_STRIDES = (32, 16)
@@ -76,6 +81,17 @@ def load_tokenizer(tok_dir: Path) -> tokenizers.Tokenizer:
     assert got == [EOT], got
     assert tok.get_vocab_size() == 50257, tok.get_vocab_size()
     return tok
+
+
+def finish_folder(folder: Path, tok_dir: Path | None) -> None:
+    """Copy the tokenizer files in (as plain 0644 files) and make every file 0644."""
+    if tok_dir is not None:
+        for fname in ("vocab.json", "merges.txt"):
+            dst = folder / fname
+            dst.unlink(missing_ok=True)
+            shutil.copyfile(tok_dir / fname, dst)
+    for f in folder.iterdir():
+        f.chmod(0o644)
 
 
 def reinit_(model: GPT2LMHeadModel, gen: torch.Generator) -> None:
@@ -100,7 +116,9 @@ def reference_models(
         torch.manual_seed(0)
         m = GPT2LMHeadModel._from_config(config, attn_implementation="eager")
         assert m.config._attn_implementation == "eager"
-        state = {k if k.startswith("transformer.") else f"transformer.{k}": v for k, v in state.items()}
+        state = {
+            k if k.startswith("transformer.") else f"transformer.{k}": v for k, v in state.items()
+        }
         missing, unexpected = m.load_state_dict(state, strict=False)
         # tied lm_head is not stored; attn.bias / masked_bias buffers are not module state in tf5
         assert all(k == "lm_head.weight" for k in missing), missing
@@ -209,12 +227,11 @@ def make_tiny_a(out: Path, tok_dir: Path, tok, arrays: dict, meta: dict) -> None
         bos_token_id=EOT,
         eos_token_id=EOT,
     )
-    torch.manual_seed(1234)
+    torch.manual_seed(SEED_A)
     model = GPT2LMHeadModel(config)
-    reinit_(model, torch.Generator().manual_seed(1234))
+    reinit_(model, torch.Generator().manual_seed(SEED_A))
     model.save_pretrained(folder)
-    shutil.copy(tok_dir / "vocab.json", folder / "vocab.json")
-    shutil.copy(tok_dir / "merges.txt", folder / "merges.txt")
+    finish_folder(folder, tok_dir)
 
     state = load_file(str(folder / "model.safetensors"))
     keys = sorted(state)
@@ -313,7 +330,8 @@ def make_tiny_a(out: Path, tok_dir: Path, tok, arrays: dict, meta: dict) -> None
         s64, n64, hf64 = sliding_window_nll(m64, eval_ids, PPL_WINDOW, stride)
         s32, n32, _ = sliding_window_nll(m32, eval_ids, PPL_WINDOW, stride)
         assert n32 == n64
-        assert abs(hf64 - s64) < 1e-9 * max(1.0, abs(s64)), (hf64, s64)
+        # HF's ForCausalLMLoss casts logits to float32, so agree to float32 precision only
+        assert abs(hf64 - s64) < 1e-6 * max(1.0, abs(s64)), (hf64, s64)
         mean = s64 / n64
         ppl["strides"][str(stride)] = {
             "sum_nll": s64,
@@ -321,8 +339,8 @@ def make_tiny_a(out: Path, tok_dir: Path, tok, arrays: dict, meta: dict) -> None
             "mean_nll": mean,
             "perplexity": math.exp(mean),
             "sum_nll_f32_vs_f64_abs_diff": abs(s32 - s64),
+            "sum_nll_hf_loss_times_count_abs_diff": abs(hf64 - s64),
         }
-        arrays[f"{name}/ppl_s{stride}"] = np.array([s64, n64, mean, math.exp(mean)], np.float64)
     entry["perplexity"] = ppl
     meta["models"][name] = entry
 
@@ -351,9 +369,9 @@ def make_tiny_b(out: Path, arrays: dict, meta: dict) -> None:
         bos_token_id=eos,
         eos_token_id=eos,
     )
-    torch.manual_seed(5678)
+    torch.manual_seed(SEED_B)
     model = GPT2LMHeadModel(config)
-    reinit_(model, torch.Generator().manual_seed(5678))
+    reinit_(model, torch.Generator().manual_seed(SEED_B))
 
     tensors: dict[str, np.ndarray] = {}
     for k, v in model.transformer.state_dict().items():
@@ -363,7 +381,9 @@ def make_tiny_b(out: Path, arrays: dict, meta: dict) -> None:
         tensors[f"h.{i}.attn.bias"] = causal[None, None].copy()
         tensors[f"h.{i}.attn.masked_bias"] = np.array(-1e4, np.float32)
     assert not any(k.startswith(("transformer.", "lm_head")) for k in tensors)
-    safetensors.numpy.save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    safetensors.numpy.save_file(
+        tensors, str(folder / "model.safetensors"), metadata={"format": "pt"}
+    )
     # an old-style Hub config.json (n_ctx and friends included)
     cfg_json = {
         "activation_function": "gelu",
@@ -391,10 +411,13 @@ def make_tiny_b(out: Path, arrays: dict, meta: dict) -> None:
         "vocab_size": config.vocab_size,
     }
     (folder / "config.json").write_text(json.dumps(cfg_json, indent=2) + "\n")
+    finish_folder(folder, None)
 
     # load back what was written, through transformers' own loader too
-    state = {k: torch.from_numpy(v) for k, v in safetensors.numpy.load_file(
-        str(folder / "model.safetensors")).items()}
+    state = {
+        k: torch.from_numpy(v)
+        for k, v in safetensors.numpy.load_file(str(folder / "model.safetensors")).items()
+    }
     keys = sorted(state)
     loaded_cfg = GPT2Config.from_pretrained(folder)
     m32, m64 = reference_models(loaded_cfg, state)
@@ -468,8 +491,7 @@ def make_bench(folder: Path, tok_dir: Path) -> int:
     assert n == 124_439_808, n
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
-    shutil.copy(tok_dir / "vocab.json", folder / "vocab.json")
-    shutil.copy(tok_dir / "merges.txt", folder / "merges.txt")
+    finish_folder(folder, tok_dir)
     return n
 
 
@@ -497,11 +519,13 @@ def main() -> None:
         },
         "notes": [
             "Reference numbers are computed in float64 (eager attention, eval mode) from the "
-            "stored float32 weights, then stored as float32 (ppl_* arrays as float64).",
+            "stored float32 weights, then stored as float32 (generate step logits are float32 "
+            "casts made by generate itself).",
             "Greedy continuations: generate(do_sample=False, use_cache=True, max_new_tokens=20, "
             "eos_token_id=None) -- never stops early; logits are the raw (unprocessed) logits.",
-            "ppl_s<stride> = [sum_nll, n_tokens, mean_nll, perplexity] using the HF perplexity-"
-            "guide sliding window (window 32); the first token of each window is never scored.",
+            "Perplexity (golden.json only): HF perplexity-guide sliding window (window 32) over "
+            "tiny_a/eval_ids, summing token NLL in float64; the first token of each window is "
+            "never scored.",
         ],
         "models": {},
     }

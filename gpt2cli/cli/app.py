@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import sys
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -22,10 +21,10 @@ def _debug() -> bool:
 class _ErrorBoundary(TyperGroup):
     """Turns a user mistake into one line on stderr and exit 1; a traceback only in debug."""
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx: typer.Context):
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+        except (typer.Exit, typer.Abort, typer.TyperException):  # usage errors: Typer's job
             raise
         except UserError as exc:
             if _debug():
@@ -64,7 +63,11 @@ def _print_version(value: bool) -> None:
 @app.callback()
 def root(
     version: bool = typer.Option(
-        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        False,
+        "--version",
+        callback=_print_version,
+        is_eager=True,
+        help="Print the version and exit.",
     ),
     debug: bool = typer.Option(
         False, "--debug", help="Show full tracebacks (or set GPT2_DEBUG=1)."

@@ -1,6 +1,83 @@
-"""`gpt2 inspect`: placeholder until the checkpoint module lands."""
+"""`gpt2 inspect`: the config and the param tree of a model, with counts and size on disk."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from gpt2cli.cli.options import JsonOutput
 
 
-def inspect() -> None:
-    """Inspect a checkpoint (coming next)."""
-    raise NotImplementedError
+def inspect(
+    model: Annotated[str, typer.Argument(help="A .npz file, a HF folder or a Hub repo id.")],
+    json_output: JsonOutput = False,
+) -> None:
+    """Show a model's config and parameter tree: shapes, dtypes, counts, totals, size on disk.
+
+    Examples:
+
+      gpt2 inspect out.npz
+
+      gpt2 inspect gpt2-medium --json
+    """
+    from gpt2cli.checkpoint import flatten
+    from gpt2cli.cli.console import err
+    from gpt2cli.hub import load_model, resolve
+
+    with err.status(f"reading {model}"):
+        path = resolve(model)
+        config, params = load_model(str(path))
+    leaves = {
+        name: {"shape": list(a.shape), "dtype": str(a.dtype), "count": int(a.size)}
+        for name, a in flatten(params).items()
+    }
+    report = {
+        "source": model,
+        "path": str(path),
+        "format": "hf" if path.is_dir() else "npz",
+        "config": config.to_hf(),
+        "params": leaves,
+        "total_params": sum(leaf["count"] for leaf in leaves.values()),
+        "size_bytes": _size_on_disk(path),
+    }
+    if json_output:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        _print_report(report)
+
+
+def _size_on_disk(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _print_report(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.tree import Tree
+
+    out = Console(highlight=False)
+    table = Table(title=f"config of {report['source']}", show_header=False)
+    for key, value in report["config"].items():
+        table.add_row(key, str(value))
+    out.print(table)
+
+    tree = Tree(f"params ({report['format']}: {report['path']})")
+    nodes: dict[str, Tree] = {}
+    for name, leaf in report["params"].items():
+        *parents, leaf_name = name.split("/")
+        node, prefix = tree, ""
+        for part in parents:
+            prefix += part + "/"
+            if prefix not in nodes:
+                nodes[prefix] = node.add(part)
+            node = nodes[prefix]
+        shape = "x".join(map(str, leaf["shape"])) or "scalar"
+        node.add(f"{leaf_name}  {shape}  {leaf['dtype']}  {leaf['count']:,}")
+    out.print(tree)
+    mib = report["size_bytes"] / 2**20
+    out.print(f"total parameters: {report['total_params']:,}   size on disk: {mib:,.1f} MiB")

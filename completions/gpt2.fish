@@ -1,0 +1,1 @@
+complete --command gpt2 --no-files --arguments "(env _GPT2_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) gpt2)" --condition "env _GPT2_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) gpt2"

@@ -1,0 +1,51 @@
+"""The Python API: load a model from any reference, run it, save it. No CLI involved."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gpt2cli.checkpoint import save_npz
+from gpt2cli.config import GPT2Config
+from gpt2cli.errors import UserError
+from gpt2cli.hub import load_model
+from gpt2cli.model import GPT2
+from gpt2cli.weights import Params
+
+
+def load(ref: str) -> tuple[GPT2Config, Params]:
+    """(config, params) from a .npz path, a local Hugging Face folder or a Hub repo id."""
+    return load_model(ref)
+
+
+def save(path: str | Path, config: GPT2Config, params: Params, *, force: bool = False) -> Path:
+    """Write a .npz checkpoint atomically at exactly `path`; returns that path."""
+    return save_npz(path, config, params, force=force)
+
+
+@functools.lru_cache(maxsize=8)
+def _forward(config: GPT2Config):
+    model = GPT2(config)
+    return jax.jit(lambda params, ids: model.apply({"params": params}, ids)[0])
+
+
+def logits(config: GPT2Config, params: Params, input_ids) -> jax.Array:
+    """Next-token logits, float32 [batch, seq, vocab], for int ids [batch, seq] (or [seq])."""
+    ids = np.asarray(input_ids)
+    if ids.ndim == 1:
+        ids = ids[None, :]
+    if ids.ndim != 2 or ids.shape[1] == 0 or ids.dtype.kind not in "iu":
+        raise UserError(
+            f"input_ids must be integers shaped [batch, seq], got {ids.dtype} {ids.shape}"
+        )
+    if ids.shape[1] > config.n_positions:
+        raise UserError(f"{ids.shape[1]} tokens exceed the context window of {config.n_positions}")
+    if ids.min() < 0 or ids.max() >= config.vocab_size:
+        raise UserError(
+            f"token ids must lie in [0, {config.vocab_size}), got {ids.min()}..{ids.max()}"
+        )
+    return _forward(config)(params, jnp.asarray(ids, jnp.int32))

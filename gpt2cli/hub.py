@@ -1,0 +1,89 @@
+"""Model references -> files: a .npz checkpoint, a local HF folder, or a Hub repo id."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gpt2cli.config import GPT2Config
+from gpt2cli.errors import UserError
+from gpt2cli.tokenizer import GPT2Tokenizer, bundled, from_folder
+from gpt2cli.weights import Params
+
+MODEL_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json"]
+TOKENIZER_FILES = ["vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json"]
+
+
+def _looks_like_path(ref: str) -> bool:
+    return ref.startswith((".", "/", "~")) or ref.endswith(".npz") or ref.count("/") > 1
+
+
+def resolve(ref: str, patterns: list[str] | None = None) -> Path:
+    """A local file or folder for `ref`, downloading a Hub repo id when it is not local."""
+    path = Path(ref).expanduser()
+    if path.exists():
+        return path
+    if _looks_like_path(ref):
+        raise UserError(f"{ref} does not exist (expected a .npz file or a Hugging Face folder)")
+    return download(ref, patterns or MODEL_FILES + TOKENIZER_FILES)
+
+
+def download(repo_id: str, patterns: list[str]) -> Path:
+    """Fetch only the files we read (never pickles) from the Hub; one line on any failure."""
+    from huggingface_hub import errors as hub_errors
+    from huggingface_hub import snapshot_download
+
+    from gpt2cli.progress import hub_progress_class
+
+    hint = "; pass a local .npz file or Hugging Face folder instead"
+    try:
+        folder = snapshot_download(
+            repo_id, allow_patterns=patterns, tqdm_class=hub_progress_class()
+        )
+    except hub_errors.HFValidationError:
+        raise UserError(
+            f"{repo_id!r} is neither an existing path nor a valid Hub repo id"
+        ) from None
+    except (hub_errors.OfflineModeIsEnabled, hub_errors.LocalEntryNotFoundError):
+        raise UserError(
+            f"cannot download {repo_id!r}: offline and not in the local cache{hint}"
+        ) from None
+    except hub_errors.GatedRepoError:
+        raise UserError(f"{repo_id!r} is gated: log in with `hf auth login` first{hint}") from None
+    except hub_errors.RepositoryNotFoundError:
+        raise UserError(f"no Hub repo {repo_id!r} (or it is private){hint}") from None
+    except hub_errors.RevisionNotFoundError:
+        raise UserError(f"{repo_id!r}: revision not found{hint}") from None
+    except (hub_errors.HfHubHTTPError, OSError) as exc:
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"cannot download {repo_id!r}: {first_line}{hint}") from None
+    return Path(folder)
+
+
+def load_model(ref: str) -> tuple[GPT2Config, Params]:
+    """(config, params as numpy) for any model reference."""
+    from gpt2cli.checkpoint import load_npz
+    from gpt2cli.weights import load_hf_folder
+
+    path = resolve(ref)
+    if path.is_dir():
+        return load_hf_folder(path)
+    return load_npz(path)
+
+
+def load_tokenizer(tokenizer_ref: str | None = None, model_ref: str | None = None) -> GPT2Tokenizer:
+    """The named tokenizer, else the model folder's own, else the bundled GPT-2 one."""
+    if tokenizer_ref is not None:
+        folder = resolve(tokenizer_ref, TOKENIZER_FILES)
+        tokenizer = from_folder(folder) if folder.is_dir() else None
+        if tokenizer is None:
+            raise UserError(
+                f"{tokenizer_ref} has no tokenizer files (tokenizer.json, or vocab.json + merges.txt)"
+            )
+        return tokenizer
+    if model_ref is not None:
+        folder = Path(model_ref).expanduser()
+        if not folder.exists() and not _looks_like_path(model_ref):
+            folder = resolve(model_ref)  # already downloaded with the model: a cache hit
+        if folder.is_dir() and (tokenizer := from_folder(folder)) is not None:
+            return tokenizer
+    return bundled()

@@ -1,0 +1,63 @@
+"""Rich progress bars on stderr, and an adapter that lets huggingface_hub report into them."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+_console = Console(stderr=True)
+
+
+def task_progress() -> Progress:
+    """A bar for counted work (tensors, steps)."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeRemainingColumn(),
+        console=_console,
+        transient=True,
+    )
+
+
+def hub_progress_class():
+    """A tqdm class for `snapshot_download(tqdm_class=...)` that draws rich byte bars."""
+    from huggingface_hub.utils import tqdm as hub_tqdm
+
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=_console,
+        transient=True,
+    )
+
+    class RichTqdm(hub_tqdm):
+        rich_progress = progress
+
+        def __init__(self, *args, **kwargs):
+            kwargs["disable"] = True  # tqdm draws nothing; rich does
+            super().__init__(*args, **kwargs)
+            if not progress.live.is_started:
+                progress.start()
+            description = kwargs.get("desc") or "downloading"
+            self._task = progress.add_task(str(description), total=kwargs.get("total"))
+
+        def update(self, n=1):
+            if n:
+                progress.advance(self._task, n)
+
+        def close(self):
+            progress.update(self._task, visible=False)
+            if all(task.finished or not task.visible for task in progress.tasks):
+                progress.stop()
+
+    return RichTqdm

@@ -1,0 +1,61 @@
+"""Shared fixtures: the golden files made by scripts/make_fixtures.py with HF transformers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TINY_A = FIXTURES / "tiny-a"  # transformers-5 layout, real GPT-2 vocab
+TINY_B = FIXTURES / "tiny-b"  # the Hub's old layout, with attn.bias buffers
+
+
+@pytest.fixture(scope="session")
+def golden() -> dict:
+    """golden.json metadata plus every golden.npz array under 'arrays'."""
+    meta = json.loads((FIXTURES / "golden.json").read_text())
+    with np.load(FIXTURES / "golden.npz", allow_pickle=False) as data:
+        meta["arrays"] = {name: data[name] for name in data.files}
+    return meta
+
+
+@pytest.fixture(scope="session")
+def tiny_a():
+    from gpt2cli.weights import load_hf_folder
+
+    return load_hf_folder(TINY_A)
+
+
+@pytest.fixture(scope="session")
+def tiny_b():
+    from gpt2cli.weights import load_hf_folder
+
+    return load_hf_folder(TINY_B)
+
+
+def gpt2_exe() -> str:
+    """The installed console script next to this interpreter."""
+    exe = shutil.which("gpt2", path=str(Path(sys.executable).parent))
+    assert exe, "the gpt2 console script is not installed in this environment"
+    return exe
+
+
+def run_gpt2(*args: str, env: dict | None = None, input: str | None = None, cwd=None):
+    """Run the real `gpt2` console script in a subprocess."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run(
+        [gpt2_exe(), *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        input=input,
+        cwd=cwd,
+        timeout=300,
+    )

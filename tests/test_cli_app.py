@@ -1,0 +1,64 @@
+"""The top-level command: help, version, completions that stay current."""
+
+import pytest
+
+from gpt2cli import __version__
+from scripts.make_completions import SHELLS, completion_script
+from tests.conftest import FIXTURES, run_gpt2
+
+COMPLETIONS = FIXTURES.parent.parent / "completions"
+
+
+def test_help_lists_the_commands():
+    done = run_gpt2("--help")
+    assert done.returncode == 0
+    for command in ("convert", "inspect"):
+        assert command in done.stdout
+
+
+def test_version():
+    done = run_gpt2("--version")
+    assert done.returncode == 0 and done.stdout.strip() == f"gpt2 {__version__}"
+
+
+@pytest.mark.parametrize("command", ["convert", "inspect"])
+def test_each_command_help_has_an_example(command):
+    done = run_gpt2(command, "--help")
+    assert done.returncode == 0
+    assert f"gpt2 {command} " in done.stdout  # the Examples section
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_completion_scripts_are_current(shell):
+    committed = (COMPLETIONS / SHELLS[shell]).read_text()
+    assert committed == completion_script(shell), "run: uv run python scripts/make_completions.py"
+    assert "gpt2" in committed
+
+
+def _invoke_with_failing_load(monkeypatch, error):
+    from typer.testing import CliRunner
+
+    import gpt2cli.hub
+    from gpt2cli.cli.app import app
+
+    def fail(*args):
+        raise error
+
+    monkeypatch.setattr(gpt2cli.hub, "resolve", fail)
+    monkeypatch.delenv("GPT2_DEBUG", raising=False)
+    return CliRunner().invoke(app, ["inspect", "whatever.npz"])
+
+
+def test_ctrl_c_exits_130_without_a_traceback(monkeypatch):
+    result = _invoke_with_failing_load(monkeypatch, KeyboardInterrupt())
+    assert result.exit_code == 130
+    assert "Traceback" not in result.output
+
+
+def test_unexpected_errors_are_one_line_with_a_debug_hint(monkeypatch):
+    result = _invoke_with_failing_load(monkeypatch, RuntimeError("disk on fire"))
+    assert result.exit_code == 1
+    assert (
+        result.stderr.strip()
+        == "error: RuntimeError: disk on fire (run with --debug for the traceback)"
+    )

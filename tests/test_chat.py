@@ -1,0 +1,98 @@
+"""The chat session core: window planning, reply ids, the prompt cache, long sessions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gpt2cli.chat import TEMPLATES, ChatSession, reply_ids, template, turns_to_drop
+from gpt2cli.errors import UserError
+from gpt2cli.tokenizer import bundled
+from tests.helpers_chat import greedy_session
+
+# ---- pure parts ----------------------------------------------------------------------
+
+
+def test_turns_to_drop_keeps_everything_that_fits():
+    assert turns_to_drop(10, [20, 20, 20], 10, room=80) == 0
+    assert turns_to_drop(10, [20, 20, 20], 11, room=80) > 0
+
+
+def test_turns_to_drop_frees_half_the_room_from_the_oldest_end():
+    # room 100 - preamble 10 - new 10 = 80 free; keep the newest turns within 40 tokens
+    assert turns_to_drop(10, [30, 15, 15, 15, 15], 10, room=100) == 3
+    # a single turn larger than half the free room goes too
+    assert turns_to_drop(10, [30, 50], 10, room=80) == 2
+
+
+def test_reply_ids_keeps_the_generated_tokens_inside_the_text():
+    tok = bundled()
+    generated = tok.encode(" Hello there.\nUser: more")
+    ids = reply_ids(tok, generated, " Hello there.")
+    assert tok.decode(ids) == " Hello there."
+    assert ids == generated[: len(ids)]  # the model's own tokens, not a re-encoding
+    # a token straddling the end of the text: its kept part is encoded afresh
+    straddle = [tok.encode(" Hi")[0]] + tok.encode(".\n")  # ".\n" may be one token
+    assert tok.decode(reply_ids(tok, straddle, " Hi.")) == " Hi."
+
+
+def test_unknown_template_is_a_user_error():
+    assert template("qa") is TEMPLATES["qa"]
+    with pytest.raises(UserError, match="unknown chat template 'llama'.*chat"):
+        template("llama")
+
+
+def test_turn_prompt_and_stop_of_the_default_template():
+    chat = TEMPLATES["chat"]
+    assert chat.turn_prompt("Hi") == "\nUser: Hi\nAssistant:"
+    assert chat.stops == ("\nUser:",)
+
+
+# ---- with the tiny fixture model -----------------------------------------------------
+
+
+def _prompt_len(session: ChatSession, message: str) -> int:
+    return len(session.tokenizer.encode(session.template.turn_prompt(message)))
+
+
+def _reply(session: ChatSession, message: str) -> str:
+    return "".join(session.send(message))
+
+
+def test_prompt_cache_gives_the_fresh_prefill_reply_and_prefills_only_the_new_turn():
+    session = greedy_session(max_new_tokens=6)
+    messages = ["Hello there", "What is the capital of France?", "Tell me more"]
+    for message in messages[:-1]:
+        _reply(session, message)
+    history = list(session.turns)
+    assert history[-1].finish_reason == "length"
+    history_ids = session.transcript_ids()
+
+    reply = _reply(session, messages[-1])
+    new_turn = _prompt_len(session, messages[-1])
+    assert session.last.prompt_tokens == len(history_ids) + new_turn
+    # Computed: the new turn's tokens, plus the previous reply's last token (sampled, never fed
+    # back). Everything before came from the cache.
+    assert session.last.prefilled_tokens == new_turn + 1
+
+    fresh = greedy_session(max_new_tokens=6)
+    fresh.turns = history
+    assert _reply(fresh, messages[-1]) == reply
+    assert fresh.turns[-1].ids == session.turns[-1].ids
+    assert fresh.last.prefilled_tokens == fresh.last.prompt_tokens  # a full prefill
+
+
+def test_sixty_turns_in_a_small_window_keep_the_preamble():
+    session = greedy_session(max_new_tokens=8, system="A short chat.")
+    preamble = list(session.preamble_ids)
+    room = session.n_positions - session.max_new_tokens
+    dropped = 0
+    for i in range(60):
+        _reply(session, f"message number {i}")
+        assert session.transcript_ids()[: len(preamble)] == preamble
+        assert session.last.prompt_tokens <= room
+        dropped += session.last.dropped_turns
+    assert session.turns[-1].user == "message number 59"
+    assert dropped > 30  # the window really filled up, again and again
+    assert len(session.turns) < 20

@@ -28,7 +28,7 @@ import dataclasses
 import json
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from gpt2cli.errors import UserError
 from gpt2cli.generate import PromptCache, SamplingParams, stream_generate

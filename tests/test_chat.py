@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from gpt2cli.chat import TEMPLATES, ChatSession, reply_ids, template, turns_to_drop

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import json
 import signal
-from contextlib import nullcontext
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated
 

@@ -63,6 +63,8 @@ TEMPLATES: dict[str, Template] = {
     "qa": Template("qa", "Q", "A", "Questions and their answers."),
 }
 DEFAULT_TEMPLATE = "chat"
+MIN_TURN_ROOM = 16  # tokens a user turn may always use, whatever the preamble and reply budget
+TAIL_TOKENS = 64  # how far back from a reply's end its generated tokens may stop matching its text
 
 
 def template(name: str) -> Template:
@@ -122,7 +124,7 @@ def reply_ids(tokenizer: GPT2Tokenizer, tokens: list[int], text: str) -> list[in
     The generated tokens usually run past the reply's text (the stop string, held-back bytes);
     keep the longest run of them that decodes to a prefix of `text`, and encode the rest.
     """
-    for k in range(len(tokens), -1, -1):
+    for k in range(len(tokens), max(len(tokens) - TAIL_TOKENS, 0) - 1, -1):
         head = tokenizer.decode(tokens[:k])
         if text.startswith(head):
             rest = text[len(head) :]
@@ -175,7 +177,7 @@ class ChatSession:
         self.last: ReplyStats | None = None
         self.prompt_cache = PromptCache()
         self._sent = 0  # turns sent since the start: varies the seed from turn to turn
-        self.max_new_tokens = self._checked_budget(max_new_tokens)
+        self.max_new_tokens = max_new_tokens
         self.set_system(template.system if system is None else system)
 
     # ---- settings ---------------------------------------------------------------------
@@ -187,37 +189,33 @@ class ChatSession:
     def set_system(self, text: str) -> None:
         """Replace the preamble (the history stays; the cache is rebuilt on the next turn)."""
         ids = self.tokenizer.encode(text.strip())
-        if len(ids) + self.max_new_tokens + 16 > self.n_positions:
-            raise UserError(
-                f"the preamble is {len(ids)} tokens; with {self.max_new_tokens} reply tokens it "
-                f"leaves no room for a turn in the {self.n_positions}-token window: shorten it"
-            )
+        self._check_room(len(ids), self.max_new_tokens)
         self.system = text.strip()
         self.preamble_ids = ids
 
     def set_max_new_tokens(self, value: int) -> None:
-        self.max_new_tokens = self._checked_budget(value)
+        self._check_room(len(self.preamble_ids), value)
+        self.max_new_tokens = value
 
     def set_sampling(self, **changes) -> None:
         """Change sampling settings by name; a bad value raises UserError naming the range."""
-        try:
-            self.sampling = dataclasses.replace(self.sampling, **changes)
-        except (ValueError, TypeError) as exc:
-            raise UserError(str(exc)) from None
+        self.sampling = dataclasses.replace(self.sampling, **changes)
 
     def reset(self) -> None:
         """Forget the conversation (the preamble stays cached: it is the prompt's prefix)."""
         self.turns.clear()
 
-    def _checked_budget(self, value: int) -> int:
-        preamble = len(getattr(self, "preamble_ids", ()))
-        most = self.n_positions - preamble - 16
-        if not 1 <= value <= most:
+    def _check_room(self, preamble: int, max_new_tokens: int) -> None:
+        if max_new_tokens < 1:
+            raise UserError(f"max-new-tokens must be at least 1, got {max_new_tokens}")
+        left = self.n_positions - preamble - max_new_tokens
+        if left < MIN_TURN_ROOM:
             raise UserError(
-                f"max-new-tokens must be between 1 and {most} for this model's "
-                f"{self.n_positions}-token window and preamble, got {value}"
+                f"max-new-tokens {max_new_tokens} and a {preamble}-token preamble leave "
+                f"{max(left, 0)} of the model's {self.n_positions}-token window for a turn "
+                f"({MIN_TURN_ROOM} needed): use max-new-tokens <= "
+                f"{self.n_positions - preamble - MIN_TURN_ROOM} or a shorter preamble"
             )
-        return value
 
     # ---- the transcript ---------------------------------------------------------------
 
@@ -230,12 +228,6 @@ class ChatSession:
     @property
     def context_tokens(self) -> int:
         return len(self.preamble_ids) + sum(len(t.ids) for t in self.turns)
-
-    def transcript_text(self) -> str:
-        parts = [self.system]
-        for turn in self.turns:
-            parts.append(self.template.turn_prompt(turn.user) + " " + turn.reply)
-        return "".join(parts)
 
     def to_markdown(self) -> str:
         lines = [f"# Chat ({self.template.name} template)", "", f"> {self.system}", ""]

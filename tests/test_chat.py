@@ -81,16 +81,92 @@ def test_prompt_cache_gives_the_fresh_prefill_reply_and_prefills_only_the_new_tu
     assert fresh.last.prefilled_tokens == fresh.last.prompt_tokens  # a full prefill
 
 
-def test_sixty_turns_in_a_small_window_keep_the_preamble():
+def test_sixty_turns_in_a_small_window_keep_the_preamble_and_rebuild_only_on_drops():
     session = greedy_session(max_new_tokens=8, system="A short chat.")
     preamble = list(session.preamble_ids)
     room = session.n_positions - session.max_new_tokens
-    dropped = 0
+    drops = 0
     for i in range(60):
-        _reply(session, f"message number {i}")
+        message = f"message number {i}"
+        _reply(session, message)
+        stats = session.last
         assert session.transcript_ids()[: len(preamble)] == preamble
-        assert session.last.prompt_tokens <= room
-        dropped += session.last.dropped_turns
+        assert stats.prompt_tokens <= room
+        if stats.dropped_turns:
+            drops += 1  # positions shifted: the kept turns are computed again, once
+            oldest_kept = len(session.turns[0].ids)
+            assert stats.prefilled_tokens >= stats.prompt_tokens - len(preamble) - oldest_kept
+            assert stats.prefilled_tokens > _prompt_len(session, message) + 1
+        elif i > 0:
+            assert stats.prefilled_tokens <= _prompt_len(session, message) + 1
     assert session.turns[-1].user == "message number 59"
-    assert dropped > 30  # the window really filled up, again and again
-    assert len(session.turns) < 20
+    assert 5 <= drops <= 20  # the window filled again and again, and each drop freed room
+    assert session.context_tokens <= room
+
+
+def test_a_reply_ends_before_a_stop_string_and_the_next_turn_reuses_the_cache():
+    probe = greedy_session(max_new_tokens=8)
+    words = _reply(probe, "Hi").split()
+    stop = words[-1][:2]
+    session = greedy_session(max_new_tokens=8, stops=(stop,))
+    reply = _reply(session, "Hi")
+    assert stop not in reply
+    assert " ".join(words).startswith(reply)
+    assert session.turns[-1].finish_reason == "stop"
+    turn = session.turns[-1]
+    assert session.tokenizer.decode(list(turn.ids)).endswith(reply)
+
+    _reply(session, "And then?")
+    assert session.last.prefilled_tokens <= _prompt_len(session, "And then?") + 1
+
+
+def test_closing_a_reply_early_keeps_what_was_shown_and_the_cache_stays_right():
+    session = greedy_session(max_new_tokens=12)
+    _reply(session, "Hello")
+    stream = session.send("Tell me a story")
+    shown = [next(stream), next(stream)]
+    stream.close()
+    turn = session.turns[-1]
+    assert turn.finish_reason == "interrupted"
+    assert turn.reply == "".join(shown).strip()
+    history = list(session.turns)
+
+    reply = _reply(session, "Go on")
+    fresh = greedy_session(max_new_tokens=12)
+    fresh.turns = history
+    assert _reply(fresh, "Go on") == reply
+
+
+def test_reset_forgets_the_turns_but_reuses_the_cached_preamble():
+    session = greedy_session()
+    first = _reply(session, "Hi")
+    _reply(session, "How are you?")
+    session.reset()
+    assert session.transcript_ids() == list(session.preamble_ids)
+    assert _reply(session, "Hi") == first
+    assert session.last.prefilled_tokens < session.last.prompt_tokens - len(session.preamble_ids)
+
+
+def test_a_new_system_preamble_is_used_from_the_next_turn():
+    session = greedy_session()
+    _reply(session, "Hi")
+    session.set_system("You are a pirate.")
+    assert session.transcript_ids()[: len(session.preamble_ids)] == session.tokenizer.encode(
+        "You are a pirate."
+    )
+    _reply(session, "Hi again")
+    assert session.last.prefilled_tokens == session.last.prompt_tokens  # nothing shared
+
+
+def test_what_cannot_fit_is_refused_in_one_line_and_the_session_goes_on():
+    session = greedy_session(max_new_tokens=8)
+    with pytest.raises(UserError, match="the message is \\d+ tokens.*shorten it"):
+        session.send("word " * 200)
+    with pytest.raises(UserError, match="max-new-tokens.*window"):
+        session.set_max_new_tokens(session.n_positions)
+    with pytest.raises(UserError, match="preamble"):
+        session.set_system("long " * 200)
+    with pytest.raises(UserError, match="empty message"):
+        session.send("   ")
+    assert session.turns == [] and session.max_new_tokens == 8
+    assert _reply(session, "Hi")

@@ -115,9 +115,9 @@ class Repl:
     # ---- replies ----------------------------------------------------------------------
 
     def reply(self, message: str) -> None:
-        stream = self.session.send(message)
         out = sys.stdout
         with _StopOnInterrupt() as interrupt:
+            stream = self.session.send(message)
             try:
                 for piece in stream:
                     if not self.json_lines:

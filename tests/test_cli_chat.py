@@ -16,6 +16,10 @@ from tests.helpers_chat import greedy_session
 
 # Greedy, and nothing else that changes the logits: the replies can be predicted in-process.
 # A repetition penalty keeps tiny-a from repeating one token; temperature 0 stays deterministic.
+# pexpect forks this (JAX-threaded) test process; the child execs `gpt2` at once, so the
+# warning about locks held by other threads does not apply.
+pytestmark = pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
+
 GREEDY = ["--top-p", "1", "--repetition-penalty", "1.3", "--max-new-tokens", "6"]
 
 

@@ -10,6 +10,7 @@ Nothing retraces per token: shapes only change when a prompt or cache crosses a 
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -85,28 +86,44 @@ def _mark_seen(seen, token):
 
 
 class Engine:
-    """A model ready to generate: params in the compute dtype and the jitted programs."""
+    """A model ready to generate: params in the compute dtype and the jitted programs.
 
-    def __init__(
-        self, config: GPT2Config, params: dict, dtype: str = "float32", chunk: int = 4
-    ):
+    Engines of the same config, dtype and chunk share their compiled programs.
+    """
+
+    def __init__(self, config: GPT2Config, params: dict, dtype: str = "float32", chunk: int = 4):
         if dtype not in DTYPES:
             raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         self.config = config
         self.dtype = dtype
         self.chunk = chunk  # tokens per decode call
-        compute = DTYPES[dtype]
-        self.params = jax.tree.map(lambda a: jnp.asarray(a, compute), params)
-        self.model = GPT2(config, dtype=compute, param_dtype=compute)
-        self.traces = 0  # how many programs were traced: tests check nothing retraces
-        self._prefill = jax.jit(self._prefill_fn, static_argnames="rule", donate_argnames="cache")
-        self._decode = jax.jit(self._decode_fn, static_argnames="rule", donate_argnames="state")
+        self.params = jax.tree.map(lambda a: jnp.asarray(a, DTYPES[dtype]), params)
+        self.programs = _programs(config, dtype, chunk)
 
     def new_cache(self, batch: int, length: int) -> KVCache:
         return KVCache.empty(self.config, batch, length, DTYPES[self.dtype])
 
-    def _prefill_fn(self, params, cache, ids, positions, mask, last, advance, seen, seed, rows,
-                    *, rule):
+
+@functools.lru_cache(maxsize=8)
+def _programs(config: GPT2Config, dtype: str, chunk: int) -> _Programs:
+    return _Programs(config, dtype, chunk)
+
+
+class _Programs:
+    """The jitted prefill and decode of one (config, dtype, chunk)."""
+
+    def __init__(self, config: GPT2Config, dtype: str, chunk: int):
+        compute = DTYPES[dtype]
+        self.config = config
+        self.chunk = chunk
+        self.model = GPT2(config, dtype=compute, param_dtype=compute)
+        self.traces = 0  # how many programs were traced: tests check nothing retraces
+        self.prefill = jax.jit(self._prefill, static_argnames="rule", donate_argnames="cache")
+        self.decode = jax.jit(self._decode, static_argnames="rule", donate_argnames="state")
+
+    def _prefill(
+        self, params, cache, ids, positions, mask, last, advance, seen, seed, rows, *, rule
+    ):
         # ids, positions, mask: [B, T]; last: [B] column of each row's last real token;
         # advance: how many slots the cache keeps (T when left-padded, the real count if not).
         self.traces += 1
@@ -127,7 +144,7 @@ class Engine:
         )
         return state, token[:, None]
 
-    def _decode_fn(self, params, state, *, rule):
+    def _decode(self, params, state, *, rule):
         self.traces += 1
         top_position = self.config.n_positions - 1
 
@@ -342,16 +359,25 @@ class TokenRun:
         cache, ids, positions, mask, last, advance, seen = self._inputs()
         if self.prompt_cache is not None:
             self.prompt_cache.reset()  # its buffers are donated to the prefill
-        state, inflight = engine._prefill(
-            engine.params, cache, ids, positions, mask, last, np.int32(advance), seen,
-            np.uint32(self.sampling.seed), np.asarray(self.sample_ids, np.int32), rule=rule,
+        state, inflight = engine.programs.prefill(
+            engine.params,
+            cache,
+            ids,
+            positions,
+            mask,
+            last,
+            np.int32(advance),
+            seen,
+            np.uint32(self.sampling.seed),
+            np.asarray(self.sample_ids, np.int32),
+            rule=rule,
         )
         todo = self.max_new_tokens - 1  # tokens still to ask the decode program for
         try:
             while inflight is not None:
                 ahead = None
                 if todo > 0:  # queue the next chunk before blocking on this one
-                    state, ahead = engine._decode(engine.params, state, rule=rule)
+                    state, ahead = engine.programs.decode(engine.params, state, rule=rule)
                     todo -= engine.chunk
                 block = np.asarray(inflight)  # [B, k]
                 if not self.produced:
@@ -407,10 +433,10 @@ class StopFilter:
 class _RowText:
     """Turns one row's token ids into shown text, and says when and why the row ended."""
 
-    def __init__(self, tokenizer: GPT2Tokenizer, stop: Sequence[str], max_new_tokens: int):
+    def __init__(self, tokenizer: GPT2Tokenizer, stop: Sequence[str], max_new_tokens: int, eos_id):
         self.detokenizer = StreamingDetokenizer(tokenizer)
         self.stops = StopFilter(stop)
-        self.eos_id = tokenizer.eos_id
+        self.eos_id = eos_id
         self.max_new_tokens = max_new_tokens
         self.tokens: list[int] = []
         self.text = ""
@@ -457,7 +483,7 @@ def stream_generate(
         sampling_params=sampling or SamplingParams(),
         prompt_cache=prompt_cache,
     )
-    row = _RowText(tokenizer, stop, max_new_tokens)
+    row = _RowText(tokenizer, stop, max_new_tokens, engine.config.eos_token_id)
     first_at = None
     with contextlib.closing(iter(run)) as steps:
         for count, column in enumerate(steps, start=1):
@@ -526,7 +552,8 @@ def batch_generate(
         sampling_params=sampling or SamplingParams(),
         sample_ids=[j for _ in prompts for j in range(num_samples)],
     )
-    texts = [_RowText(tokenizer, stop, max_new_tokens) for _ in rows]
+    eos_id = engine.config.eos_token_id
+    texts = [_RowText(tokenizer, stop, max_new_tokens, eos_id) for _ in rows]
     first_at = None
     with contextlib.closing(iter(run)) as steps:
         for column in steps:

@@ -194,12 +194,11 @@ class Repl:
         err.print(f"{name} = {parsed}")
 
     def _cmd_save(self, arg: str) -> None:
-        words = arg.split()
-        force = "--force" in words
-        names = [w for w in words if w != "--force"]
-        if len(names) != 1:
+        force = arg == "--force" or arg.endswith(" --force")
+        name = arg.removesuffix("--force").strip()
+        if not name:
             raise UserError("usage: /save FILE [--force] (FILE.json for JSON, else Markdown)")
-        path = save_transcript(self.session, Path(names[0]).expanduser(), force=force)
+        path = save_transcript(self.session, Path(name).expanduser(), force=force)
         err.print(f"saved {len(self.session.turns)} turns to {path}")
 
     def _cmd_stats(self, arg: str) -> None:

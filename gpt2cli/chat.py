@@ -188,7 +188,7 @@ class ChatSession:
 
     def set_system(self, text: str) -> None:
         """Replace the preamble (the history stays; the cache is rebuilt on the next turn)."""
-        ids = self.tokenizer.encode(text.strip())
+        ids = self._encode(text.strip(), "the preamble")
         self._check_room(len(ids), self.max_new_tokens)
         self.system = text.strip()
         self.preamble_ids = ids
@@ -204,6 +204,16 @@ class ChatSession:
     def reset(self) -> None:
         """Forget the conversation (the preamble stays cached: it is the prompt's prefix)."""
         self.turns.clear()
+
+    def _encode(self, text: str, what: str) -> list[int]:
+        ids = self.tokenizer.encode(text)
+        vocab = self.engine.config.vocab_size
+        if ids and max(ids) >= vocab:
+            raise UserError(
+                f"{what} has token id {max(ids)} but the model's vocabulary has {vocab} ids: "
+                "pass the model's own tokenizer with --tokenizer"
+            )
+        return ids
 
     def _check_room(self, preamble: int, max_new_tokens: int) -> None:
         if max_new_tokens < 1:
@@ -259,7 +269,7 @@ class ChatSession:
         message = " ".join(message.split())
         if not message:
             raise UserError("empty message: type some text")
-        prompt = self.tokenizer.encode(self.template.turn_prompt(message))
+        prompt = self._encode(self.template.turn_prompt(message), "the message")
         room = self.n_positions - self.max_new_tokens
         if len(self.preamble_ids) + len(prompt) > room:
             raise UserError(

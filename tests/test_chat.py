@@ -170,3 +170,13 @@ def test_what_cannot_fit_is_refused_in_one_line_and_the_session_goes_on():
         session.send("   ")
     assert session.turns == [] and session.max_new_tokens == 8
     assert _reply(session, "Hi")
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused():
+    from gpt2cli.generate import Engine
+    from gpt2cli.hub import load_model
+    from tests.conftest import TINY_B
+
+    engine = Engine(*load_model(str(TINY_B)))  # vocab 512, no tokenizer of its own
+    with pytest.raises(UserError, match="token id \\d+ but the model's vocabulary has 512 ids"):
+        ChatSession(engine, bundled(), max_new_tokens=8)

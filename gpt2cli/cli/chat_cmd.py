@@ -12,6 +12,7 @@ nothing else goes to stdout.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from contextlib import nullcontext
@@ -25,6 +26,7 @@ from gpt2cli.cli.options import DEFAULT_MODEL, Dtype, JsonOutput, ModelRef, Toke
 from gpt2cli.errors import UserError
 
 PROMPT = ">>> "
+DEFAULT_NEW_TOKENS = 100
 
 HELP = """\
 /help              this list
@@ -246,8 +248,13 @@ def chat(
         ),
     ] = "chat",
     max_new_tokens: Annotated[
-        int, typer.Option("--max-new-tokens", help="Most tokens in one reply.")
-    ] = 100,
+        int | None,
+        typer.Option(
+            "--max-new-tokens",
+            help=f"Most tokens in one reply [default: {DEFAULT_NEW_TOKENS}, or a quarter of a "
+            "smaller model's window].",
+        ),
+    ] = None,
     temperature: Annotated[
         float, typer.Option("--temperature", help="0 is greedy (deterministic).")
     ] = 0.7,
@@ -293,7 +300,7 @@ def chat(
         template=chosen,
         system=system,
         sampling=sampling,
-        max_new_tokens=max_new_tokens,
+        max_new_tokens=max_new_tokens or min(DEFAULT_NEW_TOKENS, config.n_positions // 4),
         stops=tuple(stop or ()),
     )
     banner = (
@@ -301,4 +308,9 @@ def chat(
         f"window {config.n_positions} tokens\n[dim]{settings_line(session)}\n"
         "/help for commands, Ctrl-D or /quit to leave[/]"
     )
-    Repl(session, interactive=interactive, json_lines=json_output, banner=banner).run()
+    try:
+        Repl(session, interactive=interactive, json_lines=json_output, banner=banner).run()
+    except BrokenPipeError:  # `gpt2 chat < lines | head`: the reader left, that is fine
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        raise typer.Exit(0) from None

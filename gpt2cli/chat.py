@@ -273,9 +273,9 @@ class ChatSession:
         room = self.n_positions - self.max_new_tokens
         if len(self.preamble_ids) + len(prompt) > room:
             raise UserError(
-                f"the message is {len(prompt)} tokens; with the preamble and "
-                f"{self.max_new_tokens} reply tokens the window holds {room - len(self.preamble_ids)}"
-                ": shorten it or lower max-new-tokens"
+                f"the message is {len(prompt)} tokens but {room - len(self.preamble_ids)} fit "
+                f"beside the preamble and {self.max_new_tokens} reply tokens in the model's "
+                f"{self.n_positions}-token window: shorten it or lower max-new-tokens"
             )
         dropped = turns_to_drop(
             len(self.preamble_ids), [len(t.ids) for t in self.turns], len(prompt), room
@@ -285,9 +285,7 @@ class ChatSession:
 
     def _stream(self, message: str, prompt: list[int], dropped: int) -> Iterator[str]:
         prompt_ids = self.transcript_ids() + prompt
-        sampling = self.sampling
-        if sampling.seed is not None:
-            sampling = dataclasses.replace(sampling, seed=sampling.seed + self._sent)
+        sampling = dataclasses.replace(self.sampling, seed=self.sampling.seed + self._sent)
         self._sent += 1
         start = time.perf_counter()
         first = None
@@ -309,9 +307,10 @@ class ChatSession:
                 tokens.append(last.token)
                 pieces.append(last.text)
                 yield from trim.push(last.text)
-        finally:
-            finish = last.finish_reason if last and last.finish_reason else "interrupted"
-            self._commit(message, prompt, pieces, tokens, finish)
+        finally:  # also when closed early or interrupted: what was generated stays
+            if tokens:
+                finish = last.finish_reason or "interrupted"
+                self._commit(message, prompt, pieces, tokens, finish)
             total = time.perf_counter() - start
             self.last = ReplyStats(
                 prompt_tokens=len(prompt_ids),

@@ -45,6 +45,8 @@ def test_turn_prompt_and_stop_of_the_default_template():
     chat = TEMPLATES["chat"]
     assert chat.turn_prompt("Hi") == "\nUser: Hi\nAssistant:"
     assert chat.stops == ("\nUser:",)
+    qa = TEMPLATES["qa"]
+    assert (qa.turn_prompt("Why?"), qa.stops) == ("\nQ: Why?\nA:", ("\nQ:",))
 
 
 # ---- with the tiny fixture model -----------------------------------------------------

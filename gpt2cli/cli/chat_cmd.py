@@ -188,7 +188,8 @@ class Repl:
         try:
             parsed = SETTINGS[name](value)
         except ValueError:
-            raise UserError(f"/set {name}: {value!r} is not a {SETTINGS[name].__name__}") from None
+            kind = "a whole number" if SETTINGS[name] is int else "a number"
+            raise UserError(f"/set {name}: {value!r} is not {kind}") from None
         if name == "max_new_tokens":
             self.session.set_max_new_tokens(parsed)
         else:

@@ -78,6 +78,10 @@ def test_chat_in_a_terminal(expected):
     child.expect_exact("/reset")  # the help follows
     child.expect_exact(PROMPT)
 
+    child.sendline("/set top_p 2")
+    child.expect_exact("top_p must be in (0, 1]")  # one line, and the chat goes on
+    child.expect_exact(PROMPT)
+
     child.sendline("/set temperature 0")
     child.expect_exact("temperature = 0.0")
     child.expect_exact(PROMPT)

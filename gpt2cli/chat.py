@@ -240,7 +240,9 @@ class ChatSession:
         return len(self.preamble_ids) + sum(len(t.ids) for t in self.turns)
 
     def to_markdown(self) -> str:
-        lines = [f"# Chat ({self.template.name} template)", "", f"> {self.system}", ""]
+        lines = [f"# Chat ({self.template.name} template)", ""]
+        if self.system:
+            lines += [f"> {self.system}", ""]
         for turn in self.turns:
             lines += [f"**{self.template.user}:** {turn.user}", ""]
             lines += [f"**{self.template.assistant}:** {turn.reply}", ""]

@@ -130,7 +130,7 @@ def test_ctrl_c_stops_a_reply_keeps_it_and_the_chat_goes_on(long_model, tmp_path
 
     saved = tmp_path / "chat.json"
     child.sendline(f"/save {saved}")
-    child.expect_exact("saved 1 turns")
+    child.expect_exact("saved 1 turn to")
     child.expect_exact(PROMPT)
     (turn,) = json.loads(saved.read_text())["turns"]
     assert turn["finish_reason"] == "interrupted"
@@ -193,7 +193,11 @@ def test_save_writes_markdown_or_json_and_never_overwrites(tmp_path):
     session = _session()
     reply = "".join(session.send("Hi"))
     md = save_transcript(session, tmp_path / "chat.md", force=False)
-    assert f"**User:** Hi\n\n**Assistant:** {reply}\n" in md.read_text()
+    assert md.read_text() == (
+        "# Chat (chat template)\n\n"
+        "> A conversation between a curious user and a helpful assistant.\n\n"
+        f"**User:** Hi\n\n**Assistant:** {reply}\n"
+    )
     data = json.loads(save_transcript(session, tmp_path / "chat.json", force=False).read_text())
     assert data["turns"] == [{"user": "Hi", "assistant": reply, "finish_reason": "length"}]
     with pytest.raises(UserError, match="exists.*--force"):

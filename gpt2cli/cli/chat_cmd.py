@@ -202,7 +202,8 @@ class Repl:
         if not name:
             raise UserError("usage: /save FILE [--force] (FILE.json for JSON, else Markdown)")
         path = save_transcript(self.session, Path(name).expanduser(), force=force)
-        err.print(f"saved {len(self.session.turns)} turns to {path}")
+        turns = len(self.session.turns)
+        err.print(f"saved {turns} turn{'' if turns == 1 else 's'} to {path}", markup=False)
 
     def _cmd_stats(self, arg: str) -> None:
         s = self.session

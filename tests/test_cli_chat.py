@@ -106,19 +106,19 @@ def test_chat_in_a_terminal(expected):
 
 @pytest.fixture(scope="module")
 def long_model(tmp_path_factory):
-    """tiny-a with a 4096-token window (its 128 position rows repeated): a reply long enough
+    """tiny-a with an 8192-token window (its 128 position rows repeated): a reply long enough
     to be interrupted on any machine."""
     from gpt2cli.checkpoint import save_npz
     from gpt2cli.hub import load_model
 
     config, params = load_model(str(TINY_A))
-    params = dict(params, wpe={"embedding": np.tile(params["wpe"]["embedding"], (32, 1))})
+    params = dict(params, wpe={"embedding": np.tile(params["wpe"]["embedding"], (64, 1))})
     path = tmp_path_factory.mktemp("long") / "long.npz"
-    return save_npz(path, config.replace(n_positions=4096), params)
+    return save_npz(path, config.replace(n_positions=8192), params)
 
 
 def test_ctrl_c_stops_a_reply_keeps_it_and_the_chat_goes_on(long_model, tmp_path):
-    child = _spawn_model(long_model, "--max-new-tokens", "4000", "--temperature", "1")
+    child = _spawn_model(long_model, "--max-new-tokens", "8000", "--temperature", "1")
     child.sendline("Tell me a long story")
     child.expect_exact("Tell me a long story\r\n")
     child.expect(r"\S")  # the reply has started
@@ -133,9 +133,8 @@ def test_ctrl_c_stops_a_reply_keeps_it_and_the_chat_goes_on(long_model, tmp_path
     child.expect_exact("saved 1 turn to")
     child.expect_exact(PROMPT)
     (turn,) = json.loads(saved.read_text())["turns"]
-    assert turn["finish_reason"] == "interrupted"
-    assert 0 < len(turn["assistant"].split()) < 3000  # stopped early, the partial reply kept
-    assert turn["assistant"].split()[-1] in shown
+    assert turn["finish_reason"] == "interrupted"  # not "length": it stopped early
+    assert turn["assistant"].split()[-1] in shown  # the partial reply, as shown, is kept
 
     child.sendline("/set max_new_tokens 5")
     child.expect_exact(PROMPT)

@@ -91,32 +91,49 @@ class Engine:
     Engines of the same config, dtype and chunk share their compiled programs.
     """
 
-    def __init__(self, config: GPT2Config, params: dict, dtype: str = "float32", chunk: int = 4):
+    def __init__(
+        self,
+        config: GPT2Config,
+        params: dict,
+        dtype: str = "float32",
+        chunk: int = 4,
+        out_in: bool = True,
+    ):
         if dtype not in DTYPES:
             raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         self.config = config
         self.dtype = dtype
         self.chunk = chunk  # tokens per decode call
-        self.params = jax.tree.map(lambda a: jnp.asarray(a, DTYPES[dtype]), params)
-        self.programs = _programs(config, dtype, chunk)
+        self.params = _prepare(params, DTYPES[dtype], out_in)
+        self.programs = _programs(config, dtype, chunk, out_in)
 
     def new_cache(self, batch: int, length: int) -> KVCache:
         return KVCache.empty(self.config, batch, length, DTYPES[self.dtype])
 
 
+def _prepare(params: dict, dtype, out_in: bool) -> dict:
+    """Params in the compute dtype, Dense kernels transposed to (out, in) if asked."""
+
+    def leaf(path, a):
+        a = jnp.asarray(a, dtype)
+        return a.T if out_in and path[-1].key == "kernel" else a
+
+    return jax.tree_util.tree_map_with_path(leaf, params)
+
+
 @functools.lru_cache(maxsize=8)
-def _programs(config: GPT2Config, dtype: str, chunk: int) -> _Programs:
-    return _Programs(config, dtype, chunk)
+def _programs(config: GPT2Config, dtype: str, chunk: int, out_in: bool) -> _Programs:
+    return _Programs(config, dtype, chunk, out_in)
 
 
 class _Programs:
     """The jitted prefill and decode of one (config, dtype, chunk)."""
 
-    def __init__(self, config: GPT2Config, dtype: str, chunk: int):
+    def __init__(self, config: GPT2Config, dtype: str, chunk: int, out_in: bool):
         compute = DTYPES[dtype]
         self.config = config
         self.chunk = chunk
-        self.model = GPT2(config, dtype=compute, param_dtype=compute)
+        self.model = GPT2(config, dtype=compute, param_dtype=compute, out_in=out_in)
         self.traces = 0  # how many programs were traced: tests check nothing retraces
         self.prefill = jax.jit(self._prefill, static_argnames="rule", donate_argnames="cache")
         self.decode = jax.jit(self._decode, static_argnames="rule", donate_argnames="state")
@@ -272,10 +289,13 @@ def _rewind(cache: KVCache, n) -> KVCache:
 
 
 def _grow(cache: KVCache, length: int) -> KVCache:
+    """The same cache with room for `length` slots (keys, values [B, H, S, K]; mask [B, S])."""
     extra = length - cache.length
-    pad = lambda a: jnp.pad(a, [(0, 0), (0, extra)] + [(0, 0)] * (a.ndim - 2))  # noqa: E731
+    slots = lambda a: jnp.pad(a, [(0, 0), (0, 0), (0, extra), (0, 0)])  # noqa: E731
     return cache.replace(
-        keys=tuple(map(pad, cache.keys)), values=tuple(map(pad, cache.values)), mask=pad(cache.mask)
+        keys=tuple(map(slots, cache.keys)),
+        values=tuple(map(slots, cache.values)),
+        mask=jnp.pad(cache.mask, [(0, 0), (0, extra)]),
     )
 
 

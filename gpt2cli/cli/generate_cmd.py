@@ -185,7 +185,8 @@ def generate(
             )
     new_tokens = _new_tokens(max_new_tokens, max_length, max(map(len, prompts)))
     prompts = [fit_prompt(ids, new_tokens, config.n_positions, truncate) for ids in prompts]
-    engine = Engine(config, params, dtype)
+    # (out, in) kernels are faster for one row, HF's (in, out) for a batch: see model.Dense
+    engine = Engine(config, params, dtype, out_in=len(prompts) * num_samples == 1)
     loaded = time.perf_counter() - started
     stops = stop or []
 

@@ -46,38 +46,23 @@ print(json.dumps({"decode_tps": batch * (new - 1) / (full - one), "first_token_s
 
 
 def ours_worker(folder: str, dtype: str, batch: int, prompt_len: int, new: int, repeats: int):
-    """Runs in a fresh process: load, generate once (compiles), then time `repeats` runs."""
-    start = time.perf_counter()
+    """Runs in a fresh process: what `gpt2 bench` measures (the first run compiles)."""
     from gpt2cli import compile_cache
 
     compile_cache.enable()
-    import numpy as np
-
-    from gpt2cli.generate import Engine, SamplingParams, TokenRun
+    from gpt2cli.cli.bench_cmd import measure
+    from gpt2cli.generate import Engine
     from gpt2cli.hub import load_model
 
     config, params = load_model(folder)
     engine = Engine(config, params, dtype, out_in=batch == 1)
-    rng = np.random.default_rng(0)
-    prompts = rng.integers(0, 50000, (batch, prompt_len)).tolist()
-    imported = time.perf_counter() - start
-
-    def run():
-        run = TokenRun(engine, prompts, max_new_tokens=new, sampling_params=SamplingParams())
-        begin = time.perf_counter()
-        stamps = [time.perf_counter() for _ in run]
-        return stamps[0] - begin, stamps[-1] - stamps[0]
-
-    cold_first, cold_decode = run()
-    timings = [run() for _ in range(repeats)]
-    first = min(t[0] for t in timings)
-    decode = min(t[1] for t in timings)
+    result = measure(engine, batch, prompt_len, new, repeats)
     return {
-        "decode_tps": batch * (new - 1) / decode,
-        "first_token_s": first,
-        "prefill_tps": batch * prompt_len / first,
-        "compile_s": (cold_first - first) + max(cold_decode - decode, 0.0),
-        "startup_s": imported,
+        "decode_tps": result["decode_tokens_per_s"],
+        "first_token_s": result["first_token_s"],
+        "prefill_tps": result["prefill_tokens_per_s"],
+        "compile_s": result["compile_s"],
+        "peak_memory_mib": result["peak_memory_mib"],
     }
 
 

@@ -182,6 +182,8 @@ class _Programs:
             return state, out.at[:, i].set(token)
 
         out = jnp.zeros((state.token.shape[0], self.chunk), jnp.int32)  # [B, chunk]
+        if self.chunk == 1:  # straight-line code: XLA copies a cache that enters a while loop
+            return one_step(0, (state, out))
         return jax.lax.fori_loop(0, self.chunk, one_step, (state, out))
 
 

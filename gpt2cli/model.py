@@ -96,7 +96,8 @@ class Attention(nn.Module):
     out_in: bool = False
 
     @nn.compact
-    def __call__(self, x, key_mask, query_slots, cache_kv, index, deterministic):
+    def __call__(self, x, new_mask, past_ok, cache_kv, index, deterministic):
+        # new_mask: [B, T] real new tokens; past_ok: [B, S] cache slots to attend to (or None).
         cfg = self.config
         B, T, D = x.shape
         H, K = cfg.n_head, cfg.head_dim
@@ -107,28 +108,46 @@ class Attention(nn.Module):
         q, k, v = jnp.split(qkv, 3, axis=-1)  # 3 x [B, T, D]
         q, k, v = (a.reshape(B, T, H, K).transpose(0, 2, 1, 3) for a in (q, k, v))  # [B, H, T, K]
 
-        if cache_kv is not None:  # write the new keys/values at slot `index`
-            cache_k, cache_v = cache_kv
-            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, 0, index, 0))
-            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, 0, index, 0))
-            cache_kv = (k, v)  # [B, H, S, K] each
-
         scale = 1.0
         if cfg.scale_attn_weights:
             scale /= K**0.5
         if cfg.scale_attn_by_inverse_layer_idx:
             scale /= self.layer_idx + 1
-        scores = jnp.einsum("bhtk,bhsk->bhts", q, k.astype(q.dtype)).astype(jnp.float32)
-        scores = scores * scale  # [B, H, T, S]
+        lowest = jnp.finfo(jnp.float32).min
 
-        key_slots = jnp.arange(k.shape[2])  # [S]
-        causal = key_slots[None, None, :] <= query_slots[None, :, None]  # [1, T, S]
-        allowed = causal & key_mask[:, None, :]  # [B, T, S]
-        scores = jnp.where(allowed[:, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)  # [B, H, T, S]
-        probs = nn.Dropout(cfg.attn_pdrop)(probs, deterministic=deterministic)
-
-        out = jnp.einsum("bhts,bhsk->bthk", probs, v.astype(self.dtype))  # [B, T, H, K]
+        # Attend to the new tokens (causally) and to the cache as it was before this call, as two
+        # blocks of one softmax. Reading the updated cache instead would make XLA copy it.
+        causal = jnp.tril(jnp.ones((T, T), jnp.bool_))  # [T, U]
+        allowed = causal[None] & new_mask[:, None, :]  # [B, T, U]
+        s_new = jnp.einsum("bhtk,bhuk->bhtu", q, k).astype(jnp.float32) * scale
+        s_new = jnp.where(allowed[:, None], s_new, lowest)  # [B, H, T, U]
+        top = jnp.max(s_new, axis=-1, keepdims=True)  # [B, H, T, 1]
+        if cache_kv is not None:
+            past_k, past_v = cache_kv  # [B, H, S, K] each
+            s_past = jnp.einsum("bhtk,bhsk->bhts", q, past_k.astype(q.dtype))
+            s_past = s_past.astype(jnp.float32) * scale
+            s_past = jnp.where(past_ok[:, None, None, :], s_past, lowest)  # [B, H, T, S]
+            top = jnp.maximum(top, jnp.max(s_past, axis=-1, keepdims=True))
+        e_new = jnp.exp(s_new - top)
+        total = jnp.sum(e_new, axis=-1, keepdims=True)
+        if cache_kv is not None:
+            e_past = jnp.exp(s_past - top)
+            total = total + jnp.sum(e_past, axis=-1, keepdims=True)
+        drop = nn.Dropout(cfg.attn_pdrop)
+        probs = drop((e_new / total).astype(self.dtype), deterministic=deterministic)
+        out = jnp.einsum("bhtu,bhuk->bthk", probs, v)  # [B, T, H, K]
+        if cache_kv is not None:
+            probs = drop((e_past / total).astype(self.dtype), deterministic=deterministic)
+            out = out + jnp.einsum("bhts,bhsk->bthk", probs, past_v.astype(self.dtype))
+            # Write the new keys/values at slot `index` only after the old cache was read: a zero
+            # computed from `out` makes the writes depend on the reads, so XLA updates the cache
+            # in place instead of copying it every step. (A comparison, so NaN cannot leak in.)
+            after = (jnp.sum(out) > 0).astype(k.dtype) * 0
+            k, v = k + after, v + after
+            cache_kv = (
+                jax.lax.dynamic_update_slice(past_k, k.astype(past_k.dtype), (0, 0, index, 0)),
+                jax.lax.dynamic_update_slice(past_v, v.astype(past_v.dtype), (0, 0, index, 0)),
+            )
         out = out.reshape(B, T, D)
         out = Dense(D, proj_std, **dense, name="c_proj")(out)  # [B, T, D]
         return out, cache_kv
@@ -158,7 +177,7 @@ class Block(nn.Module):
     out_in: bool = False
 
     @nn.compact
-    def __call__(self, x, key_mask, query_slots, cache_kv, index, deterministic):
+    def __call__(self, x, new_mask, past_ok, cache_kv, index, deterministic):
         cfg = self.config
         norm = dict(epsilon=cfg.layer_norm_epsilon, dtype=self.dtype, param_dtype=self.param_dtype)
         drop = nn.Dropout(cfg.resid_pdrop)
@@ -168,8 +187,8 @@ class Block(nn.Module):
         )
         a, cache_kv = attn(
             nn.LayerNorm(**norm, name="ln_1")(x),
-            key_mask,
-            query_slots,
+            new_mask,
+            past_ok,
             cache_kv,
             index,
             deterministic,
@@ -206,13 +225,10 @@ class GPT2(nn.Module):
         new_mask = jnp.ones((B, T), jnp.bool_) if attention_mask is None else attention_mask
         new_mask = new_mask.astype(jnp.bool_)
 
-        if cache is None:
-            index = jnp.zeros((), jnp.int32)
-            key_mask = new_mask  # [B, S=T]
-        else:
+        index, past_ok = jnp.zeros((), jnp.int32), None
+        if cache is not None:
             index = cache.index
-            key_mask = jax.lax.dynamic_update_slice(cache.mask, new_mask, (0, index))  # [B, S]
-        query_slots = index + jnp.arange(T)  # [T]
+            past_ok = cache.mask & (jnp.arange(cache.length) < index)[None]  # [B, S]
 
         wte = nn.Embed(
             cfg.vocab_size,
@@ -237,7 +253,7 @@ class GPT2(nn.Module):
         for i in range(cfg.n_layer):
             layer_kv = None if cache is None else (cache.keys[i], cache.values[i])
             block = Block(cfg, i, self.dtype, self.param_dtype, self.out_in, name=f"h_{i}")
-            x, layer_kv = block(x, key_mask, query_slots, layer_kv, index, deterministic)
+            x, layer_kv = block(x, new_mask, past_ok, layer_kv, index, deterministic)
             if cache is not None:
                 new_keys.append(layer_kv[0])
                 new_values.append(layer_kv[1])
@@ -254,7 +270,8 @@ class GPT2(nn.Module):
         logits = logits.astype(jnp.float32)
 
         if cache is not None:
-            cache = KVCache(tuple(new_keys), tuple(new_values), key_mask, index + T)
+            mask = jax.lax.dynamic_update_slice(cache.mask, new_mask, (0, index))  # [B, S]
+            cache = KVCache(tuple(new_keys), tuple(new_values), mask, index + T)
         return logits, cache
 
 

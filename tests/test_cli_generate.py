@@ -124,3 +124,18 @@ def test_truncate_keeps_the_end_of_a_long_prompt():
 )
 def test_bad_inputs_are_one_line(args, words):
     one_line_error(gpt2(*args), *words)
+
+
+def test_bench_reports_speeds_as_json():
+    done = gpt2(
+        "bench", *MODEL, "--prompt-tokens", "8", "--new-tokens", "6", "--repeats", "1", "--json"
+    )
+    assert done.exit_code == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert (result["batch"], result["prompt_tokens"], result["new_tokens"]) == (1, 8, 6)
+    for key in ("prefill_tokens_per_s", "decode_tokens_per_s", "first_token_s", "peak_memory_mib"):
+        assert result[key] > 0
+
+
+def test_bench_refuses_lengths_over_the_window():
+    one_line_error(gpt2("bench", *MODEL, "--prompt-tokens", "100", "--new-tokens", "50"), "128")

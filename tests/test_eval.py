@@ -14,6 +14,11 @@ from gpt2cli.evaluate import evaluate, windows
 from tests.helpers_train import FIXTURES, TINY_A
 
 
+@pytest.fixture(autouse=True)
+def _no_compile_cache(monkeypatch):
+    monkeypatch.setenv("GPT2_NO_COMPILE_CACHE", "1")
+
+
 @pytest.fixture(scope="module")
 def golden_ppl():
     meta = json.loads((FIXTURES / "golden.json").read_text())

@@ -24,6 +24,7 @@ def gpt2(*args: str, env: dict | None = None):
 def _isolated(tmp_path, monkeypatch):
     monkeypatch.setenv("GPT2_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("GPT2_NO_COMPILE_CACHE", "1")  # no compiled programs in ~/.cache
     monkeypatch.chdir(tmp_path)
 
 

@@ -66,7 +66,8 @@ def runs(tmp_path_factory):
     """Run, side by side: the three modes on 4 devices, and a 2-process CLI run."""
     tmp = tmp_path_factory.mktemp("multi")
     corpus = write_corpus(tmp / "corpus.txt")
-    env = {**os.environ, "GPT2_CACHE_DIR": str(tmp / "cache"), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "GPT2_CACHE_DIR": str(tmp / "cache"), "HF_HUB_OFFLINE": "1",
+           "GPT2_NO_COMPILE_CACHE": "1"}  # fmt: skip
     env.pop("JAX_PLATFORMS", None)
     four = {**env, "XLA_FLAGS": f"--xla_force_host_platform_device_count=4 {FAST_COMPILE}"}
     modes = subprocess.Popen([sys.executable, "-c", MODES, str(TINY_A), str(corpus)], env=four,

@@ -9,7 +9,15 @@ import typer
 from typer.core import TyperGroup
 
 from gpt2cli import __version__
-from gpt2cli.cli import convert, eval_cmd, inspect_cmd, train_cmd
+from gpt2cli.cli import (
+    bench_cmd,
+    chat_cmd,
+    convert,
+    eval_cmd,
+    generate_cmd,
+    inspect_cmd,
+    train_cmd,
+)
 from gpt2cli.cli.console import err
 from gpt2cli.errors import UserError
 
@@ -80,6 +88,9 @@ def root(
 
 app.command("convert")(convert.convert)
 app.command("inspect")(inspect_cmd.inspect)
+app.command("generate")(generate_cmd.generate)
+app.command("bench")(bench_cmd.bench)
+app.command("chat")(chat_cmd.chat)
 app.command("train")(train_cmd.train)
 app.command("eval")(eval_cmd.evaluate)
 

@@ -70,10 +70,11 @@ def evaluate(
     import jax.numpy as jnp
     from rich.progress import BarColumn, Progress, TextColumn
 
-    from gpt2cli import data
+    from gpt2cli import compile_cache, data
     from gpt2cli import evaluate as evaluation
     from gpt2cli.hub import load_model, load_tokenizer
 
+    compile_cache.enable()
     files = data.resolve_files(list(dataset) + list(more_files or []), os.environ.get("DATA_DIR"))
     config, params = load_model(model)
     tokens = data.load_tokens(files, load_tokenizer(tokenizer, model), errors=errors)

@@ -279,12 +279,13 @@ def _is_main() -> bool:
 def _run(plan, force: bool, plot: bool) -> None:
     import jax
 
-    from gpt2cli import train_run
+    from gpt2cli import compile_cache, train_run
     from gpt2cli.checkpoint import save_npz
     from gpt2cli.hub import load_model, load_tokenizer
     from gpt2cli.sharding import any_process, to_host
     from gpt2cli.train import Diverged, Trainer, train_loop
 
+    compile_cache.enable()
     main_process = jax.process_index() == 0
     source = plan.spec["model"]
     tokenizer = load_tokenizer(plan.spec["tokenizer"], source["source"])

@@ -1,0 +1,118 @@
+"""`gpt2 bench`: prefill and decode speed, first-token latency, compile time and peak memory."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from typing import Annotated
+
+import typer
+
+from gpt2cli.cli.options import DEFAULT_MODEL, Dtype, JsonOutput, ModelRef
+from gpt2cli.errors import UserError
+
+
+def measure(engine, batch: int, prompt_tokens: int, new_tokens: int, repeats: int) -> dict:
+    """Greedy runs on random prompts (EOS ignored): the first compiles, the best of the rest."""
+    import numpy as np
+
+    from gpt2cli.generate import SamplingParams, TokenRun
+
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(0, engine.config.vocab_size, (batch, prompt_tokens)).tolist()
+
+    def run() -> tuple[float, float]:
+        tokens = TokenRun(
+            engine, prompts, max_new_tokens=new_tokens, sampling_params=SamplingParams()
+        )
+        start = time.perf_counter()
+        stamps = [time.perf_counter() for _ in tokens]
+        return stamps[0] - start, stamps[-1] - stamps[0]
+
+    cold_first, cold_decode = run()
+    runs = [run() for _ in range(repeats)]
+    first = min(r[0] for r in runs)
+    decode = min(r[1] for r in runs)
+    steps = new_tokens - 1
+    return {
+        "batch": batch,
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+        "prefill_tokens_per_s": batch * prompt_tokens / first,
+        "decode_tokens_per_s": batch * steps / decode if steps else None,
+        "first_token_s": first,
+        "compile_s": max(cold_first - first, 0.0) + max(cold_decode - decode, 0.0),
+        "peak_memory_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def bench(
+    model: ModelRef = DEFAULT_MODEL,
+    prompt_tokens: Annotated[int, typer.Option(help="Prompt length in tokens.")] = 32,
+    new_tokens: Annotated[int, typer.Option(help="Tokens to generate per row.")] = 128,
+    batch: Annotated[int, typer.Option(help="Rows decoded together.")] = 1,
+    repeats: Annotated[int, typer.Option(help="Timed runs after the first (best is kept).")] = 3,
+    dtype: Dtype = "float32",
+    json_output: JsonOutput = False,
+) -> None:
+    """Measure generation speed: prefill and decode tokens/s, first-token latency, compile time.
+
+    The first run compiles (and fills the persistent compilation cache); the best of the timed
+    runs after it is reported. Random prompts, greedy decoding, EOS ignored.
+
+    Examples:
+
+      gpt2 bench -m gpt2.npz --prompt-tokens 32 --new-tokens 128 --batch 1
+
+      gpt2 bench -m ./hf-folder --dtype bfloat16 --batch 8 --json
+    """
+    for name, value in (
+        ("--prompt-tokens", prompt_tokens),
+        ("--new-tokens", new_tokens),
+        ("--batch", batch),
+        ("--repeats", repeats),
+    ):
+        if value < 1:
+            raise UserError(f"{name} must be at least 1, got {value}")
+    if dtype not in ("float32", "bfloat16"):
+        raise UserError(f"--dtype must be float32 or bfloat16, got {dtype!r}")
+
+    from gpt2cli import compile_cache
+    from gpt2cli.cli.console import err
+    from gpt2cli.generate import Engine
+    from gpt2cli.hub import load_model
+
+    compile_cache.enable()
+    with err.status(f"loading {model}"):
+        config, params = load_model(model)
+    if prompt_tokens + new_tokens > config.n_positions:
+        raise UserError(
+            f"--prompt-tokens {prompt_tokens} + --new-tokens {new_tokens} exceeds the model's "
+            f"context window of {config.n_positions}"
+        )
+    engine = Engine(config, params, dtype, out_in=batch == 1)
+    with err.status("measuring"):
+        result = {
+            "model": model,
+            "dtype": dtype,
+            **measure(engine, batch, prompt_tokens, new_tokens, repeats),
+        }
+    if json_output:
+        sys.stdout.write(json.dumps(result) + "\n")
+        return
+    decode = result["decode_tokens_per_s"]
+    rows = [
+        ("model", model),
+        ("dtype / batch", f"{dtype} / {batch}"),
+        ("prompt / new tokens", f"{prompt_tokens} / {new_tokens}"),
+        ("prefill tokens/s", f"{result['prefill_tokens_per_s']:.1f}"),
+        ("decode tokens/s", f"{decode:.1f}" if decode else "-"),
+        ("first token latency", f"{result['first_token_s'] * 1000:.1f} ms"),
+        ("compile (first run extra)", f"{result['compile_s']:.2f} s"),
+        ("peak memory (RSS)", f"{result['peak_memory_mib']:.0f} MiB"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        sys.stdout.write(f"{name:<{width}}  {value}\n")

@@ -1,0 +1,601 @@
+"""Prefill + cached decode. `stream_generate` yields small responses, `generate` joins them.
+
+One `Engine` per model holds two jitted programs: `prefill` (a bucketed block of prompt tokens
+into a fixed-size KV cache, then the first sampled token) and `decode` (a few tokens per call
+inside one `fori_loop` over a small state pytree). The Python driver dispatches the next decode
+call before it reads the tokens of the previous one, so the host never stalls the device.
+Nothing retraces per token: shapes only change when a prompt or cache crosses a bucket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from gpt2cli import sampling
+from gpt2cli.config import GPT2Config
+from gpt2cli.detokenizer import StreamingDetokenizer
+from gpt2cli.errors import UserError
+from gpt2cli.model import GPT2, KVCache
+from gpt2cli.tokenizer import GPT2Tokenizer
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+CACHE_BLOCK = 256  # cache lengths are multiples of this: few compiles, little wasted attention
+MIN_PREFILL = 16  # prompt blocks are powers of two from here
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each token. temperature 0 = greedy; top_k 0, top_p 1, min_p 0 = off."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        sampling.check_sampling(
+            self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty
+        )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise UserError(f"seed must be an integer >= 0, got {self.seed}")
+
+    @property
+    def rule(self) -> tuple:
+        """What the compiled step depends on (the seed is data, not code)."""
+        if self.temperature == 0.0:
+            return (0.0, 0, 1.0, 0.0, self.repetition_penalty)
+        return (self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty)
+
+
+@struct.dataclass
+class DecodeState:
+    """Everything one decode step reads and writes, kept on the device between calls."""
+
+    cache: KVCache
+    token: jax.Array  # [B] int32: the last sampled token, the next input
+    position: jax.Array  # [B] int32: its position id
+    seen: jax.Array | None  # [B, V] bool: tokens so far, kept only for a repetition penalty
+    keys: jax.Array  # [B] PRNG keys, one stream per row
+    step: jax.Array  # [] int32: tokens sampled so far (folded into the keys)
+
+
+def _pick(rule: tuple, logits, seen, keys, step) -> jax.Array:
+    """Process the logits [B, V] and draw one token per row -> [B] int32."""
+    temperature, top_k, top_p, min_p, penalty = rule
+    for process in sampling.make_logits_processors(penalty):
+        logits = process(logits, seen)
+    step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
+    return sampling.make_sampler(temperature, top_k, top_p, min_p)(logits, step_keys)
+
+
+def _mark_seen(seen, token):
+    if seen is None:
+        return None
+    return seen.at[jnp.arange(token.shape[0]), token].set(True)
+
+
+class Engine:
+    """A model ready to generate: params in the compute dtype and the jitted programs.
+
+    Engines of the same config, dtype and chunk share their compiled programs.
+    """
+
+    def __init__(
+        self,
+        config: GPT2Config,
+        params: dict,
+        dtype: str = "float32",
+        chunk: int = 4,
+        out_in: bool = True,
+    ):
+        if dtype not in DTYPES:
+            raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        self.config = config
+        self.dtype = dtype
+        self.chunk = chunk  # tokens per decode call
+        self.params = _prepare(params, DTYPES[dtype], out_in)
+        self.programs = _programs(config, dtype, chunk, out_in)
+
+    def new_cache(self, batch: int, length: int) -> KVCache:
+        return KVCache.empty(self.config, batch, length, DTYPES[self.dtype])
+
+
+def _prepare(params: dict, dtype, out_in: bool) -> dict:
+    """Params in the compute dtype, Dense kernels transposed to (out, in) if asked."""
+
+    def leaf(path, a):
+        a = jnp.asarray(a, dtype)
+        return a.T if out_in and path[-1].key == "kernel" else a
+
+    return jax.tree_util.tree_map_with_path(leaf, params)
+
+
+@functools.lru_cache(maxsize=8)
+def _programs(config: GPT2Config, dtype: str, chunk: int, out_in: bool) -> _Programs:
+    return _Programs(config, dtype, chunk, out_in)
+
+
+class _Programs:
+    """The jitted prefill and decode of one (config, dtype, chunk)."""
+
+    def __init__(self, config: GPT2Config, dtype: str, chunk: int, out_in: bool):
+        compute = DTYPES[dtype]
+        self.config = config
+        self.chunk = chunk
+        self.model = GPT2(config, dtype=compute, param_dtype=compute, out_in=out_in)
+        self.traces = 0  # how many programs were traced: tests check nothing retraces
+        self.prefill = jax.jit(self._prefill, static_argnames="rule", donate_argnames="cache")
+        self.decode = jax.jit(self._decode, static_argnames="rule", donate_argnames="state")
+
+    def _prefill(
+        self, params, cache, ids, positions, mask, last, advance, seen, seed, rows, *, rule
+    ):
+        # ids, positions, mask: [B, T]; last: [B] column of each row's last real token;
+        # advance: how many slots the cache keeps (T when left-padded, the real count if not).
+        self.traces += 1
+        start = cache.index
+        logits, cache = self.model.apply({"params": params}, ids, positions, mask, cache=cache)
+        cache = cache.replace(index=start + advance)
+        batch = jnp.arange(ids.shape[0])
+        keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.key(seed), r))(rows)  # [B]
+        step = jnp.zeros((), jnp.int32)
+        token = _pick(rule, logits[batch, last], seen, keys, step)  # [B]
+        state = DecodeState(
+            cache=cache,
+            token=token,
+            position=positions[batch, last] + 1,
+            seen=_mark_seen(seen, token),
+            keys=keys,
+            step=step + 1,
+        )
+        return state, token[:, None]
+
+    def _decode(self, params, state, *, rule):
+        self.traces += 1
+        top_position = self.config.n_positions - 1
+
+        def one_step(i, carry):
+            state, out = carry
+            position = jnp.minimum(state.position, top_position)  # steps past the end are junk
+            logits, cache = self.model.apply(
+                {"params": params}, state.token[:, None], position[:, None], cache=state.cache
+            )
+            token = _pick(rule, logits[:, 0], state.seen, state.keys, state.step)  # [B]
+            state = state.replace(
+                cache=cache,
+                token=token,
+                position=state.position + 1,
+                seen=_mark_seen(state.seen, token),
+                step=state.step + 1,
+            )
+            return state, out.at[:, i].set(token)
+
+        out = jnp.zeros((state.token.shape[0], self.chunk), jnp.int32)  # [B, chunk]
+        if self.chunk == 1:  # straight-line code: XLA copies a cache that enters a while loop
+            return one_step(0, (state, out))
+        return jax.lax.fori_loop(0, self.chunk, one_step, (state, out))
+
+
+@dataclass
+class PromptCache:
+    """A KV cache and the token ids it holds, carried from one generation to the next.
+
+    After a generation it holds the prompt and every generated token except the last one
+    (that one was sampled but never fed back); `stream_generate` prefills whatever of the next
+    prompt it does not share with `tokens`.
+    """
+
+    cache: KVCache | None = None
+    tokens: list[int] = field(default_factory=list)
+
+    def reset(self) -> None:
+        self.cache, self.tokens = None, []
+
+
+@dataclass(frozen=True)
+class GenerationResponse:
+    """One streamed step: the new text (maybe empty while a character or stop is pending)."""
+
+    text: str
+    token: int
+    finish_reason: str | None = None  # on the last response: "stop", "eos" or "length"
+    prompt_tokens: int = 0
+    prefilled_tokens: int = 0  # prompt tokens actually run (the rest came from a PromptCache)
+    generated_tokens: int = 0
+    prompt_seconds: float = 0.0  # start until the first token
+    generation_seconds: float = 0.0  # first token until this one
+
+    @property
+    def prompt_tps(self) -> float:
+        return self.prefilled_tokens / self.prompt_seconds if self.prompt_seconds else 0.0
+
+    @property
+    def generation_tps(self) -> float:
+        steps = self.generated_tokens - 1
+        return steps / self.generation_seconds if self.generation_seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A finished generation: the text, its token ids (without EOS) and how it ended."""
+
+    text: str
+    tokens: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    prefilled_tokens: int
+    generated_tokens: int
+    prompt_seconds: float
+    generation_seconds: float
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def fit_prompt(ids: Sequence[int], max_new_tokens: int, n_positions: int, truncate: bool):
+    """Check prompt + new tokens fit the context window; with `truncate`, keep the prompt's end."""
+    if not ids:
+        raise UserError("the prompt is empty: give some text to continue")
+    if max_new_tokens < 1:
+        raise UserError(f"max new tokens must be at least 1, got {max_new_tokens}")
+    if max_new_tokens >= n_positions:
+        raise UserError(
+            f"max new tokens ({max_new_tokens}) must be below the model's context window "
+            f"of {n_positions} tokens"
+        )
+    over = len(ids) + max_new_tokens - n_positions
+    if over <= 0:
+        return list(ids)
+    if truncate:
+        return list(ids[over:])
+    raise UserError(
+        f"prompt ({len(ids)} tokens) + max new tokens ({max_new_tokens}) exceeds the model's "
+        f"context window of {n_positions} by {over} tokens; shorten the prompt, ask for fewer "
+        f"tokens, or truncate the prompt (--truncate)"
+    )
+
+
+def _prefill_block(n: int) -> int:
+    return max(MIN_PREFILL, 1 << (n - 1).bit_length())
+
+
+def _cache_length(needed: int) -> int:
+    return -(-needed // CACHE_BLOCK) * CACHE_BLOCK
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+@jax.jit
+def _rewind(cache: KVCache, n) -> KVCache:
+    """Keep the first n slots; later ones are masked out and will be overwritten."""
+    keep = jnp.arange(cache.length) < n
+    return cache.replace(mask=cache.mask & keep[None], index=jnp.asarray(n, jnp.int32))
+
+
+def _grow(cache: KVCache, length: int) -> KVCache:
+    """The same cache with room for `length` slots (keys, values [B, H, S, K]; mask [B, S])."""
+    extra = length - cache.length
+    slots = lambda a: jnp.pad(a, [(0, 0), (0, 0), (0, extra), (0, 0)])  # noqa: E731
+    return cache.replace(
+        keys=tuple(map(slots, cache.keys)),
+        values=tuple(map(slots, cache.values)),
+        mask=jnp.pad(cache.mask, [(0, 0), (0, extra)]),
+    )
+
+
+class TokenRun:
+    """One generation at the token level: iterate for [B] arrays of new token ids.
+
+    Rows are left-padded when there are several; a single row is right-padded so it can extend
+    a PromptCache without holes. On exit (exhausted or closed) the PromptCache is updated.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        sampling_params: SamplingParams,
+        prompt_cache: PromptCache | None = None,
+        sample_ids: Sequence[int] | None = None,
+    ):
+        if prompt_cache is not None and len(prompts) != 1:
+            raise ValueError("a PromptCache holds one sequence; pass a single prompt")
+        self.engine = engine
+        self.prompts = [list(p) for p in prompts]
+        self.max_new_tokens = max_new_tokens
+        self.sampling = sampling_params
+        self.prompt_cache = prompt_cache
+        self.sample_ids = list(sample_ids) if sample_ids is not None else [0] * len(prompts)
+        self.prefilled = 0
+        self.prompt_seconds = 0.0
+        self.produced: list[np.ndarray] = []
+
+    def _inputs(self):
+        """Host-side arrays for the prefill, and the cache to prefill into."""
+        engine, chunk = self.engine, self.engine.chunk
+        batch = len(self.prompts)
+        if batch == 1:
+            prompt = self.prompts[0]
+            cache = self.prompt_cache.cache if self.prompt_cache else None
+            reuse = 0
+            if cache is not None:
+                reuse = min(_common_prefix(self.prompt_cache.tokens, prompt), len(prompt) - 1)
+            suffix = prompt[reuse:]
+            n = len(suffix)
+            width = _prefill_block(n)
+            ids = np.zeros((1, width), np.int32)
+            ids[0, :n] = suffix
+            mask = np.zeros((1, width), np.int32)
+            mask[0, :n] = 1
+            positions = np.minimum(reuse + np.arange(width), engine.config.n_positions - 1)[None]
+            last, advance = np.array([n - 1]), n
+            needed = reuse + max(width, n + self.max_new_tokens - 1 + chunk)
+            if cache is None:
+                cache = engine.new_cache(1, _cache_length(needed))
+            else:
+                if cache.length < needed:
+                    cache = _grow(cache, _cache_length(needed))
+                cache = _rewind(cache, reuse)
+            self.prefilled = n
+        else:
+            width = _prefill_block(max(map(len, self.prompts)))
+            ids = np.zeros((batch, width), np.int32)
+            mask = np.zeros((batch, width), np.int32)
+            for row, prompt in enumerate(self.prompts):
+                ids[row, width - len(prompt) :] = prompt
+                mask[row, width - len(prompt) :] = 1
+            positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+            last, advance = np.full((batch,), width - 1), width
+            cache = engine.new_cache(batch, _cache_length(width + self.max_new_tokens - 1 + chunk))
+            self.prefilled = sum(map(len, self.prompts))
+        seen = None
+        if self.sampling.repetition_penalty != 1.0:
+            seen = np.zeros((batch, engine.config.vocab_size), np.bool_)
+            for row, prompt in enumerate(self.prompts):
+                seen[row, prompt] = True
+        return cache, ids, positions, mask, last, advance, seen
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        engine, rule = self.engine, self.sampling.rule
+        start = time.perf_counter()
+        cache, ids, positions, mask, last, advance, seen = self._inputs()
+        if self.prompt_cache is not None:
+            self.prompt_cache.reset()  # its buffers are donated to the prefill
+        state, inflight = engine.programs.prefill(
+            engine.params,
+            cache,
+            ids,
+            positions,
+            mask,
+            last,
+            np.int32(advance),
+            seen,
+            np.uint32(self.sampling.seed),
+            np.asarray(self.sample_ids, np.int32),
+            rule=rule,
+        )
+        todo = self.max_new_tokens - 1  # tokens still to ask the decode program for
+        try:
+            while inflight is not None:
+                ahead = None
+                if todo > 0:  # queue the next chunk before blocking on this one
+                    state, ahead = engine.programs.decode(engine.params, state, rule=rule)
+                    todo -= engine.chunk
+                block = np.asarray(inflight)  # [B, k]
+                if not self.produced:
+                    self.prompt_seconds = time.perf_counter() - start
+                for column in block.T:
+                    if len(self.produced) == self.max_new_tokens:
+                        break
+                    self.produced.append(column)
+                    yield column
+                inflight = ahead
+        finally:
+            self._keep(state)
+
+    def _keep(self, state: DecodeState) -> None:
+        """Leave the prompt and the fed-back generated tokens in the PromptCache."""
+        if self.prompt_cache is None:
+            return
+        fed = [int(column[0]) for column in self.produced[:-1]]
+        tokens = self.prompts[0] + fed
+        self.prompt_cache.cache = _rewind(state.cache, len(tokens))
+        self.prompt_cache.tokens = tokens
+
+
+class StopFilter:
+    """Holds back text that could be the start of a stop string; cuts at the first stop."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """Add text; return (text safe to show, whether a stop string was found)."""
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            shown, self.pending = self.pending[: min(hits)], ""
+            return shown, True
+        hold = 0
+        for stop in self.stops:
+            for size in range(min(len(stop) - 1, len(self.pending)), hold, -1):
+                if self.pending.endswith(stop[:size]):
+                    hold = size
+                    break
+        cut = len(self.pending) - hold
+        shown, self.pending = self.pending[:cut], self.pending[cut:]
+        return shown, False
+
+    def flush(self) -> str:
+        shown, self.pending = self.pending, ""
+        return shown
+
+
+class _RowText:
+    """Turns one row's token ids into shown text, and says when and why the row ended."""
+
+    def __init__(self, tokenizer: GPT2Tokenizer, stop: Sequence[str], max_new_tokens: int, eos_id):
+        self.detokenizer = StreamingDetokenizer(tokenizer)
+        self.stops = StopFilter(stop)
+        self.eos_id = eos_id
+        self.max_new_tokens = max_new_tokens
+        self.tokens: list[int] = []
+        self.text = ""
+        self.finish_reason: str | None = None
+
+    def feed(self, token: int) -> str:
+        """The text this token adds; sets `finish_reason` when the row is done."""
+        if token == self.eos_id:
+            self.finish_reason = "eos"
+            return self._show(self.detokenizer.finish(), final=True)
+        self.tokens.append(token)
+        shown = self._show(self.detokenizer.add(token))
+        if self.finish_reason is None and len(self.tokens) == self.max_new_tokens:
+            self.finish_reason = "length"
+            shown += self._show(self.detokenizer.finish(), final=True)
+        return shown
+
+    def _show(self, text: str, final: bool = False) -> str:
+        shown, stopped = self.stops.push(text)
+        if stopped:
+            self.finish_reason = "stop"
+        elif final:
+            shown += self.stops.flush()
+        self.text += shown
+        return shown
+
+
+def stream_generate(
+    engine: Engine,
+    tokenizer: GPT2Tokenizer,
+    prompt_ids: Sequence[int],
+    *,
+    max_new_tokens: int = 256,
+    sampling: SamplingParams | None = None,
+    stop: Sequence[str] = (),
+    prompt_cache: PromptCache | None = None,
+) -> Iterator[GenerationResponse]:
+    """Yield one response per generated token; the last one carries `finish_reason`."""
+    prompt_ids = fit_prompt(prompt_ids, max_new_tokens, engine.config.n_positions, False)
+    run = TokenRun(
+        engine,
+        [prompt_ids],
+        max_new_tokens=max_new_tokens,
+        sampling_params=sampling or SamplingParams(),
+        prompt_cache=prompt_cache,
+    )
+    row = _RowText(tokenizer, stop, max_new_tokens, engine.config.eos_token_id)
+    first_at = None
+    with contextlib.closing(iter(run)) as steps:
+        for count, column in enumerate(steps, start=1):
+            token = int(column[0])
+            text = row.feed(token)
+            now = time.perf_counter()
+            first_at = first_at or now
+            yield GenerationResponse(
+                text=text,
+                token=token,
+                finish_reason=row.finish_reason,
+                prompt_tokens=len(prompt_ids),
+                prefilled_tokens=run.prefilled,
+                generated_tokens=count,
+                prompt_seconds=run.prompt_seconds,
+                generation_seconds=now - first_at,
+            )
+            if row.finish_reason:
+                return
+
+
+def generate(engine: Engine, tokenizer: GPT2Tokenizer, prompt_ids: Sequence[int], **kwargs):
+    """Run `stream_generate` to the end and join it into a `Completion`."""
+    pieces, tokens, last = [], [], None
+    for last in stream_generate(engine, tokenizer, prompt_ids, **kwargs):
+        pieces.append(last.text)
+        tokens.append(last.token)
+    if last.finish_reason == "eos":
+        tokens.pop()
+    return Completion(
+        text="".join(pieces),
+        tokens=tokens,
+        finish_reason=last.finish_reason,
+        prompt_tokens=last.prompt_tokens,
+        prefilled_tokens=last.prefilled_tokens,
+        generated_tokens=last.generated_tokens,
+        prompt_seconds=last.prompt_seconds,
+        generation_seconds=last.generation_seconds,
+    )
+
+
+def batch_generate(
+    engine: Engine,
+    tokenizer: GPT2Tokenizer,
+    prompts: Sequence[Sequence[int]],
+    *,
+    num_samples: int = 1,
+    max_new_tokens: int = 256,
+    sampling: SamplingParams | None = None,
+    stop: Sequence[str] = (),
+) -> list[Completion]:
+    """Decode every prompt `num_samples` times in one batch; completions prompt by prompt.
+
+    Sample j of every prompt draws from the random stream j of the seed, so a prompt gives the
+    same text in a batch as alone.
+    """
+    if num_samples < 1:
+        raise UserError(f"number of samples must be at least 1, got {num_samples}")
+    n_positions = engine.config.n_positions
+    prompts = [fit_prompt(p, max_new_tokens, n_positions, False) for p in prompts]
+    rows = [p for p in prompts for _ in range(num_samples)]
+    run = TokenRun(
+        engine,
+        rows,
+        max_new_tokens=max_new_tokens,
+        sampling_params=sampling or SamplingParams(),
+        sample_ids=[j for _ in prompts for j in range(num_samples)],
+    )
+    eos_id = engine.config.eos_token_id
+    texts = [_RowText(tokenizer, stop, max_new_tokens, eos_id) for _ in rows]
+    first_at = None
+    with contextlib.closing(iter(run)) as steps:
+        for column in steps:
+            first_at = first_at or time.perf_counter()
+            for row, token in zip(texts, column.tolist(), strict=True):
+                if row.finish_reason is None:
+                    row.feed(token)
+            if all(row.finish_reason for row in texts):
+                break
+    elapsed = time.perf_counter() - first_at
+    return [
+        Completion(
+            text=row.text,
+            tokens=row.tokens,
+            finish_reason=row.finish_reason,
+            prompt_tokens=len(prompt),
+            prefilled_tokens=len(prompt),
+            generated_tokens=len(row.tokens) + (row.finish_reason == "eos"),
+            prompt_seconds=run.prompt_seconds,
+            generation_seconds=elapsed,
+        )
+        for row, prompt in zip(texts, rows, strict=True)
+    ]

@@ -1,0 +1,126 @@
+"""Logits processors and samplers: pure functions, built once as closures and traced into jit.
+
+Semantics follow Hugging Face transformers, applied in its order: repetition penalty, then
+temperature, top-k, top-p (nucleus), min-p, then a draw. Temperature 0 means greedy (argmax).
+
+Shapes: B rows, V vocabulary. Logits are float32 [B, V]; a sampler also takes one PRNG key
+per row ([B] keys), so a row draws the same numbers whether it runs alone or in a batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from gpt2cli.errors import UserError
+
+Sampler = Callable[[jax.Array, jax.Array], jax.Array]  # (logits [B, V], keys [B]) -> ids [B]
+LogitsProcessor = Callable[[jax.Array, jax.Array], jax.Array]  # (logits, seen [B, V]) -> logits
+
+MAX_TEMPERATURE = 100.0
+MAX_REPETITION_PENALTY = 100.0
+_REMOVED = -jnp.inf
+
+
+def check_sampling(
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+) -> None:
+    """Raise UserError naming the allowed range for the first value outside it."""
+    if not isinstance(temperature, int | float) or not 0.0 <= temperature <= MAX_TEMPERATURE:
+        raise UserError(
+            f"temperature must be between 0 and {MAX_TEMPERATURE:g} (0 = greedy), got {temperature}"
+        )
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise UserError(f"top_k must be an integer >= 0 (0 = off), got {top_k}")
+    if not isinstance(top_p, int | float) or not 0.0 < top_p <= 1.0:
+        raise UserError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
+    if not isinstance(min_p, int | float) or not 0.0 <= min_p <= 1.0:
+        raise UserError(f"min_p must be in [0, 1] (0 = off), got {min_p}")
+    if not isinstance(repetition_penalty, int | float) or not (
+        0.0 < repetition_penalty <= MAX_REPETITION_PENALTY
+    ):
+        raise UserError(
+            f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}] (1 = off), "
+            f"got {repetition_penalty}"
+        )
+    if math.isnan(temperature + top_p + min_p + repetition_penalty):
+        raise UserError("sampling values must be numbers, got NaN")
+
+
+def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: float) -> jax.Array:
+    """HF semantics: a seen token's logit is divided by `penalty` if positive, else multiplied."""
+    penalized = jnp.where(logits > 0, logits / penalty, logits * penalty)
+    return jnp.where(seen, penalized, logits)
+
+
+def apply_top_k(logits: jax.Array, k: int) -> jax.Array:
+    """Keep the k highest logits (and any tied with the k-th), remove the rest."""
+    k = min(k, logits.shape[-1])
+    kth = jax.lax.top_k(logits, k)[0][..., -1:]  # [B, 1]
+    return jnp.where(logits < kth, _REMOVED, logits)
+
+
+def apply_top_p(logits: jax.Array, p: float) -> jax.Array:
+    """Keep the smallest set of most likely tokens whose probability reaches p (at least one).
+
+    HF removes a token when the probability of all tokens ranked at or below it is <= 1 - p,
+    which is the same as: the probability of the tokens ranked above it is >= p.
+    """
+    ranked = jnp.sort(logits, axis=-1)[..., ::-1]  # [B, V] descending
+    probs = jax.nn.softmax(ranked, axis=-1)
+    above = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each rank
+    kept = jnp.where(above < p, ranked, jnp.inf)
+    cutoff = jnp.min(kept, axis=-1, keepdims=True)  # [B, 1] lowest kept logit
+    return jnp.where(logits < cutoff, _REMOVED, logits)
+
+
+def apply_min_p(logits: jax.Array, p: float) -> jax.Array:
+    """Remove tokens whose probability is below p times the most likely token's probability."""
+    # prob_i < p * prob_max  <=>  logit_i < logit_max + log(p)
+    cutoff = jnp.max(logits, axis=-1, keepdims=True) + math.log(p)
+    return jnp.where(logits < cutoff, _REMOVED, logits)
+
+
+def make_logits_processors(repetition_penalty: float = 1.0) -> list[LogitsProcessor]:
+    """Processors that look at the tokens seen so far (prompt and generated)."""
+    check_sampling(repetition_penalty=repetition_penalty)
+    if repetition_penalty == 1.0:
+        return []
+    return [lambda logits, seen: apply_repetition_penalty(logits, seen, repetition_penalty)]
+
+
+def warp_logits(
+    logits: jax.Array, temperature: float, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0
+) -> jax.Array:
+    """The logits of the distribution a sampler draws from (temperature > 0)."""
+    logits = logits / temperature
+    if top_k > 0:
+        logits = apply_top_k(logits, top_k)
+    if top_p < 1.0:
+        logits = apply_top_p(logits, top_p)
+    if min_p > 0.0:
+        logits = apply_min_p(logits, min_p)
+    return logits
+
+
+def make_sampler(
+    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0
+) -> Sampler:
+    """A function (logits [B, V], keys [B]) -> token ids [B] int32."""
+    check_sampling(temperature, top_k, top_p, min_p)
+    if temperature == 0.0:
+        return lambda logits, keys: jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def sample(logits: jax.Array, keys: jax.Array) -> jax.Array:
+        warped = warp_logits(logits, temperature, top_k, top_p, min_p)
+        draw = jax.vmap(lambda key, row: jax.random.categorical(key, row))
+        return draw(keys, warped).astype(jnp.int32)
+
+    return sample

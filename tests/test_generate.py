@@ -1,0 +1,204 @@
+"""Cached generation against the HF golden continuations, and the generation API's promises."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gpt2cli.errors import UserError
+from gpt2cli.generate import (
+    Engine,
+    PromptCache,
+    SamplingParams,
+    StopFilter,
+    TokenRun,
+    batch_generate,
+    fit_prompt,
+    generate,
+    stream_generate,
+)
+from gpt2cli.model import GPT2, KVCache
+from gpt2cli.tokenizer import bundled
+
+MARGIN = 1e-3  # below this top1-top2 gap, float32 vs float64 may pick either token
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return bundled()
+
+
+@pytest.fixture(scope="module")
+def engine_a(tiny_a):
+    return Engine(*tiny_a)
+
+
+@pytest.fixture(scope="module")
+def engine_b(tiny_b):
+    return Engine(*tiny_b)
+
+
+def greedy_tokens(engine, prompt, n):
+    run = TokenRun(engine, [prompt], max_new_tokens=n, sampling_params=SamplingParams())
+    return [int(column[0]) for column in run]
+
+
+def check_continuation(ours, reference, margins):
+    """Equal token for token until the first step where HF's own choice was a near tie."""
+    for step, (mine, theirs) in enumerate(zip(ours, reference, strict=True)):
+        if margins[step] < MARGIN:
+            return
+        assert mine == theirs, f"step {step}: {mine} != {theirs} (margin {margins[step]:.4f})"
+
+
+@pytest.mark.parametrize("i", [0, 1, 2])
+def test_greedy_continuation_matches_hf_tiny_a(engine_a, golden, i):
+    arrays = golden["arrays"]
+    prompt = arrays[f"tiny_a/gen{i}/prompt_ids"].tolist()
+    reference = arrays[f"tiny_a/gen{i}/tokens"].tolist()
+    ours = greedy_tokens(engine_a, prompt, len(reference))
+    check_continuation(ours, reference, arrays[f"tiny_a/gen{i}/margin"])
+
+
+@pytest.mark.parametrize("i", [0, 1, 2])
+def test_greedy_continuation_matches_hf_tiny_b(engine_b, golden, i):
+    arrays = golden["arrays"]
+    prompt = arrays[f"tiny_b/gen{i}/prompt_ids"].tolist()
+    reference = arrays[f"tiny_b/gen{i}/tokens"].tolist()
+    top2 = np.sort(arrays[f"tiny_b/gen{i}/step_logits"], axis=-1)[:, -2:]
+    ours = greedy_tokens(engine_b, prompt, len(reference))
+    check_continuation(ours, reference, top2[:, 1] - top2[:, 0])
+
+
+def test_cached_step_logits_match_hf_and_the_full_forward(tiny_b, golden):
+    """Prefill the prompt into a cache, then feed HF's continuation one token per call."""
+    config, params = tiny_b
+    arrays = golden["arrays"]
+    prompt = arrays["tiny_b/gen2/prompt_ids"].tolist()
+    tokens = arrays["tiny_b/gen2/tokens"].tolist()
+    reference = arrays["tiny_b/gen2/step_logits"]  # [20, V]
+    model = GPT2(config)
+
+    @jax.jit
+    def apply(ids, positions, cache):
+        return model.apply({"params": params}, ids, positions, cache=cache)
+
+    cache = KVCache.empty(config, 1, 64)
+    logits, cache = apply(jnp.asarray([prompt]), None, cache)
+    steps = [logits[0, -1]]
+    for position, token in enumerate(tokens[:-1], start=len(prompt)):
+        logits, cache = apply(jnp.asarray([[token]]), jnp.asarray([[position]]), cache)
+        steps.append(logits[0, 0])
+    cached = np.stack(steps)
+    full, _ = model.apply({"params": params}, jnp.asarray([prompt + tokens[:-1]]))
+    full = np.asarray(full[0, len(prompt) - 1 :])
+    np.testing.assert_allclose(cached, full, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(cached, reference, atol=1e-4, rtol=0)
+
+
+def test_prompt_lengths_in_one_bucket_do_not_retrace(engine_a):
+    greedy_tokens(engine_a, [1, 2, 3], 6)
+    traced = engine_a.programs.traces
+    greedy_tokens(engine_a, [4, 5, 6, 7, 8, 9, 10], 9)
+    greedy_tokens(engine_a, [11], 20)
+    assert engine_a.programs.traces == traced
+
+
+def test_batched_prompts_equal_the_same_prompts_alone(engine_a, tok):
+    prompts = [tok.encode("Hello, world"), tok.encode("The capital of France is Paris and")]
+    for params in (SamplingParams(), SamplingParams(temperature=1.0, seed=4)):
+        batch = batch_generate(engine_a, tok, prompts, max_new_tokens=12, sampling=params)
+        alone = [generate(engine_a, tok, p, max_new_tokens=12, sampling=params) for p in prompts]
+        assert [c.tokens for c in batch] == [c.tokens for c in alone]
+
+
+def test_same_seed_same_text_other_seed_other_text(engine_a, tok):
+    prompt = tok.encode("Once upon a time")
+
+    def sample(seed):
+        params = SamplingParams(temperature=1.0, seed=seed)
+        return generate(engine_a, tok, prompt, max_new_tokens=10, sampling=params).text
+
+    assert sample(1) == sample(1)
+    assert sample(1) != sample(2)
+
+
+def test_samples_of_one_prompt_differ_and_the_first_equals_the_single_run(engine_a, tok):
+    prompt = tok.encode("Once upon a time")
+    params = SamplingParams(temperature=1.0, seed=5)
+    samples = batch_generate(
+        engine_a, tok, [prompt], num_samples=2, max_new_tokens=8, sampling=params
+    )
+    single = generate(engine_a, tok, prompt, max_new_tokens=8, sampling=params)
+    assert samples[0].tokens == single.tokens
+    assert samples[0].tokens != samples[1].tokens
+
+
+def test_streamed_pieces_join_to_the_decoded_text(engine_a, tok):
+    prompt = tok.encode("Hello, world")
+    responses = list(stream_generate(engine_a, tok, prompt, max_new_tokens=15))
+    text = "".join(r.text for r in responses)
+    assert text == tok.decode([r.token for r in responses])
+    assert [r.finish_reason for r in responses] == [None] * 14 + ["length"]
+    last = responses[-1]
+    assert (last.prompt_tokens, last.prefilled_tokens, last.generated_tokens) == (3, 3, 15)
+
+
+def test_stop_string_across_tokens_ends_the_text_before_it(engine_a, tok):
+    prompt = tok.encode("Hello, world")
+    full = generate(engine_a, tok, prompt, max_new_tokens=15)  # " Ur Ur Ur ..." per golden
+    stop = full.text[2:6]  # starts inside one token and ends inside a later one
+    stopped = generate(engine_a, tok, prompt, max_new_tokens=15, stop=[stop])
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == full.text[: full.text.index(stop)]
+
+
+def test_stop_filter_holds_back_a_possible_stop_and_releases_it():
+    stops = StopFilter(["\n\nUser:"])
+    assert stops.push("Hi\n") == ("Hi", False)
+    assert stops.push("\nUs") == ("", False)
+    assert stops.push("ual") == ("\n\nUsual", False)
+    assert stops.push("\n\nUser: x") == ("", True)
+
+
+def test_prompt_cache_prefills_only_the_new_suffix(engine_a, tok):
+    cache = PromptCache()
+    first_prompt = tok.encode("The capital of France is")
+    first = generate(engine_a, tok, first_prompt, max_new_tokens=6, prompt_cache=cache)
+    assert cache.tokens == first_prompt + first.tokens[:-1]
+    follow = first_prompt + first.tokens + tok.encode(" and then")
+    continued = generate(engine_a, tok, follow, max_new_tokens=8, prompt_cache=cache)
+    assert continued.prefilled_tokens == len(follow) - len(first_prompt) - 5
+    fresh = generate(engine_a, tok, follow, max_new_tokens=8)
+    assert continued.tokens == fresh.tokens
+    other = tok.encode("Something else entirely")  # shares no prefix: rebuilt
+    rebuilt = generate(engine_a, tok, other, max_new_tokens=4, prompt_cache=cache)
+    assert rebuilt.prefilled_tokens == len(other)
+    assert rebuilt.tokens == generate(engine_a, tok, other, max_new_tokens=4).tokens
+
+
+def test_prompt_cache_grows_past_its_first_length(engine_a, tok):
+    cache = PromptCache()
+    prompt = tok.encode("Hello, world")
+    text = generate(engine_a, tok, prompt, max_new_tokens=100, prompt_cache=cache)
+    longer = prompt + text.tokens
+    grown = generate(engine_a, tok, longer, max_new_tokens=20, prompt_cache=cache)
+    assert grown.prefilled_tokens == 1
+    assert grown.tokens == generate(engine_a, tok, longer, max_new_tokens=20).tokens
+
+
+def test_bfloat16_engine_follows_the_float32_greedy_path(tiny_a, golden):
+    engine = Engine(*tiny_a, dtype="bfloat16")
+    prompt = golden["arrays"]["tiny_a/gen1/prompt_ids"].tolist()
+    reference = golden["arrays"]["tiny_a/gen1/tokens"].tolist()
+    assert greedy_tokens(engine, prompt, 5) == reference[:5]
+
+
+def test_window_is_enforced_with_the_overflow_named():
+    with pytest.raises(UserError, match="exceeds the model's context window of 128 by 2 tokens"):
+        fit_prompt(list(range(30)), 100, 128, truncate=False)
+    assert fit_prompt(list(range(30)), 100, 128, truncate=True) == list(range(2, 30))
+    with pytest.raises(UserError, match="at least 1"):
+        fit_prompt([1], 0, 128, truncate=False)
+    with pytest.raises(UserError, match="empty"):
+        fit_prompt([], 5, 128, truncate=False)

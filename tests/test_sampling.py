@@ -1,0 +1,116 @@
+"""Samplers and logits processors on small hand-made logits, against HF semantics."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gpt2cli.errors import UserError
+from gpt2cli.sampling import (
+    apply_min_p,
+    apply_repetition_penalty,
+    apply_top_k,
+    apply_top_p,
+    make_logits_processors,
+    make_sampler,
+    warp_logits,
+)
+
+# probabilities 0.4, 0.3, 0.15, 0.1, 0.05 in a shuffled order
+PROBS = np.array([0.15, 0.4, 0.05, 0.3, 0.1], np.float32)
+LOGITS = jnp.log(jnp.asarray(PROBS))[None]  # [1, 5]
+
+
+def kept(logits) -> set[int]:
+    return set(np.flatnonzero(np.isfinite(np.asarray(logits)[0])).tolist())
+
+
+def keys(n, seed=0):
+    return jax.random.split(jax.random.key(seed), n)
+
+
+def test_top_k_keeps_the_k_most_likely():
+    assert kept(apply_top_k(LOGITS, 1)) == {1}
+    assert kept(apply_top_k(LOGITS, 3)) == {1, 3, 0}
+    assert kept(apply_top_k(LOGITS, 99)) == {0, 1, 2, 3, 4}
+
+
+def test_top_k_keeps_ties_with_the_kth():
+    tied = jnp.asarray([[1.0, 3.0, 2.0, 2.0]])
+    assert kept(apply_top_k(tied, 2)) == {1, 2, 3}
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    assert kept(apply_top_p(LOGITS, 0.5)) == {1, 3}  # 0.4 < 0.5, 0.4 + 0.3 >= 0.5
+    assert kept(apply_top_p(LOGITS, 0.7)) == {1, 3}  # HF: mass above 0.15 is 0.7 >= 0.7: drop
+    assert kept(apply_top_p(LOGITS, 0.71)) == {1, 3, 0}
+    assert kept(apply_top_p(LOGITS, 0.1)) == {1}  # the top token always stays
+    assert kept(apply_top_p(LOGITS, 1.0)) == {0, 1, 2, 3, 4}
+
+
+def test_min_p_scales_with_the_top_probability():
+    assert kept(apply_min_p(LOGITS, 0.5)) == {1, 3}  # >= 0.2
+    assert kept(apply_min_p(LOGITS, 0.3)) == {1, 3, 0}  # >= 0.12
+    assert kept(apply_min_p(LOGITS, 1.0)) == {1}
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
+    logits = jnp.asarray([[2.0, -2.0, 2.0, -2.0]])
+    seen = jnp.asarray([[True, True, False, False]])
+    out = apply_repetition_penalty(logits, seen, 2.0)
+    np.testing.assert_allclose(out, [[1.0, -4.0, 2.0, -2.0]])
+    assert make_logits_processors(1.0) == []
+    (process,) = make_logits_processors(2.0)
+    np.testing.assert_allclose(process(logits, seen), out)
+
+
+def test_greedy_and_top_k_1_pick_the_argmax():
+    logits = jax.random.normal(jax.random.key(1), (6, 50))
+    expected = np.argmax(np.asarray(logits), axis=-1)
+    np.testing.assert_array_equal(jax.jit(make_sampler(0.0))(logits, keys(6)), expected)
+    top1 = jax.jit(make_sampler(1.5, top_k=1))
+    np.testing.assert_array_equal(top1(logits, keys(6, 3)), expected)
+
+
+def test_sampled_frequencies_match_the_processed_distribution():
+    sampler = make_sampler(0.7, top_k=4, top_p=0.95, min_p=0.05)
+    n = 20000
+    logits = jnp.broadcast_to(LOGITS, (n, 5))
+    draws = np.asarray(jax.jit(sampler)(logits, keys(n, 7)))
+    observed = np.bincount(draws, minlength=5) / n
+    expected = np.asarray(jax.nn.softmax(warp_logits(LOGITS, 0.7, 4, 0.95, 0.05))[0])
+    assert expected[2] == 0.0 and observed[2] == 0.0  # removed by top-k
+    assert expected[4] > 0.0  # ... and the others survive
+    np.testing.assert_allclose(observed, expected, atol=4 * np.sqrt(0.25 / n))
+
+
+def test_a_row_draws_the_same_token_alone_or_in_a_batch():
+    sampler = jax.jit(make_sampler(1.0))
+    logits = jax.random.normal(jax.random.key(2), (4, 100))
+    row_keys = keys(4, 9)
+    together = np.asarray(sampler(logits, row_keys))
+    alone = [int(sampler(logits[i : i + 1], row_keys[i : i + 1])[0]) for i in range(4)]
+    assert together.tolist() == alone
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"temperature": -0.1}, "temperature must be between 0 and 100"),
+        ({"temperature": 1e9}, "temperature must be between 0 and 100"),
+        ({"temperature": float("nan")}, "temperature must be between"),
+        ({"top_k": -1}, "top_k must be an integer >= 0"),
+        ({"top_p": 0.0}, "top_p must be in (0, 1]"),
+        ({"top_p": 1.5}, "top_p must be in (0, 1]"),
+        ({"min_p": -0.5}, "min_p must be in [0, 1]"),
+    ],
+)
+def test_bad_sampler_values_name_the_allowed_range(kwargs, words):
+    with pytest.raises(UserError, match=words.replace("(", r"\(").replace("[", r"\[")):
+        make_sampler(**kwargs)
+
+
+@pytest.mark.parametrize("penalty", [0.0, -1.0, 1000.0])
+def test_bad_repetition_penalty_names_the_range(penalty):
+    with pytest.raises(UserError, match=r"repetition_penalty must be in \(0, 100\]"):
+        make_logits_processors(penalty)

@@ -9,7 +9,7 @@ import typer
 from typer.core import TyperGroup
 
 from gpt2cli import __version__
-from gpt2cli.cli import bench_cmd, convert, generate_cmd, inspect_cmd
+from gpt2cli.cli import bench_cmd, chat_cmd, convert, generate_cmd, inspect_cmd
 from gpt2cli.cli.console import err
 from gpt2cli.errors import UserError
 
@@ -82,6 +82,7 @@ app.command("convert")(convert.convert)
 app.command("inspect")(inspect_cmd.inspect)
 app.command("generate")(generate_cmd.generate)
 app.command("bench")(bench_cmd.bench)
+app.command("chat")(chat_cmd.chat)
 
 
 def main() -> None:

@@ -1,0 +1,331 @@
+"""A chat session over a base GPT-2: a transcript the model continues. No terminal I/O.
+
+GPT-2 was never tuned to follow instructions, so a chat is a document it keeps writing:
+
+    A conversation between a curious user and a helpful assistant.   <- the preamble
+    User: Hi                                                         <- a turn: the user's line,
+    Assistant: Hello! How can I help?                                   then the model's reply
+    User: Tell me a story
+    Assistant:                                                       <- the model continues here
+
+A reply ends where the model starts the next `User:` line (the stop string `"\\nUser:"`), at
+`<|endoftext|>`, or after `max_new_tokens`.
+
+The transcript is kept as token ids, segment by segment (preamble, then each turn's prompt and
+reply), so the ids sent for turn N+1 extend those of turn N: the prompt cache then holds the
+whole conversation and a new turn prefills only its own tokens. A reply keeps the ids the model
+generated (never re-encoded text), for the same reason.
+
+When the next turn would not fit in `n_positions - max_new_tokens`, the oldest turns are dropped
+(the preamble stays) until the history fills at most half of the room left, so a long chat pays
+for a full re-prefill once every several turns rather than on every turn. Learned absolute
+positions mean dropped turns shift every later position: the cache is rebuilt, not shifted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from gpt2cli.errors import UserError
+from gpt2cli.generate import PromptCache, SamplingParams, stream_generate
+from gpt2cli.tokenizer import GPT2Tokenizer
+
+
+@dataclass(frozen=True)
+class Template:
+    """How a transcript is written: speaker names and the default preamble."""
+
+    name: str
+    user: str
+    assistant: str
+    system: str  # the default preamble
+
+    def turn_prompt(self, message: str) -> str:
+        """The text of one user turn, up to where the model writes the reply."""
+        return f"\n{self.user}: {message}\n{self.assistant}:"
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        return (f"\n{self.user}:",)
+
+
+TEMPLATES: dict[str, Template] = {
+    "chat": Template(
+        "chat",
+        "User",
+        "Assistant",
+        "A conversation between a curious user and a helpful assistant.",
+    ),
+    "qa": Template("qa", "Q", "A", "Questions and their answers."),
+}
+DEFAULT_TEMPLATE = "chat"
+MIN_TURN_ROOM = 16  # tokens a user turn may always use, whatever the preamble and reply budget
+TAIL_TOKENS = 64  # how far back from a reply's end its generated tokens may stop matching its text
+
+
+def template(name: str) -> Template:
+    try:
+        return TEMPLATES[name]
+    except KeyError:
+        raise UserError(
+            f"unknown chat template {name!r} (choose from: {', '.join(TEMPLATES)})"
+        ) from None
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One exchange. `ids` are its tokens in the transcript: the user prompt, then the reply."""
+
+    user: str
+    reply: str
+    ids: tuple[int, ...]
+    finish_reason: str  # "stop" (a stop string), "eos", "length" or "interrupted"
+
+
+@dataclass(frozen=True)
+class ReplyStats:
+    prompt_tokens: int  # tokens sent as the prompt (the whole transcript)
+    prefilled_tokens: int  # of those, how many the model computed (the rest came from the cache)
+    generated_tokens: int
+    first_token_s: float  # from sending the turn to its first generated token
+    total_s: float
+    dropped_turns: int  # oldest turns dropped to make room for this one
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / self.total_s if self.total_s > 0 else 0.0
+
+
+def turns_to_drop(preamble: int, turns: list[int], new: int, room: int) -> int:
+    """How many of the oldest turns to drop so preamble + history + new turn fit in `room`.
+
+    Lengths are in tokens. Nothing is dropped while everything fits; once it does not, the
+    history kept fills at most half of what the preamble and the new turn leave free.
+    """
+    if preamble + sum(turns) + new <= room:
+        return 0
+    free = room - preamble - new
+    kept, keep = 0, 0
+    for length in reversed(turns):
+        if kept + length > free // 2:
+            break
+        kept += length
+        keep += 1
+    return len(turns) - keep
+
+
+def reply_ids(tokenizer: GPT2Tokenizer, tokens: list[int], text: str) -> list[int]:
+    """The ids of a reply whose text is `text`, reusing the generated `tokens` where they match.
+
+    The generated tokens usually run past the reply's text (the stop string, held-back bytes);
+    keep the longest run of them that decodes to a prefix of `text`, and encode the rest.
+    """
+    for k in range(len(tokens), max(len(tokens) - TAIL_TOKENS, 0) - 1, -1):
+        head = tokenizer.decode(tokens[:k])
+        if text.startswith(head):
+            rest = text[len(head) :]
+            return list(tokens[:k]) + (tokenizer.encode(rest) if rest else [])
+    return tokenizer.encode(text)
+
+
+class _Trimmed:
+    """Passes streamed text on without its leading and trailing whitespace."""
+
+    def __init__(self):
+        self.started = False
+        self.pending = ""  # whitespace shown only if more text follows it
+
+    def push(self, text: str) -> list[str]:
+        if not self.started:
+            text = text.lstrip()
+            if not text:
+                return []
+            self.started = True
+        body = text.rstrip()
+        if not body:
+            self.pending += text
+            return []
+        shown, self.pending = self.pending + body, text[len(body) :]
+        return [shown]
+
+
+class ChatSession:
+    """A conversation with one model: history, settings, the prompt cache across turns."""
+
+    def __init__(
+        self,
+        engine,
+        tokenizer: GPT2Tokenizer,
+        *,
+        template: Template = TEMPLATES[DEFAULT_TEMPLATE],
+        system: str | None = None,
+        sampling: SamplingParams | None = None,
+        max_new_tokens: int = 100,
+        stops: tuple[str, ...] = (),
+    ):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.template = template
+        self.n_positions = engine.config.n_positions
+        self.sampling = sampling if sampling is not None else SamplingParams()
+        self.extra_stops = tuple(stops)
+        self.turns: list[Turn] = []
+        self.last: ReplyStats | None = None
+        self.prompt_cache = PromptCache()
+        self._sent = 0  # turns sent since the start: varies the seed from turn to turn
+        self.max_new_tokens = max_new_tokens
+        self.set_system(template.system if system is None else system)
+
+    # ---- settings ---------------------------------------------------------------------
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        return self.template.stops + self.extra_stops
+
+    def set_system(self, text: str) -> None:
+        """Replace the preamble (the history stays; the cache is rebuilt on the next turn)."""
+        ids = self._encode(text.strip(), "the preamble")
+        self._check_room(len(ids), self.max_new_tokens)
+        self.system = text.strip()
+        self.preamble_ids = ids
+
+    def set_max_new_tokens(self, value: int) -> None:
+        self._check_room(len(self.preamble_ids), value)
+        self.max_new_tokens = value
+
+    def set_sampling(self, **changes) -> None:
+        """Change sampling settings by name; a bad value raises UserError naming the range."""
+        self.sampling = dataclasses.replace(self.sampling, **changes)
+
+    def reset(self) -> None:
+        """Forget the conversation (the preamble stays cached: it is the prompt's prefix)."""
+        self.turns.clear()
+
+    def _encode(self, text: str, what: str) -> list[int]:
+        ids = self.tokenizer.encode(text)
+        vocab = self.engine.config.vocab_size
+        if ids and max(ids) >= vocab:
+            raise UserError(
+                f"{what} has token id {max(ids)} but the model's vocabulary has {vocab} ids: "
+                "pass the model's own tokenizer with --tokenizer"
+            )
+        return ids
+
+    def _check_room(self, preamble: int, max_new_tokens: int) -> None:
+        if max_new_tokens < 1:
+            raise UserError(f"max-new-tokens must be at least 1, got {max_new_tokens}")
+        left = self.n_positions - preamble - max_new_tokens
+        if left < MIN_TURN_ROOM:
+            raise UserError(
+                f"max-new-tokens {max_new_tokens} and a {preamble}-token preamble leave "
+                f"{max(left, 0)} of the model's {self.n_positions}-token window for a turn "
+                f"({MIN_TURN_ROOM} needed): use max-new-tokens <= "
+                f"{self.n_positions - preamble - MIN_TURN_ROOM} or a shorter preamble"
+            )
+
+    # ---- the transcript ---------------------------------------------------------------
+
+    def transcript_ids(self) -> list[int]:
+        ids = list(self.preamble_ids)
+        for turn in self.turns:
+            ids.extend(turn.ids)
+        return ids
+
+    @property
+    def context_tokens(self) -> int:
+        return len(self.preamble_ids) + sum(len(t.ids) for t in self.turns)
+
+    def to_markdown(self) -> str:
+        lines = [f"# Chat ({self.template.name} template)", ""]
+        if self.system:
+            lines += [f"> {self.system}", ""]
+        for turn in self.turns:
+            lines += [f"**{self.template.user}:** {turn.user}", ""]
+            lines += [f"**{self.template.assistant}:** {turn.reply}", ""]
+        return "\n".join(lines)
+
+    def to_json(self) -> str:
+        data = {
+            "template": self.template.name,
+            "system": self.system,
+            "sampling": dataclasses.asdict(self.sampling),
+            "max_new_tokens": self.max_new_tokens,
+            "turns": [
+                {"user": t.user, "assistant": t.reply, "finish_reason": t.finish_reason}
+                for t in self.turns
+            ],
+        }
+        return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+
+    # ---- a turn -----------------------------------------------------------------------
+
+    def send(self, message: str) -> Iterator[str]:
+        """Stream the reply to `message` as text pieces; the turn joins the history at the end.
+
+        Closing the generator early (Ctrl-C in the REPL) keeps the reply shown so far.
+        """
+        message = " ".join(message.split())
+        if not message:
+            raise UserError("empty message: type some text")
+        prompt = self._encode(self.template.turn_prompt(message), "the message")
+        room = self.n_positions - self.max_new_tokens
+        if len(self.preamble_ids) + len(prompt) > room:
+            raise UserError(
+                f"the message is {len(prompt)} tokens but {room - len(self.preamble_ids)} fit "
+                f"beside the preamble and {self.max_new_tokens} reply tokens in the model's "
+                f"{self.n_positions}-token window: shorten it or lower max-new-tokens"
+            )
+        dropped = turns_to_drop(
+            len(self.preamble_ids), [len(t.ids) for t in self.turns], len(prompt), room
+        )
+        del self.turns[:dropped]
+        return self._stream(message, prompt, dropped)
+
+    def _stream(self, message: str, prompt: list[int], dropped: int) -> Iterator[str]:
+        prompt_ids = self.transcript_ids() + prompt
+        sampling = dataclasses.replace(self.sampling, seed=self.sampling.seed + self._sent)
+        self._sent += 1
+        start = time.perf_counter()
+        first = None
+        pieces: list[str] = []
+        tokens: list[int] = []
+        last = None
+        trim = _Trimmed()
+        try:
+            for last in stream_generate(
+                self.engine,
+                self.tokenizer,
+                prompt_ids,
+                max_new_tokens=self.max_new_tokens,
+                sampling=sampling,
+                stop=self.stops,
+                prompt_cache=self.prompt_cache,
+            ):
+                first = first or time.perf_counter() - start
+                tokens.append(last.token)
+                pieces.append(last.text)
+                yield from trim.push(last.text)
+        finally:  # also when closed early or interrupted: what was generated stays
+            if tokens:
+                finish = last.finish_reason or "interrupted"
+                self._commit(message, prompt, pieces, tokens, finish)
+            total = time.perf_counter() - start
+            self.last = ReplyStats(
+                prompt_tokens=len(prompt_ids),
+                prefilled_tokens=last.prefilled_tokens if last else 0,
+                generated_tokens=len(tokens),
+                first_token_s=first or total,
+                total_s=total,
+                dropped_turns=dropped,
+            )
+
+    def _commit(self, message, prompt, pieces, tokens, finish) -> None:
+        text = "".join(pieces)
+        ids = [t for t in tokens if t != self.tokenizer.eos_id]
+        ids = reply_ids(self.tokenizer, ids, text)
+        reply = text.strip()
+        self.turns.append(Turn(message, reply, tuple(prompt + ids), finish))

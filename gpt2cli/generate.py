@@ -145,12 +145,14 @@ class _Programs:
         # advance: how many slots the cache keeps (T when left-padded, the real count if not).
         self.traces += 1
         start = cache.index
-        logits, cache = self.model.apply({"params": params}, ids, positions, mask, cache=cache)
+        logits, cache = self.model.apply(
+            {"params": params}, ids, positions, mask, cache=cache, logits_at=last
+        )  # [B, 1, V]
         cache = cache.replace(index=start + advance)
         batch = jnp.arange(ids.shape[0])
         keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.key(seed), r))(rows)  # [B]
         step = jnp.zeros((), jnp.int32)
-        token = _pick(rule, logits[batch, last], seen, keys, step)  # [B]
+        token = _pick(rule, logits[:, 0], seen, keys, step)  # [B]
         state = DecodeState(
             cache=cache,
             token=token,

@@ -285,7 +285,7 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-@jax.jit
+@functools.partial(jax.jit, donate_argnums=0)
 def _rewind(cache: KVCache, n) -> KVCache:
     """Keep the first n slots; later ones are masked out and will be overwritten."""
     keep = jnp.arange(cache.length) < n

@@ -145,12 +145,14 @@ class _Programs:
         # advance: how many slots the cache keeps (T when left-padded, the real count if not).
         self.traces += 1
         start = cache.index
-        logits, cache = self.model.apply({"params": params}, ids, positions, mask, cache=cache)
+        logits, cache = self.model.apply(
+            {"params": params}, ids, positions, mask, cache=cache, logits_at=last
+        )  # [B, 1, V]
         cache = cache.replace(index=start + advance)
         batch = jnp.arange(ids.shape[0])
         keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.key(seed), r))(rows)  # [B]
         step = jnp.zeros((), jnp.int32)
-        token = _pick(rule, logits[batch, last], seen, keys, step)  # [B]
+        token = _pick(rule, logits[:, 0], seen, keys, step)  # [B]
         state = DecodeState(
             cache=cache,
             token=token,
@@ -283,7 +285,7 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-@jax.jit
+@functools.partial(jax.jit, donate_argnums=0)
 def _rewind(cache: KVCache, n) -> KVCache:
     """Keep the first n slots; later ones are masked out and will be overwritten."""
     keep = jnp.arange(cache.length) < n

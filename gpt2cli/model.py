@@ -217,6 +217,7 @@ class GPT2(nn.Module):
         attention_mask: jax.Array | None = None,  # [B, T] 1 = real token, 0 = padding
         cache: KVCache | None = None,
         deterministic: bool = True,
+        logits_at: jax.Array | None = None,  # [B] one column per row: logits only there
     ) -> tuple[jax.Array, KVCache | None]:
         cfg = self.config
         B, T = input_ids.shape
@@ -258,16 +259,16 @@ class GPT2(nn.Module):
                 new_keys.append(layer_kv[0])
                 new_values.append(layer_kv[1])
 
+        if logits_at is not None:  # a prefill needs the next token of each row only
+            x = x[jnp.arange(B), logits_at][:, None]  # [B, 1, D]
         x = nn.LayerNorm(
             epsilon=cfg.layer_norm_epsilon,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="ln_f",
         )(x)
-        logits = wte.attend(x.reshape(B * T, -1)).reshape(
-            B, T, -1
-        )  # [B, T, V] (2-D dot: see Dense)
-        logits = logits.astype(jnp.float32)
+        rows = x.reshape(-1, cfg.n_embd)  # [B * (T or 1), D]: a 2-D dot, see Dense
+        logits = wte.attend(rows).reshape(*x.shape[:2], -1).astype(jnp.float32)  # [B, T or 1, V]
 
         if cache is not None:
             mask = jax.lax.dynamic_update_slice(cache.mask, new_mask, (0, index))  # [B, S]

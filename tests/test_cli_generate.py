@@ -80,12 +80,22 @@ def test_prompts_file_decodes_every_line(tmp_path):
     assert [r["prompt"] for r in records] == ["Hello, world", "The capital of France is Paris and"]
 
 
-def test_same_seed_same_text_in_a_new_process():
+def test_same_seed_same_text_in_a_new_process_which_fills_the_compile_cache(tmp_path):
     args = ["generate", "Once upon a time", *MODEL, "--temperature", "1", "--seed", "7", "-n", "8"]
     here = gpt2(*args)
-    there = run_gpt2(*args)
+    there = run_gpt2(*args, env={"GPT2_NO_COMPILE_CACHE": "", "XDG_CACHE_HOME": str(tmp_path)})
     assert there.returncode == 0, there.stderr
     assert here.stdout == there.stdout
+    folder = tmp_path / "gpt2cli" / "jax"
+    assert (folder.stat().st_mode & 0o777) == 0o700
+    assert len(list(folder.iterdir())) >= 2  # at least the prefill and the decode programs
+
+
+def test_compile_cache_can_be_turned_off(monkeypatch):
+    from gpt2cli import compile_cache
+
+    monkeypatch.setenv("GPT2_NO_COMPILE_CACHE", "1")
+    assert compile_cache.enable() is None
 
 
 def test_piping_into_head_ends_quietly():

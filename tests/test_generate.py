@@ -202,3 +202,13 @@ def test_window_is_enforced_with_the_overflow_named():
         fit_prompt([1], 0, 128, truncate=False)
     with pytest.raises(UserError, match="empty"):
         fit_prompt([], 5, 128, truncate=False)
+
+
+def test_logits_at_gives_the_same_logits_as_the_full_forward(tiny_b, golden):
+    config, params = tiny_b
+    ids = jnp.asarray(golden["arrays"]["tiny_b/input_ids"])  # [2, 16]
+    model = GPT2(config)
+    full, _ = model.apply({"params": params}, ids)
+    picked, _ = model.apply({"params": params}, ids, logits_at=jnp.asarray([3, 15]))
+    np.testing.assert_allclose(picked[:, 0], full[jnp.arange(2), jnp.asarray([3, 15])], atol=1e-6)
+    np.testing.assert_allclose(full, golden["arrays"]["tiny_b/logits"], atol=1e-4)

@@ -83,6 +83,12 @@ def _quit_quietly_on_broken_pipe() -> None:
     raise typer.Exit(0)
 
 
+def jax_backend() -> str:
+    import jax
+
+    return jax.default_backend()
+
+
 def _record(prompt: str, sample: int, completion) -> dict:
     return {
         "prompt": prompt,
@@ -170,6 +176,11 @@ def generate(
     from gpt2cli.hub import load_model, load_tokenizer
 
     compile_cache.enable()
+    if dtype == "bfloat16" and jax_backend() == "cpu":
+        err.print(
+            "note: on CPU, XLA converts bfloat16 weights to float32 for every matmul, so "
+            "bfloat16 is slower than float32 here; use --dtype float32 for speed"
+        )
     started = time.perf_counter()
     with err.status(f"loading {model}"):
         config, params = load_model(model)

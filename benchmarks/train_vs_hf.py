@@ -171,8 +171,9 @@ def main() -> None:
     print(f"load before: {os.getloadavg()[0]:.2f} (1-min average, {os.cpu_count()} cores)")
     tokens = args.batch * args.seq
     ours = OurStep(args.model_dir, "float32", args.batch, args.seq)
-    peer_steps, our_steps, peaks = [], [], []
-    for _ in range(args.rounds):  # alternate, so both see the same mix of machine load
+    bf16 = OurStep(args.model_dir, "bfloat16", args.batch, args.seq)
+    peer_steps, our_steps, bf16_steps, peaks = [], [], [], []
+    for _ in range(args.rounds):  # alternate, so all see the same mix of machine load
         peer = run_json(
             [peer_python(), "-c", PEER_SPEED, args.model_dir, str(THREADS),
              str(args.batch), str(args.seq), str(args.steps), str(args.warmup)]
@@ -180,8 +181,7 @@ def main() -> None:
         peer_steps += peer["step_s"]
         peaks += [peer["matmul_gflops"], xla_matmul_gflops()]
         our_steps += ours.time(args.steps)
-    bf16 = OurStep(args.model_dir, "bfloat16", args.batch, args.seq)
-    bf16_steps = bf16.time(args.steps)
+        bf16_steps += bf16.time(args.steps)
     n_params = ours.config.num_params()
     peak = max(peaks)
     limit = peak * 1e9 / (6 * n_params)

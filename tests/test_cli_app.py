@@ -62,3 +62,16 @@ def test_unexpected_errors_are_one_line_with_a_debug_hint(monkeypatch):
         result.stderr.strip()
         == "error: RuntimeError: disk on fire (run with --debug for the traceback)"
     )
+
+
+def test_help_piped_into_head_ends_quietly():
+    import subprocess
+
+    from tests.conftest import gpt2_exe
+
+    done = subprocess.run(
+        ["bash", "-c", f"set -o pipefail; '{gpt2_exe()}' train --help | head -c 10"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.stdout and done.stderr == ""  # no "error: BrokenPipeError", no traceback

@@ -39,6 +39,8 @@ class _ErrorBoundary(TyperGroup):
                 raise
             err.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
             raise typer.Exit(1) from None
+        except BrokenPipeError:  # the reader of stdout left; main() ends quietly
+            raise
         except KeyboardInterrupt:
             err.print("interrupted")
             raise typer.Exit(130) from None

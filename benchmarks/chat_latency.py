@@ -1,6 +1,6 @@
 """First-token latency of chat turns 1, 10 and 30, with the prompt cache and without it.
 
-    uv run python benchmarks/chat_latency.py /work/bench/gpt2-124m-random
+    uv run python benchmarks/chat_latency.py ../bench/gpt2-124m-random
 
 A scripted conversation (greedy, a fixed number of reply tokens) runs on a GPT-2 124M-shaped
 model. With the prompt cache a turn prefills only its own tokens, so its latency should not

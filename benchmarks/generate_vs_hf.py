@@ -1,6 +1,6 @@
 """Decode speed of `gpt2cli` against Hugging Face transformers `generate`, in one run.
 
-    uv run python benchmarks/generate_vs_hf.py /work/bench/gpt2-124m-random
+    uv run python benchmarks/generate_vs_hf.py ../bench/gpt2-124m-random
 
 Measures, on a GPT-2 124M-shaped HF folder with 2 threads, batch 1, a 32-token prompt and
 128 new tokens (greedy, EOS ignored): our decode tokens/s in float32 and bfloat16, batch 8,
@@ -90,7 +90,7 @@ def spawn(args: list[str], env: dict | None = None) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model", nargs="?", default="/work/bench/gpt2-124m-random")
+    ap.add_argument("model", nargs="?", default="../bench/gpt2-124m-random")
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)

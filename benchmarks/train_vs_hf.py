@@ -1,6 +1,6 @@
 """Training speed of our jitted AdamW step against transformers + torch, and peak memory.
 
-    uv run python benchmarks/train_vs_hf.py /work/bench/gpt2-124m-random
+    uv run python benchmarks/train_vs_hf.py ../bench/gpt2-124m-random
 
 Measures, in one run on the same machine: the fp32 matmul peak (best of XLA and torch), our
 train step (fp32 and bf16 compute) and transformers' GPT2LMHeadModel + torch.optim.AdamW on the

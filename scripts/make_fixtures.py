@@ -3,14 +3,14 @@
 This script is NOT part of the package and needs torch + transformers, which the project does not
 depend on. Run it from the repository root with a separate, throw-away virtual environment::
 
-    python3 -m venv /tmp/peer
-    /tmp/peer/bin/pip install torch transformers safetensors tokenizers numpy
-    /tmp/peer/bin/python scripts/make_fixtures.py
+    python3 -m venv ../peer
+    ../peer/bin/pip install torch==2.13.0 transformers safetensors
+    ../peer/bin/python scripts/make_fixtures.py
 
 Options:
     --out DIR         where to write the fixtures (default: tests/fixtures)
     --tokenizer DIR   folder with GPT-2 ``vocab.json`` + ``merges.txt``
-                      (default: /work/shared/gpt2-tokenizer)
+                      (default: gpt2cli/assets, the same bytes as ../shared/gpt2-tokenizer)
     --bench-dir DIR   also write a random-init GPT-2 124M Hugging Face folder (config.json,
                       model.safetensors, vocab.json, merges.txt) to DIR (not committed; ~500 MB)
 
@@ -498,7 +498,7 @@ def make_bench(folder: Path, tok_dir: Path) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("tests/fixtures"))
-    ap.add_argument("--tokenizer", type=Path, default=Path("/work/shared/gpt2-tokenizer"))
+    ap.add_argument("--tokenizer", type=Path, default=Path("gpt2cli/assets"))
     ap.add_argument("--bench-dir", type=Path, default=None)
     args = ap.parse_args()
 

@@ -83,9 +83,24 @@ class Dense(nn.Module):
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         # A 2-D product: XLA's CPU dot is fast for [N, in] but slow in bfloat16 for [B, T, in].
         rows = x.reshape(-1, d_in)  # [N, in]
-        contract = 1 if self.out_in else 0
-        y = jax.lax.dot_general(rows, kernel, (((1,), (contract,)), ((), ())))  # [N, out]
+        if self.out_in:
+            y = rows_times_out_in(rows, kernel)  # [N, out]
+        else:
+            y = jax.lax.dot_general(rows, kernel, (((1,), (0,)), ((), ())))  # [N, out]
         return y.reshape(*x.shape[:-1], self.features) + bias
+
+
+def rows_times_out_in(rows: jax.Array, kernel: jax.Array) -> jax.Array:
+    """[N, in] x [out, in]^T -> [N, out], in the dtype of `rows`.
+
+    XLA:CPU runs a bfloat16 dot several times slower than a float32 one; for a single row
+    (batch-1 decode) a fused multiply-and-sum over float32-widened weights streams the bfloat16
+    weights at memory speed instead.
+    """
+    if rows.shape[0] == 1 and kernel.dtype == jnp.bfloat16:
+        widened = kernel.astype(jnp.float32) * rows.astype(jnp.float32)  # [out, in]
+        return jnp.sum(widened, axis=-1)[None].astype(rows.dtype)  # [1, out]
+    return jax.lax.dot_general(rows, kernel, (((1,), (1,)), ((), ())))  # [N, out]
 
 
 class Attention(nn.Module):
@@ -268,7 +283,9 @@ class GPT2(nn.Module):
             name="ln_f",
         )(x)
         rows = x.reshape(-1, cfg.n_embd)  # [B * (T or 1), D]: a 2-D dot, see Dense
-        logits = wte.attend(rows).reshape(*x.shape[:2], -1).astype(jnp.float32)  # [B, T or 1, V]
+        rows = rows.astype(self.dtype)
+        table = wte.embedding.astype(self.dtype)  # [V, D]: an (out, in) kernel
+        logits = rows_times_out_in(rows, table).reshape(*x.shape[:2], -1).astype(jnp.float32)
 
         if cache is not None:
             mask = jax.lax.dynamic_update_slice(cache.mask, new_mask, (0, index))  # [B, S]

@@ -76,3 +76,17 @@ def test_bfloat16_compute_stays_close(tiny_a, golden):
     assert out.dtype == jnp.float32
     reference = golden["arrays"]["tiny_a/logits"]
     assert np.abs(np.asarray(out) - reference).max() < 0.1 * np.abs(reference).max()
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_bfloat16_out_in_product_matches_numpy(rows):
+    """The single-row bfloat16 path (multiply-and-sum) and the dot path agree with numpy."""
+    from gpt2cli.model import rows_times_out_in
+
+    keys = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(keys[0], (rows, 64)).astype(jnp.bfloat16)
+    kernel = jax.random.normal(keys[1], (48, 64)).astype(jnp.bfloat16)
+    expected = np.asarray(x, np.float32) @ np.asarray(kernel, np.float32).T
+    out = rows_times_out_in(x, kernel)
+    assert out.shape == (rows, 48) and out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out, np.float32), expected, rtol=2e-2, atol=5e-2)

@@ -104,11 +104,14 @@ class Engine:
         self.config = config
         self.dtype = dtype
         self.chunk = chunk  # tokens per decode call
+        out_in = out_in and dtype == "float32"  # bfloat16 products want (in, out): see model.py
         self.params = _prepare(params, DTYPES[dtype], out_in)
         self.programs = _programs(config, dtype, chunk, out_in)
 
     def new_cache(self, batch: int, length: int) -> KVCache:
-        return KVCache.empty(self.config, batch, length, DTYPES[self.dtype])
+        # float32 in every dtype: XLA:CPU would widen a bfloat16 cache to a float32 copy for the
+        # attention products at every step, which costs more than the cache's reads save.
+        return KVCache.empty(self.config, batch, length, jnp.float32)
 
 
 def _prepare(params: dict, dtype, out_in: bool) -> dict:

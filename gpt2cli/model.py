@@ -63,9 +63,9 @@ class KVCache:
 class Dense(nn.Module):
     """`x @ kernel + bias` with HF's (in, out) kernel, or the same kernel stored (out, in).
 
-    The (out, in) layout is for decoding on CPU: a [B, in] x [out, in]^T product reads each
-    weight row contiguously, which XLA runs near memory speed (and is its fast bfloat16 path),
-    while the (in, out) product of a single row is markedly slower. Same names, same values.
+    The (out, in) layout is for float32 decoding on CPU: a [B, in] x [out, in]^T product reads
+    each weight row contiguously, which XLA runs near memory speed, while the (in, out) product
+    of a single row is markedly slower. Same names, same values.
     """
 
     features: int
@@ -83,24 +83,56 @@ class Dense(nn.Module):
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         # A 2-D product: XLA's CPU dot is fast for [N, in] but slow in bfloat16 for [B, T, in].
         rows = x.reshape(-1, d_in)  # [N, in]
-        if self.out_in:
-            y = rows_times_out_in(rows, kernel)  # [N, out]
-        else:
-            y = jax.lax.dot_general(rows, kernel, (((1,), (0,)), ((), ())))  # [N, out]
+        product = rows_times_out_in if self.out_in else rows_times_in_out
+        y = product(rows, kernel)  # [N, out]
         return y.reshape(*x.shape[:-1], self.features) + bias
+
+
+def rows_times_in_out(rows: jax.Array, kernel: jax.Array) -> jax.Array:
+    """[N, in] x [in, out] -> [N, out], in the dtype of `rows`.
+
+    In bfloat16 the product accumulates in float32, which is also what lets XLA:CPU hand it to
+    its fast bfloat16 kernels (YNNPACK). Those take matrices only, not a single row, so one row
+    is padded to two: the weights are still read once.
+    """
+    if kernel.dtype != jnp.bfloat16:
+        return jax.lax.dot_general(rows, kernel, (((1,), (0,)), ((), ())))
+    n = rows.shape[0]
+    padded = jnp.pad(rows, ((0, 1), (0, 0))) if n == 1 else rows  # [max(N, 2), in]
+    y = jax.lax.dot_general(
+        padded, kernel, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
+    )
+    return y[:n].astype(rows.dtype)
 
 
 def rows_times_out_in(rows: jax.Array, kernel: jax.Array) -> jax.Array:
     """[N, in] x [out, in]^T -> [N, out], in the dtype of `rows`.
 
-    XLA:CPU runs a bfloat16 dot several times slower than a float32 one; for a single row
-    (batch-1 decode) a fused multiply-and-sum over float32-widened weights streams the bfloat16
-    weights at memory speed instead.
+    XLA:CPU runs a bfloat16 product against a transposed kernel many times slower than a float32
+    one. For one row a fused multiply-and-sum over float32-widened weights streams the bfloat16
+    weights instead; for several rows the float32 product over widened weights is faster.
     """
-    if rows.shape[0] == 1 and kernel.dtype == jnp.bfloat16:
-        widened = kernel.astype(jnp.float32) * rows.astype(jnp.float32)  # [out, in]
-        return jnp.sum(widened, axis=-1)[None].astype(rows.dtype)  # [1, out]
-    return jax.lax.dot_general(rows, kernel, (((1,), (1,)), ((), ())))  # [N, out]
+    if kernel.dtype != jnp.bfloat16:
+        return jax.lax.dot_general(rows, kernel, (((1,), (1,)), ((), ())))  # [N, out]
+    wide_rows, wide_kernel = rows.astype(jnp.float32), kernel.astype(jnp.float32)
+    if rows.shape[0] == 1:
+        y = jnp.sum(wide_kernel * wide_rows, axis=-1)[None]  # [1, out]
+    else:
+        y = jax.lax.dot_general(wide_rows, wide_kernel, (((1,), (1,)), ((), ())))  # [N, out]
+    return y.astype(rows.dtype)
+
+
+class Embed(nn.Embed):
+    """Flax's embedding table, looked up row by row before any change of dtype."""
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        table = self.embedding  # [N, D]
+        if table.dtype == jnp.bfloat16:
+            # XLA:CPU gathers bfloat16 through a float32 copy of the table. Fused with the
+            # gather that costs nothing, but in a decode loop XLA would hoist the copy (~150 MB
+            # for wte) out of the loop; tying the table to this step's ids keeps it inside.
+            table, ids = jax.lax.optimization_barrier((table, ids))
+        return jnp.take(table, ids, axis=0).astype(self.dtype)
 
 
 class Attention(nn.Module):
@@ -139,7 +171,7 @@ class Attention(nn.Module):
         top = jnp.max(s_new, axis=-1, keepdims=True)  # [B, H, T, 1]
         if cache_kv is not None:
             past_k, past_v = cache_kv  # [B, H, S, K] each
-            s_past = jnp.einsum("bhtk,bhsk->bhts", q, past_k.astype(q.dtype))
+            s_past = jnp.einsum("bhtk,bhsk->bhts", q.astype(past_k.dtype), past_k)
             s_past = s_past.astype(jnp.float32) * scale
             s_past = jnp.where(past_ok[:, None, None, :], s_past, lowest)  # [B, H, T, S]
             top = jnp.maximum(top, jnp.max(s_past, axis=-1, keepdims=True))
@@ -152,8 +184,8 @@ class Attention(nn.Module):
         probs = drop((e_new / total).astype(self.dtype), deterministic=deterministic)
         out = jnp.einsum("bhtu,bhuk->bthk", probs, v)  # [B, T, H, K]
         if cache_kv is not None:
-            probs = drop((e_past / total).astype(self.dtype), deterministic=deterministic)
-            out = out + jnp.einsum("bhts,bhsk->bthk", probs, past_v.astype(self.dtype))
+            probs = drop((e_past / total).astype(past_v.dtype), deterministic=deterministic)
+            out = out + jnp.einsum("bhts,bhsk->bthk", probs, past_v).astype(self.dtype)
             # Write the new keys/values at slot `index` only after the old cache was read: a zero
             # computed from `out` makes the writes depend on the reads, so XLA updates the cache
             # in place instead of copying it every step. (A comparison, so NaN cannot leak in.)
@@ -246,7 +278,7 @@ class GPT2(nn.Module):
             index = cache.index
             past_ok = cache.mask & (jnp.arange(cache.length) < index)[None]  # [B, S]
 
-        wte = nn.Embed(
+        wte = Embed(
             cfg.vocab_size,
             cfg.n_embd,
             dtype=self.dtype,
@@ -254,7 +286,7 @@ class GPT2(nn.Module):
             embedding_init=nn.initializers.normal(0.02),
             name="wte",
         )
-        wpe = nn.Embed(
+        wpe = Embed(
             cfg.n_positions,
             cfg.n_embd,
             dtype=self.dtype,
@@ -285,6 +317,12 @@ class GPT2(nn.Module):
         rows = x.reshape(-1, cfg.n_embd)  # [B * (T or 1), D]: a 2-D dot, see Dense
         rows = rows.astype(self.dtype)
         table = wte.embedding.astype(self.dtype)  # [V, D]: an (out, in) kernel
+        if table.dtype == jnp.bfloat16 and rows.shape[0] == 1:
+            # XLA would widen the whole bfloat16 table to float32 in memory (~150 MB) rather
+            # than inside the one-row product: because the embedding lookup reads it too, and in
+            # a decode loop because the widening does not change from step to step, so it is
+            # hoisted out. Tying the table to this step's row with a barrier prevents both.
+            table, rows = jax.lax.optimization_barrier((table, rows))
         logits = rows_times_out_in(rows, table).reshape(*x.shape[:2], -1).astype(jnp.float32)
 
         if cache is not None:

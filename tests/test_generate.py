@@ -194,6 +194,31 @@ def test_bfloat16_engine_follows_the_float32_greedy_path(tiny_a, golden):
     assert greedy_tokens(engine, prompt, 5) == reference[:5]
 
 
+def test_bfloat16_decode_never_widens_a_weight_matrix_in_memory(tiny_a, golden):
+    """XLA:CPU likes to widen bfloat16 weights to float32 copies (a gather's table, a product's
+    operand hoisted out of the decode loop); each copy costs more than the step itself."""
+    config, params = tiny_a
+    engine = Engine(config, params, dtype="bfloat16")
+    decode = engine.programs.decode
+    seen = []
+
+    class Recorder:
+        def __init__(self, programs):
+            self.prefill = programs.prefill
+
+        def decode(self, params, state, *, rule):
+            shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
+            seen.append((params, shapes, rule))
+            return decode(params, state, rule=rule)
+
+    engine.programs = Recorder(engine.programs)
+    greedy_tokens(engine, golden["arrays"]["tiny_a/gen1/prompt_ids"].tolist(), 6)
+    params, shapes, rule = seen[0]
+    temp = decode.lower(params, shapes, rule=rule).compile().memory_analysis().temp_size_in_bytes
+    wte_in_float32 = config.vocab_size * config.n_embd * 4
+    assert temp < wte_in_float32 / 2, f"{temp} bytes of temporaries"
+
+
 def test_window_is_enforced_with_the_overflow_named():
     with pytest.raises(UserError, match="exceeds the model's context window of 128 by 2 tokens"):
         fit_prompt(list(range(30)), 100, 128, truncate=False)

@@ -83,12 +83,6 @@ def _quit_quietly_on_broken_pipe() -> None:
     raise typer.Exit(0)
 
 
-def jax_backend() -> str:
-    import jax
-
-    return jax.default_backend()
-
-
 def _record(prompt: str, sample: int, completion) -> dict:
     return {
         "prompt": prompt,
@@ -176,11 +170,6 @@ def generate(
     from gpt2cli.hub import load_model, load_tokenizer
 
     compile_cache.enable()
-    if dtype == "bfloat16" and jax_backend() == "cpu":
-        err.print(
-            "note: on CPU, XLA converts bfloat16 weights to float32 for every matmul, so "
-            "bfloat16 is slower than float32 here; use --dtype float32 for speed"
-        )
     started = time.perf_counter()
     with err.status(f"loading {model}"):
         config, params = load_model(model)
@@ -196,7 +185,7 @@ def generate(
             )
     new_tokens = _new_tokens(max_new_tokens, max_length, max(map(len, prompts)))
     prompts = [fit_prompt(ids, new_tokens, config.n_positions, truncate) for ids in prompts]
-    # (out, in) kernels are faster for one row, HF's (in, out) for a batch: see model.Dense
+    # float32 (out, in) kernels are faster for one row, HF's (in, out) otherwise: see model.Dense
     engine = Engine(config, params, dtype, out_in=len(prompts) * num_samples == 1)
     loaded = time.perf_counter() - started
     stops = stop or []

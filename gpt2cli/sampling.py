@@ -63,7 +63,8 @@ def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: float)
 def apply_top_k(logits: jax.Array, k: int) -> jax.Array:
     """Keep the k highest logits (and any tied with the k-th), remove the rest."""
     k = min(k, logits.shape[-1])
-    kth = jax.lax.top_k(logits, k)[0][..., -1:]  # [B, 1]
+    # The smallest of the top k (slicing out the last one instead makes XLA:CPU sort everything)
+    kth = jnp.min(jax.lax.top_k(logits, k)[0], axis=-1, keepdims=True)  # [B, 1]
     return jnp.where(logits < kth, _REMOVED, logits)
 
 
@@ -71,14 +72,35 @@ def apply_top_p(logits: jax.Array, p: float) -> jax.Array:
     """Keep the smallest set of most likely tokens whose probability reaches p (at least one).
 
     HF removes a token when the probability of all tokens ranked at or below it is <= 1 - p,
-    which is the same as: the probability of the tokens ranked above it is >= p.
+    which is the same as: the probability of the tokens ranked above it is < p. So the lowest
+    kept logit is the highest logit value t whose tokens at or above t hold at least p. Rather
+    than sort the vocabulary (slow on CPU), t is found by bisection over the 32-bit patterns of
+    the logits, ordered as the floats are: 32 masked sums, exact.
     """
-    ranked = jnp.sort(logits, axis=-1)[..., ::-1]  # [B, V] descending
-    probs = jax.nn.softmax(ranked, axis=-1)
-    above = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each rank
-    kept = jnp.where(above < p, ranked, jnp.inf)
-    cutoff = jnp.min(kept, axis=-1, keepdims=True)  # [B, 1] lowest kept logit
-    return jnp.where(logits < cutoff, _REMOVED, logits)
+    probs = jax.nn.softmax(logits, axis=-1)  # [B, V]
+    order = _float_order(logits)  # [B, V] uint32, ordered as the logits
+
+    def mass_from(t):  # [B, 1] -> [B, 1]: probability of the tokens at or above t
+        return jnp.sum(jnp.where(order >= t, probs, 0.0), axis=-1, keepdims=True)
+
+    def halve(_, bounds):  # invariant: mass_from(low) >= p > mass_from(high)
+        low, high = bounds
+        middle = low + (high - low) // 2
+        enough = mass_from(middle) >= p
+        return jnp.where(enough, middle, low), jnp.where(enough, high, middle)
+
+    top = jnp.max(order, axis=-1, keepdims=True)
+    low = jnp.min(order, axis=-1, keepdims=True)
+    low, _ = jax.lax.fori_loop(0, 32, halve, (low, top + 1))  # 32 halvings: one value left
+    return jnp.where(order < low, _REMOVED, logits)
+
+
+def _float_order(x: jax.Array) -> jax.Array:
+    """float32 -> uint32 with the same order (negative floats' bits flipped, sign bit set on the
+    others), so that a bisection over integers walks the floats."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    negative = bits >> 31 == 1
+    return jnp.where(negative, ~bits, bits | jnp.uint32(0x80000000))
 
 
 def apply_min_p(logits: jax.Array, p: float) -> jax.Array:
@@ -119,8 +141,17 @@ def make_sampler(
         return lambda logits, keys: jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def sample(logits: jax.Array, keys: jax.Array) -> jax.Array:
-        warped = warp_logits(logits, temperature, top_k, top_p, min_p)
-        draw = jax.vmap(lambda key, row: jax.random.categorical(key, row))
-        return draw(keys, warped).astype(jnp.int32)
+        return draw(warp_logits(logits, temperature, top_k, top_p, min_p), keys)
 
     return sample
+
+
+def draw(logits: jax.Array, keys: jax.Array) -> jax.Array:
+    """One token per row with probability softmax(logits): [B, V], [B] keys -> [B] int32.
+
+    By the inverse of the cumulative distribution: one uniform number per row, where a Gumbel
+    draw (`jax.random.categorical`) would need V of them, which costs more than the search.
+    """
+    cumulative = jnp.cumsum(jax.nn.softmax(logits, axis=-1), axis=-1)  # [B, V]
+    u = jax.vmap(jax.random.uniform)(keys)[:, None] * cumulative[:, -1:]  # [B, 1] in [0, total)
+    return jnp.argmax(cumulative > u, axis=-1).astype(jnp.int32)  # first token past u

@@ -11,6 +11,7 @@ from gpt2cli.sampling import (
     apply_repetition_penalty,
     apply_top_k,
     apply_top_p,
+    draw,
     make_logits_processors,
     make_sampler,
     warp_logits,
@@ -48,6 +49,28 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert kept(apply_top_p(LOGITS, 1.0)) == {0, 1, 2, 3, 4}
 
 
+def hf_top_p_kept(logits: np.ndarray, p: float) -> set[int]:
+    """transformers' TopPLogitsWarper, in float64: sort ascending, drop the tokens whose
+    cumulative probability is <= 1 - p, always keep the last (most likely) one."""
+    order = np.argsort(logits, kind="stable")
+    probs = np.exp(logits[order] - logits.max())
+    cumulative = np.cumsum(probs / probs.sum())
+    remove = cumulative <= 1 - p
+    remove[-1] = False
+    return set(order[~remove].tolist())
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5, 0.9, 0.99])
+def test_top_p_keeps_what_transformers_keeps_on_random_logits(p):
+    rng = np.random.default_rng(int(p * 100))
+    rows = rng.standard_normal((64, 2000)) * rng.uniform(0.1, 8.0, (64, 1))  # flat to peaked
+    rows = rows.astype(np.float32)
+    ours = np.asarray(apply_top_p(jnp.asarray(rows), p))
+    for row, mine in zip(rows, ours, strict=True):
+        expected = hf_top_p_kept(row.astype(np.float64), p)
+        assert set(np.flatnonzero(np.isfinite(mine)).tolist()) == expected
+
+
 def test_min_p_scales_with_the_top_probability():
     assert kept(apply_min_p(LOGITS, 0.5)) == {1, 3}  # >= 0.2
     assert kept(apply_min_p(LOGITS, 0.3)) == {1, 3, 0}  # >= 0.12
@@ -82,6 +105,12 @@ def test_sampled_frequencies_match_the_processed_distribution():
     assert expected[2] == 0.0 and observed[2] == 0.0  # removed by top-k
     assert expected[4] > 0.0  # ... and the others survive
     np.testing.assert_allclose(observed, expected, atol=4 * np.sqrt(0.25 / n))
+
+
+def test_a_draw_never_lands_on_a_removed_token_at_either_end():
+    inf = float("inf")
+    logits = jnp.asarray([[-inf, -inf, 0.0], [0.0, -inf, -inf], [-inf, 3.0, -inf]] * 300)
+    np.testing.assert_array_equal(draw(logits, keys(900, 5)), [2, 0, 1] * 300)
 
 
 def test_a_row_draws_the_same_token_alone_or_in_a_batch():

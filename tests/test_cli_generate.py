@@ -147,5 +147,16 @@ def test_bench_reports_speeds_as_json():
         assert result[key] > 0
 
 
+def test_bench_samples_when_asked_and_says_how():
+    args = ("--prompt-tokens", "8", "--new-tokens", "6", "--repeats", "1")
+    done = gpt2("bench", *MODEL, *args, "--temperature", "0.8", "--top-p", "0.9")
+    assert done.exit_code == 0, done.stderr
+    assert "temperature 0.8, top-p 0.9" in done.stdout
+
+
 def test_bench_refuses_lengths_over_the_window():
     one_line_error(gpt2("bench", *MODEL, "--prompt-tokens", "100", "--new-tokens", "50"), "128")
+
+
+def test_bench_refuses_bad_sampling_values():
+    one_line_error(gpt2("bench", *MODEL, "--top-p", "0"), "top_p must be in (0, 1]")

@@ -14,19 +14,21 @@ from gpt2cli.cli.options import DEFAULT_MODEL, Dtype, JsonOutput, ModelRef
 from gpt2cli.errors import UserError
 
 
-def measure(engine, batch: int, prompt_tokens: int, new_tokens: int, repeats: int) -> dict:
-    """Greedy runs on random prompts (EOS ignored): the first compiles, the best of the rest."""
+def measure(
+    engine, batch: int, prompt_tokens: int, new_tokens: int, repeats: int, sampling=None
+) -> dict:
+    """Runs on random prompts (EOS ignored, greedy unless `sampling` says otherwise): the first
+    compiles, the best of the rest is reported."""
     import numpy as np
 
     from gpt2cli.generate import SamplingParams, TokenRun
 
     rng = np.random.default_rng(0)
     prompts = rng.integers(0, engine.config.vocab_size, (batch, prompt_tokens)).tolist()
+    sampling = sampling or SamplingParams()
 
     def run() -> tuple[float, float]:
-        tokens = TokenRun(
-            engine, prompts, max_new_tokens=new_tokens, sampling_params=SamplingParams()
-        )
+        tokens = TokenRun(engine, prompts, max_new_tokens=new_tokens, sampling_params=sampling)
         start = time.perf_counter()
         stamps = [time.perf_counter() for _ in tokens]
         return stamps[0] - start, stamps[-1] - stamps[0]
@@ -55,18 +57,23 @@ def bench(
     batch: Annotated[int, typer.Option(help="Rows decoded together.")] = 1,
     repeats: Annotated[int, typer.Option(help="Timed runs after the first (best is kept).")] = 3,
     dtype: Dtype = "float32",
+    temperature: Annotated[float, typer.Option(help="0 = greedy; above 0 samples.")] = 0.0,
+    top_k: Annotated[int, typer.Option(help="Sample from the k most likely tokens (0 = off).")] = 0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass in (0, 1] (1 = off).")] = 1.0,
     json_output: JsonOutput = False,
 ) -> None:
     """Measure generation speed: prefill and decode tokens/s, first-token latency, compile time.
 
     The first run compiles (and fills the persistent compilation cache); the best of the timed
-    runs after it is reported. Random prompts, greedy decoding, EOS ignored.
+    runs after it is reported. Random prompts, EOS ignored, greedy unless --temperature is set.
 
     Examples:
 
       gpt2 bench -m gpt2.npz --prompt-tokens 32 --new-tokens 128 --batch 1
 
       gpt2 bench -m ./hf-folder --dtype bfloat16 --batch 8 --json
+
+      gpt2 bench -m gpt2.npz --temperature 0.8 --top-p 0.95
     """
     for name, value in (
         ("--prompt-tokens", prompt_tokens),
@@ -81,9 +88,10 @@ def bench(
 
     from gpt2cli import compile_cache
     from gpt2cli.cli.console import err
-    from gpt2cli.generate import Engine
+    from gpt2cli.generate import Engine, SamplingParams
     from gpt2cli.hub import load_model
 
+    sampling = SamplingParams(temperature, top_k, top_p)  # checks the ranges
     compile_cache.enable()
     with err.status(f"loading {model}"):
         config, params = load_model(model)
@@ -97,7 +105,8 @@ def bench(
         result = {
             "model": model,
             "dtype": dtype,
-            **measure(engine, batch, prompt_tokens, new_tokens, repeats),
+            "sampling": {"temperature": temperature, "top_k": top_k, "top_p": top_p},
+            **measure(engine, batch, prompt_tokens, new_tokens, repeats, sampling),
         }
     if json_output:
         sys.stdout.write(json.dumps(result) + "\n")
@@ -107,6 +116,7 @@ def bench(
         ("model", model),
         ("dtype / batch", f"{dtype} / {batch}"),
         ("prompt / new tokens", f"{prompt_tokens} / {new_tokens}"),
+        ("sampling", sampling_text(temperature, top_k, top_p)),
         ("prefill tokens/s", f"{result['prefill_tokens_per_s']:.1f}"),
         ("decode tokens/s", f"{decode:.1f}" if decode else "-"),
         ("first token latency", f"{result['first_token_s'] * 1000:.1f} ms"),
@@ -116,3 +126,12 @@ def bench(
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         sys.stdout.write(f"{name:<{width}}  {value}\n")
+
+
+def sampling_text(temperature: float, top_k: int, top_p: float) -> str:
+    if temperature == 0.0:
+        return "greedy"
+    parts = [f"temperature {temperature:g}"]
+    parts += [f"top-k {top_k}"] if top_k else []
+    parts += [f"top-p {top_p:g}"] if top_p < 1.0 else []
+    return ", ".join(parts)

@@ -114,11 +114,16 @@ def rows_times_out_in(rows: jax.Array, kernel: jax.Array) -> jax.Array:
     """
     if kernel.dtype != jnp.bfloat16:
         return jax.lax.dot_general(rows, kernel, (((1,), (1,)), ((), ())))  # [N, out]
-    wide_rows, wide_kernel = rows.astype(jnp.float32), kernel.astype(jnp.float32)
+    wide = jnp.float32
     if rows.shape[0] == 1:
-        y = jnp.sum(wide_kernel * wide_rows, axis=-1)[None]  # [1, out]
+        # XLA would rather widen the whole kernel to a float32 copy in memory (~150 MB for the
+        # tied head) than inside the product: when another op reads the kernel too (the head's
+        # embedding lookup), and in a decode loop, where the widening does not change from step
+        # to step and is hoisted out. Tying the kernel to this step's row prevents both.
+        kernel, rows = jax.lax.optimization_barrier((kernel, rows))
+        y = jnp.sum(kernel.astype(wide) * rows.astype(wide), axis=-1)[None]  # [1, out]
     else:
-        y = jax.lax.dot_general(wide_rows, wide_kernel, (((1,), (1,)), ((), ())))  # [N, out]
+        y = jax.lax.dot_general(rows.astype(wide), kernel.astype(wide), (((1,), (1,)), ((), ())))
     return y.astype(rows.dtype)
 
 
@@ -317,12 +322,6 @@ class GPT2(nn.Module):
         rows = x.reshape(-1, cfg.n_embd)  # [B * (T or 1), D]: a 2-D dot, see Dense
         rows = rows.astype(self.dtype)
         table = wte.embedding.astype(self.dtype)  # [V, D]: an (out, in) kernel
-        if table.dtype == jnp.bfloat16 and rows.shape[0] == 1:
-            # XLA would widen the whole bfloat16 table to float32 in memory (~150 MB) rather
-            # than inside the one-row product: because the embedding lookup reads it too, and in
-            # a decode loop because the widening does not change from step to step, so it is
-            # hoisted out. Tying the table to this step's row with a barrier prevents both.
-            table, rows = jax.lax.optimization_barrier((table, rows))
         logits = rows_times_out_in(rows, table).reshape(*x.shape[:2], -1).astype(jnp.float32)
 
         if cache is not None:

@@ -116,7 +116,7 @@ def bench(
         ("model", model),
         ("dtype / batch", f"{dtype} / {batch}"),
         ("prompt / new tokens", f"{prompt_tokens} / {new_tokens}"),
-        ("sampling", sampling_text(temperature, top_k, top_p)),
+        ("sampling", sampling_text(sampling)),
         ("prefill tokens/s", f"{result['prefill_tokens_per_s']:.1f}"),
         ("decode tokens/s", f"{decode:.1f}" if decode else "-"),
         ("first token latency", f"{result['first_token_s'] * 1000:.1f} ms"),
@@ -128,10 +128,10 @@ def bench(
         sys.stdout.write(f"{name:<{width}}  {value}\n")
 
 
-def sampling_text(temperature: float, top_k: int, top_p: float) -> str:
-    if temperature == 0.0:
+def sampling_text(sampling) -> str:
+    if sampling.temperature == 0.0:
         return "greedy"
-    parts = [f"temperature {temperature:g}"]
-    parts += [f"top-k {top_k}"] if top_k else []
-    parts += [f"top-p {top_p:g}"] if top_p < 1.0 else []
+    parts = [f"temperature {sampling.temperature:g}"]
+    parts += [f"top-k {sampling.top_k}"] if sampling.top_k else []
+    parts += [f"top-p {sampling.top_p:g}"] if sampling.top_p < 1.0 else []
     return ", ".join(parts)

@@ -17,6 +17,10 @@ _FIXED_ON_RESUME = (
     "dataset",
     "model",
     "init",
+    "n_layer",
+    "n_head",
+    "n_embd",
+    "n_positions",
     "tokenizer",
     "out",
     "output",
@@ -45,7 +49,10 @@ def train(
     dataset: Annotated[
         list[str] | None,
         Opt(
-            "--dataset", "-d", help="Text file(s) or globs; relative names are read from $DATA_DIR."
+            "--dataset",
+            "-d",
+            help="Text file(s) or globs (relative names are read from $DATA_DIR), or a "
+            "folder made by gpt2 prepare.",
         ),
     ] = None,
     more_files: Annotated[
@@ -66,7 +73,22 @@ def train(
         ),
     ] = None,
     init: Annotated[
-        str | None, Opt("--init", help="Train from scratch with this preset's shape (e.g. tiny).")
+        str | None,
+        Opt(
+            "--init",
+            help="Train from scratch: a preset's shape (tiny, gpt2, gpt2-medium, ...) or a "
+            "config.json (its file or folder).",
+        ),
+    ] = None,
+    n_layer: Annotated[
+        int | None, Opt("--n-layer", help="With --init: transformer blocks.", show_default=False)
+    ] = None,
+    n_head: Annotated[
+        int | None, Opt("--n-head", help="With --init: attention heads (divide --n-embd).")
+    ] = None,
+    n_embd: Annotated[int | None, Opt("--n-embd", help="With --init: residual width.")] = None,
+    n_positions: Annotated[
+        int | None, Opt("--n-positions", help="With --init: context length (block_size).")
     ] = None,
     tokenizer: Annotated[
         str | None, Opt("--tokenizer", help="Tokenizer folder or repo id.")
@@ -101,7 +123,11 @@ def train(
         int | None, Opt("--grad-accum", help="Micro-batches per optimizer step \\[default: 1].")
     ] = None,
     lr: Annotated[
-        float | None, Opt("--lr", help="Peak learning rate \\[default: 5e-5; 6e-4 with --init].")
+        float | None,
+        Opt(
+            "--lr",
+            help="Peak learning rate \\[default: 5e-5; with --init 6e-4 x 768 / n_embd, at most 1e-2].",
+        ),
     ] = None,
     min_lr: Annotated[
         float | None, Opt("--min-lr", help="Final learning rate \\[default: lr/10].")
@@ -179,6 +205,10 @@ def train(
 
       gpt2 train --dataset tiny.txt --init tiny --steps 300 --out runs/scratch
 
+      gpt2 train --dataset tiny.txt --init tiny --n-layer 4 --n-embd 128 --steps 300
+
+      gpt2 prepare 'corpus/*.txt' --out data/corpus && gpt2 train --dataset data/corpus --init tiny
+
       gpt2 train --resume runs/ft --steps 4000
     """
     given = dict(locals())
@@ -186,6 +216,13 @@ def train(
         raise UserError(f"--errors must be strict or replace, got {errors!r}")
     if model and init:
         raise UserError("give either --model (fine-tune) or --init (from scratch), not both")
+    shape = {"n_layer": n_layer, "n_head": n_head, "n_embd": n_embd, "n_positions": n_positions}
+    given_shape = [name for name, value in shape.items() if value is not None]
+    if given_shape and not init:
+        flag = "--" + given_shape[0].replace("_", "-")
+        raise UserError(
+            f"{flag} shapes a new model: add --init PRESET (a loaded model keeps its shape)"
+        )
     if data_parallel and fsdp:
         raise UserError("--fsdp already splits the batch over the devices; drop --data-parallel")
     if (num_processes > 1) != (coordinator is not None):
@@ -232,7 +269,7 @@ def train(
         from gpt2cli.hub import load_model
 
         model = model if (model or init) else DEFAULT_MODEL
-        model_config, start_params = train_run.source_config(model, init, load_model)
+        model_config, start_params = train_run.source_config(model, init, load_model, shape)
         request = train_run.NewRun(
             dataset=list(dataset or []) + list(more_files or []),
             model=None if init else model,
@@ -241,7 +278,7 @@ def train(
             out=out,
             output=output,
             val_dataset=val_dataset,
-            val_fraction=0.05 if val_fraction is None else val_fraction,
+            val_fraction=val_fraction,
             errors=errors or "strict",
             eval_batches=8 if eval_batches is None else eval_batches,
             steps=1000 if steps is None else steps,
@@ -330,8 +367,9 @@ def _run(plan, force: bool, plot: bool) -> None:
 
     what = "resuming" if plan.resumed else "training"
     err.print(
-        f"{what} {source['source'] or 'a fresh ' + source['init']} "
-        f"({config.num_params() / 1e6:.1f}M params) in {folder.path} from step {start} "
+        f"{what} {source['source'] or 'a fresh ' + source['init']} ({config.n_layer} layers, "
+        f"{config.n_head} heads, width {config.n_embd}, context {config.n_positions}: "
+        f"{config.num_params() / 1e6:.1f}M params) in {folder.path} from step {start} "
         f"to {loop.steps}; {len(data.train)} train blocks of {data.train.seq} tokens"
     )
     try:

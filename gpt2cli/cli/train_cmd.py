@@ -18,6 +18,10 @@ _FIXED_ON_RESUME = (
     "dataset",
     "model",
     "init",
+    "n_layer",
+    "n_head",
+    "n_embd",
+    "n_positions",
     "tokenizer",
     "out",
     "output",
@@ -70,7 +74,22 @@ def train(
         ),
     ] = None,
     init: Annotated[
-        str | None, Opt("--init", help="Train from scratch with this preset's shape (e.g. tiny).")
+        str | None,
+        Opt(
+            "--init",
+            help="Train from scratch: a preset's shape (tiny, gpt2, gpt2-medium, ...) or a "
+            "config.json (its file or folder).",
+        ),
+    ] = None,
+    n_layer: Annotated[
+        int | None, Opt("--n-layer", help="With --init: transformer blocks.", show_default=False)
+    ] = None,
+    n_head: Annotated[
+        int | None, Opt("--n-head", help="With --init: attention heads (divide --n-embd).")
+    ] = None,
+    n_embd: Annotated[int | None, Opt("--n-embd", help="With --init: residual width.")] = None,
+    n_positions: Annotated[
+        int | None, Opt("--n-positions", help="With --init: context length (block_size).")
     ] = None,
     tokenizer: Annotated[
         str | None, Opt("--tokenizer", help="Tokenizer folder or repo id.")
@@ -105,7 +124,11 @@ def train(
         int | None, Opt("--grad-accum", help="Micro-batches per optimizer step \\[default: 1].")
     ] = None,
     lr: Annotated[
-        float | None, Opt("--lr", help="Peak learning rate \\[default: 5e-5; 6e-4 with --init].")
+        float | None,
+        Opt(
+            "--lr",
+            help="Peak learning rate \\[default: 5e-5; with --init 6e-4 x 768 / n_embd, at most 1e-2].",
+        ),
     ] = None,
     min_lr: Annotated[
         float | None, Opt("--min-lr", help="Final learning rate \\[default: lr/10].")
@@ -183,6 +206,8 @@ def train(
 
       gpt2 train --dataset tiny.txt --init tiny --steps 300 --out runs/scratch
 
+      gpt2 train --dataset tiny.txt --init tiny --n-layer 4 --n-embd 128 --steps 300
+
       gpt2 prepare 'corpus/*.txt' --out data/corpus && gpt2 train --dataset data/corpus --init tiny
 
       gpt2 train --resume runs/ft --steps 4000
@@ -192,6 +217,13 @@ def train(
         raise UserError(f"--errors must be strict or replace, got {errors!r}")
     if model and init:
         raise UserError("give either --model (fine-tune) or --init (from scratch), not both")
+    shape = {"n_layer": n_layer, "n_head": n_head, "n_embd": n_embd, "n_positions": n_positions}
+    given_shape = [name for name, value in shape.items() if value is not None]
+    if given_shape and not init:
+        flag = "--" + given_shape[0].replace("_", "-")
+        raise UserError(
+            f"{flag} shapes a new model: add --init PRESET (a loaded model keeps its shape)"
+        )
     if data_parallel and fsdp:
         raise UserError("--fsdp already splits the batch over the devices; drop --data-parallel")
     if (num_processes > 1) != (coordinator is not None):
@@ -238,7 +270,7 @@ def train(
         from gpt2cli.hub import load_model
 
         model = model if (model or init) else DEFAULT_MODEL
-        model_config, start_params = train_run.source_config(model, init, load_model)
+        model_config, start_params = train_run.source_config(model, init, load_model, shape)
         request = train_run.NewRun(
             dataset=list(dataset or []) + list(more_files or []),
             model=None if init else model,
@@ -339,8 +371,9 @@ def _run(plan, force: bool, plot: bool) -> None:
 
     what = "resuming" if plan.resumed else "training"
     err.print(
-        f"{what} {source['source'] or 'a fresh ' + source['init']} "
-        f"({config.num_params() / 1e6:.1f}M params) in {folder.path} from step {start} "
+        f"{what} {source['source'] or 'a fresh ' + source['init']} ({config.n_layer} layers, "
+        f"{config.n_head} heads, width {config.n_embd}, context {config.n_positions}: "
+        f"{config.num_params() / 1e6:.1f}M params) in {folder.path} from step {start} "
         f"to {loop.steps}; {len(data.train)} train blocks of {data.train.seq} tokens"
     )
     try:

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from gpt2cli.cli.console import err
+from gpt2cli.cli.interrupts import StopRequest
 from gpt2cli.errors import UserError
 
 # Settings that shape the numbers a run produces: fixed once the run exists.
@@ -263,7 +264,7 @@ def train(
             "keep": keep,
             "parallel": parallel,
         }
-        plan = train_run.resume_plan(resume, overrides)
+        plan = train_run.resume_plan(resume, overrides, force=force, main_process=_is_main())
     else:
         from gpt2cli.cli.options import DEFAULT_MODEL
         from gpt2cli.hub import load_model
@@ -304,7 +305,10 @@ def train(
         )
         plan = train_run.new_plan(request, model_config, force=force, main_process=_is_main())
         plan.start_params, start_params = start_params, None
-    _run(plan, force=force or bool(resume), plot=plot)
+    try:
+        _run(plan, force=force or (plan.resumed and plan.owns_output), plot=plot)
+    finally:
+        train_run.close(plan)
 
 
 def _is_main() -> bool:
@@ -353,7 +357,7 @@ def _run(plan, force: bool, plot: bool) -> None:
             return folder.save(step, config, params, opt_state, plan.keep)
         return None
 
-    stop = _Interrupt()
+    stop = StopRequest(_say_stopping, second_aborts=True)
     reporter = _Reporter(folder, loop.steps, start, main_process, save)
     steps_done = 0
 
@@ -362,8 +366,8 @@ def _run(plan, force: bool, plot: bool) -> None:
         nonlocal steps_done
         steps_done += 1
         if jax.process_count() == 1:
-            return stop.requested()
-        return steps_done % loop.log_every == 0 and any_process(stop.requested())
+            return stop.hit
+        return steps_done % loop.log_every == 0 and any_process(stop.hit)
 
     what = "resuming" if plan.resumed else "training"
     err.print(
@@ -392,7 +396,7 @@ def _run(plan, force: bool, plot: bool) -> None:
         err.print(
             f"stopped at step {step} of {loop.steps}. Continue with: gpt2 train --resume {folder.path}"
         )
-        raise typer.Exit(130)
+        raise typer.Exit(stop.exit_code)
     if main_process:
         params = to_host(state.params)
         written = save_npz(plan.output, config, params, force=force)
@@ -403,28 +407,11 @@ def _run(plan, force: bool, plot: bool) -> None:
         to_host(state.params)
 
 
-class _Interrupt:
-    """Ctrl-C asks the loop to stop after the current step; a second Ctrl-C aborts at once."""
-
-    def __init__(self) -> None:
-        self._flag = False
-        self._previous = None
-
-    def requested(self) -> bool:
-        return self._flag
-
-    def _handle(self, signum, frame) -> None:
-        if self._flag:
-            raise KeyboardInterrupt
-        self._flag = True
-        err.print("Ctrl-C: finishing this step and saving (press again to abort without saving)")
-
-    def __enter__(self):
-        self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        signal.signal(signal.SIGINT, self._previous)
+def _say_stopping(signum: int) -> None:
+    what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+    err.print(
+        f"{what}: finishing this step and saving (press Ctrl-C again to abort without saving)"
+    )
 
 
 class _Reporter:

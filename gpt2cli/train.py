@@ -60,6 +60,12 @@ class TrainConfig:
     parallel: str = "single"  # one of sharding.MODES
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(
+                    f"--{f.name.replace('_', '-')} must be a finite number, got {value}"
+                )
         positive = ("batch_size", "seq_length", "grad_accum")
         for name in positive:
             if getattr(self, name) <= 0:
@@ -67,6 +73,11 @@ class TrainConfig:
                 raise UserError(f"{flag} must be a positive integer, got {getattr(self, name)}")
         if self.lr <= 0 or self.min_lr < 0:
             raise UserError(f"--lr must be > 0 and --min-lr >= 0, got {self.lr} and {self.min_lr}")
+        for name in ("weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise UserError(
+                    f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}"
+                )
         if self.warmup < 0:
             raise UserError(f"--warmup must be >= 0, got {self.warmup}")
         if self.dtype not in DTYPES:

@@ -17,7 +17,8 @@ import numpy as np
 from gpt2cli import data as datalib
 from gpt2cli.config import GPT2Config, new_model_config
 from gpt2cli.errors import UserError
-from gpt2cli.runs import RunFolder, load_checkpoint
+from gpt2cli.fields import check_types
+from gpt2cli.runs import RUN_FILE, RunFolder, RunLock, load_checkpoint
 from gpt2cli.train import LoopSettings, TrainConfig, TrainData, Trainer, TrainState
 from gpt2cli.training import settings as S
 from gpt2cli.training.shards import is_prepared, open_prepared
@@ -31,6 +32,7 @@ class Plan:
     spec: dict[str, Any]
     resumed: bool
     start_params: Any = None  # a new run's starting weights (host copy), when already loaded
+    lock: RunLock | None = None  # held by the process that writes the folder
 
     @property
     def model_config(self) -> GPT2Config:
@@ -56,7 +58,14 @@ class Plan:
 
     @property
     def output(self) -> Path:
-        return Path(self.spec["output"])
+        """The trained model's path; a relative one lies in the run folder (see `new_plan`)."""
+        output = Path(self.spec["output"])
+        return output if output.is_absolute() else self.folder.path / output
+
+    @property
+    def owns_output(self) -> bool:
+        """An output inside the run folder is the run's own: resuming may replace it."""
+        return self.output.resolve().is_relative_to(self.folder.path.resolve())
 
     @property
     def settings(self) -> S.Settings:
@@ -122,12 +131,18 @@ def new_plan(s: S.Settings, model_config: GPT2Config, *, force: bool, main_proce
         },
         "train": tc.to_dict(),
         "loop": loop_spec,
-        "output": str(output.resolve()),
+        "output": _output_entry(output, folder),
         "settings": s.flat(),
     }
     if main_process:
         RunFolder.check_new(folder)
     return Plan(RunFolder(folder), spec, resumed=False)
+
+
+def _output_entry(output: Path, folder: Path) -> str:
+    """Relative to the run folder when inside it, so a copied run folder writes its own."""
+    output, folder = output.resolve(), folder.resolve()
+    return str(output.relative_to(folder) if output.is_relative_to(folder) else output)
 
 
 def start_folder(plan: Plan) -> None:
@@ -137,7 +152,22 @@ def start_folder(plan: Plan) -> None:
             {k: v for k, v in plan.spec.items() if k not in ("format", "version")}
         )
     else:
-        plan.folder = RunFolder.create(plan.folder.path, plan.spec)
+        plan.folder, plan.lock = RunFolder.create(plan.folder.path, plan.spec)
+
+
+def close(plan: Plan) -> None:
+    """Let go of the run folder; a new run that saved no checkpoint leaves nothing behind that
+    would block its retry."""
+    if plan.lock is None:
+        return
+    try:
+        if not plan.resumed:
+            plan.folder.remove_unstarted()
+    finally:
+        plan.lock.release()
+        plan.lock = None
+    if not plan.resumed and not any(plan.folder.path.iterdir()):
+        plan.folder.path.rmdir()
 
 
 def recorded_settings(path: str) -> dict[str, Any] | None:
@@ -145,11 +175,29 @@ def recorded_settings(path: str) -> dict[str, Any] | None:
     return RunFolder.open(Path(path)).spec().get("settings")
 
 
-def resume_plan(path: str, overrides: dict[str, Any]) -> Plan:
+def resume_plan(
+    path: str, overrides: dict[str, Any], *, force: bool = False, main_process: bool = True
+) -> Plan:
     """The run in `path`, with settings that leave its numbers alone (steps, cadences, the
-    parallel mode, --plot) changed."""
+    parallel mode, --plot) changed.
+
+    The main process holds the folder's lock from here on (released by `close`).
+    """
     folder = RunFolder.open(Path(path))
+    lock = folder.lock() if main_process else None
+    try:
+        plan = _resume_plan(folder, overrides, force=force)
+    except BaseException:
+        if lock:
+            lock.release()
+        raise
+    plan.lock = lock
+    return plan
+
+
+def _resume_plan(folder: RunFolder, overrides: dict[str, Any], *, force: bool) -> Plan:
     spec = folder.spec()
+    check_spec(spec, folder.path / RUN_FILE)
     recorded = S.Settings.from_flat(spec.get("settings", {}))
     changed = S.Settings.from_flat({**recorded.flat(), **overrides})
     for key in spec["loop"]:
@@ -159,7 +207,67 @@ def resume_plan(path: str, overrides: dict[str, Any]) -> Plan:
     if "settings" in spec:
         spec["settings"] = changed.flat()
     check_loop(spec["loop"])
-    return Plan(folder, spec, resumed=True)
+    plan = Plan(folder, spec, resumed=True)
+    if plan.output.exists() and not (force or plan.owns_output):
+        raise UserError(
+            f"this run writes its model to {plan.output}, outside {folder.path}, and that file "
+            "exists (another run's?): add --force to overwrite it"
+        )
+    return plan
+
+
+_SECTIONS = {"model": dict, "data": dict, "train": dict, "loop": dict, "output": str}
+
+
+@dataclass
+class _DataSpec:
+    dataset: list
+    val_dataset: list | None
+    val_fraction: float
+    errors: str
+    eval_batches: int
+
+
+@dataclass
+class _LoopSpec:
+    steps: int
+    log_every: int
+    eval_every: int
+    save_every: int
+    keep: int
+
+
+@dataclass
+class _ModelSpec:
+    source: str | None
+    init: str | None
+    config: dict
+
+
+def check_spec(spec: dict[str, Any], file: Path) -> None:
+    """Every section and field a resumed run reads, of the right type, its data files present."""
+    for key, kind in _SECTIONS.items():
+        if not isinstance(spec.get(key), kind):
+            raise UserError(f"{file}: {key} is missing or not a {kind.__name__}")
+    for section, cls in (("data", _DataSpec), ("loop", _LoopSpec), ("model", _ModelSpec)):
+        missing = [f for f in cls.__dataclass_fields__ if f not in spec[section]]
+        if missing:
+            raise UserError(f"{file}: {section}.{missing[0]} is missing")
+        check_types(cls, spec[section], f"{file}: {section}.")
+    check_types(TrainConfig, spec["train"], f"{file}: train.")
+    for name, value in spec.get("settings", {}).items():
+        if name not in S.FIELDS:
+            raise UserError(f"{file}: settings.{name} is not a setting")
+        S.check_value(name, value, f"{file}: settings.")
+    prepared = spec["data"].get("prepared") is True
+    for name in spec["data"]["dataset"] + (spec["data"]["val_dataset"] or []):
+        if not isinstance(name, str):
+            raise UserError(f"{file}: data.dataset holds {name!r}, not a file name")
+        if not (is_prepared(name) if prepared else Path(name).is_file()):
+            raise UserError(
+                f"{file}: the run's dataset file {name} is gone; restore it to resume "
+                "(a resumed run reads the same data), or start a new run"
+            )
 
 
 def check_loop(loop: dict[str, int]) -> dict[str, int]:

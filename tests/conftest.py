@@ -63,3 +63,13 @@ def run_gpt2(*args: str, env: dict | None = None, input: str | None = None, cwd=
         cwd=cwd,
         timeout=300,
     )
+
+
+def cli(*args: str, env: dict | None = None, input: str | None = None):
+    """Run `gpt2` in this process (Typer's CliRunner): fast, for everything but signals and
+    pipes, which need `run_gpt2`."""
+    from typer.testing import CliRunner
+
+    from gpt2cli.cli.app import app
+
+    return CliRunner().invoke(app, list(args), env=env, input=input)

@@ -11,6 +11,7 @@ from pathlib import Path
 import typer
 
 from gpt2cli.cli.console import err
+from gpt2cli.cli.interrupts import StopRequest
 from gpt2cli.errors import UserError
 
 Opt = typer.Option
@@ -57,6 +58,7 @@ def train(**given) -> None:
     if resume:
         plan = _resume(resume, values, force)
         if print_config:
+            _close(plan)
             typer.echo(config_file.dumps(S.Settings.from_flat(plan.spec["settings"])))
             return
     else:
@@ -65,7 +67,16 @@ def train(**given) -> None:
             typer.echo(config_file.dumps(_resolved_cheaply(settings)))
             return
         plan = _new(settings, force)
-    _run(plan, force=force or bool(resume), plot=plan.settings.loop.plot)
+    try:
+        _run(plan, force=force or (plan.resumed and plan.owns_output), plot=plan.settings.loop.plot)
+    finally:
+        _close(plan)
+
+
+def _close(plan) -> None:
+    from gpt2cli import train_run
+
+    train_run.close(plan)
 
 
 def _command_parameters() -> list[inspect.Parameter]:
@@ -229,7 +240,7 @@ def _resume(path: str, values: dict, force: bool):
     overrides = {name: value for name, value in values.items() if name not in S.fixed_names()}
     parallel = S.Settings.from_flat({**(recorded or {}), **overrides}).parallel
     _start_processes(parallel)
-    return train_run.resume_plan(path, overrides)
+    return train_run.resume_plan(path, overrides, force=force, main_process=_is_main())
 
 
 def _is_main() -> bool:
@@ -278,7 +289,7 @@ def _run(plan, force: bool, plot: bool) -> None:
             return folder.save(step, config, params, opt_state, plan.keep)
         return None
 
-    stop = _Interrupt()
+    stop = StopRequest(_say_stopping, second_aborts=True)
     reporter = _Reporter(folder, loop.steps, start, main_process, save)
     steps_done = 0
 
@@ -287,8 +298,8 @@ def _run(plan, force: bool, plot: bool) -> None:
         nonlocal steps_done
         steps_done += 1
         if jax.process_count() == 1:
-            return stop.requested()
-        return steps_done % loop.log_every == 0 and any_process(stop.requested())
+            return stop.hit
+        return steps_done % loop.log_every == 0 and any_process(stop.hit)
 
     what = "resuming" if plan.resumed else "training"
     err.print(
@@ -317,7 +328,7 @@ def _run(plan, force: bool, plot: bool) -> None:
         err.print(
             f"stopped at step {step} of {loop.steps}. Continue with: gpt2 train --resume {folder.path}"
         )
-        raise typer.Exit(130)
+        raise typer.Exit(stop.exit_code)
     if main_process:
         params = to_host(state.params)
         written = save_npz(plan.output, config, params, force=force)
@@ -328,28 +339,11 @@ def _run(plan, force: bool, plot: bool) -> None:
         to_host(state.params)
 
 
-class _Interrupt:
-    """Ctrl-C asks the loop to stop after the current step; a second Ctrl-C aborts at once."""
-
-    def __init__(self) -> None:
-        self._flag = False
-        self._previous = None
-
-    def requested(self) -> bool:
-        return self._flag
-
-    def _handle(self, signum, frame) -> None:
-        if self._flag:
-            raise KeyboardInterrupt
-        self._flag = True
-        err.print("Ctrl-C: finishing this step and saving (press again to abort without saving)")
-
-    def __enter__(self):
-        self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        signal.signal(signal.SIGINT, self._previous)
+def _say_stopping(signum: int) -> None:
+    what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+    err.print(
+        f"{what}: finishing this step and saving (press Ctrl-C again to abort without saving)"
+    )
 
 
 class _Reporter:

@@ -22,6 +22,7 @@ from gpt2cli.cli import (
     inspect_cmd,
     interrupts,
     prepare_cmd,
+    serve_cmd,
     train_cmd,
 )
 from gpt2cli.cli.console import err, stdout_gone
@@ -166,6 +167,7 @@ app.command("chat")(chat_cmd.chat)
 app.command("prepare")(prepare_cmd.prepare)
 app.command("train")(train_cmd.train)
 app.command("eval")(eval_cmd.evaluate)
+app.command("serve")(serve_cmd.serve)
 
 
 def main() -> None:

@@ -74,7 +74,7 @@ def train(**given) -> None:
 
 
 def _close(plan) -> None:
-    from gpt2cli import train_run
+    from gpt2cli.training import plan as train_run
 
     train_run.close(plan)
 
@@ -203,10 +203,10 @@ def _start_processes(parallel) -> None:
 
 
 def _new(s, force: bool):
-    from gpt2cli import train_run
     from gpt2cli.cli.options import DEFAULT_MODEL
     from gpt2cli.config import SHAPE_FIELDS
     from gpt2cli.hub import load_model
+    from gpt2cli.training import plan as train_run
 
     _start_processes(s.parallel)
     if not s.model.init and not s.model.model:
@@ -222,7 +222,7 @@ def _new(s, force: bool):
 
 def _resume(path: str, values: dict, force: bool):
     """The run in `path`; only the settings that do not change its numbers may be given."""
-    from gpt2cli import train_run
+    from gpt2cli.training import plan as train_run
     from gpt2cli.training import settings as S
 
     recorded = train_run.recorded_settings(path)
@@ -252,11 +252,12 @@ def _is_main() -> bool:
 def _run(plan, force: bool, plot: bool) -> None:
     import jax
 
-    from gpt2cli import compile_cache, train_run
+    from gpt2cli import compile_cache
     from gpt2cli.checkpoint import save_npz
     from gpt2cli.hub import load_model, load_tokenizer
     from gpt2cli.sharding import any_process, to_host
     from gpt2cli.train import Diverged, Trainer, train_loop
+    from gpt2cli.training import plan as train_run
 
     compile_cache.enable()
     main_process = jax.process_index() == 0

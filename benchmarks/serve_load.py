@@ -149,7 +149,9 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def overload(model: str, prompts: list, max_tokens: int, total: int = 500, clients: int = 64) -> dict:
+def overload(
+    model: str, prompts: list, max_tokens: int, total: int = 500, clients: int = 64
+) -> dict:
     proc, port = start_server(model, "--max-batch", "8", "--max-queue", "16")
     try:
         done: list[dict] = []

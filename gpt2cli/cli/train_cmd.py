@@ -11,6 +11,7 @@ import typer
 
 from gpt2cli.cli.console import err
 from gpt2cli.cli.interrupts import StopRequest
+from gpt2cli.cli.options import Dataset, MoreFiles, TextErrors, seed_callback
 from gpt2cli.errors import UserError
 
 # Settings that shape the numbers a run produces: fixed once the run exists.
@@ -47,30 +48,15 @@ Opt = typer.Option
 
 
 def train(
-    dataset: Annotated[
-        list[str] | None,
-        Opt(
-            "--dataset",
-            "-d",
-            help="Text file(s) or globs (relative names are read from $DATA_DIR), or a "
-            "folder made by gpt2 prepare.",
-        ),
-    ] = None,
-    more_files: Annotated[
-        list[str] | None,
-        typer.Argument(
-            metavar="FILES",
-            help="More dataset files (what a shell makes of --dataset corpus/*.txt).",
-            show_default=False,
-        ),
-    ] = None,
+    dataset: Dataset = None,
+    more_files: MoreFiles = None,
     model: Annotated[
         str | None,
         Opt(
             "--model",
             "-m",
             "--model-name",
-            help="Starting model: a .npz, a Hugging Face folder or a Hub repo id \\[default: gpt2].",
+            help="Starting model: a .npz, a Hugging Face folder or a Hub repo id [default: gpt2].",
         ),
     ] = None,
     init: Annotated[
@@ -99,86 +85,85 @@ def train(
         Opt("--resume", help="Continue the run in this folder exactly where it stopped."),
     ] = None,
     out: Annotated[
-        str | None, Opt("--out", help="Run folder (checkpoints, metrics) \\[default: runs/<time>].")
+        str | None, Opt("--out", help="Run folder (checkpoints, metrics) [default: runs/<time>].")
     ] = None,
     output: Annotated[
         str | None,
         Opt(
             "--output",
             "-o",
-            help="Trained model .npz \\[default: OUT/final.npz; gpt2_finetuned.npz without --out].",
+            help="Trained model .npz [default: OUT/final.npz; gpt2_finetuned.npz without --out].",
         ),
     ] = None,
     force: Annotated[bool, Opt("--force", help="Overwrite an existing --output file.")] = False,
     steps: Annotated[
-        int | None, Opt("--steps", help="Optimizer steps in total \\[default: 1000].")
+        int | None, Opt("--steps", help="Optimizer steps in total [default: 1000].")
     ] = None,
     batch_size: Annotated[
-        int | None, Opt("--batch-size", "-b", help="Sequences per micro-batch \\[default: 8].")
+        int | None, Opt("--batch-size", "-b", help="Sequences per micro-batch [default: 8].")
     ] = None,
     seq_length: Annotated[
         int | None,
-        Opt("--seq-length", help="Tokens per sequence \\[default: 256, or the context]."),
+        Opt("--seq-length", help="Tokens per sequence [default: 256, or the context]."),
     ] = None,
     grad_accum: Annotated[
-        int | None, Opt("--grad-accum", help="Micro-batches per optimizer step \\[default: 1].")
+        int | None, Opt("--grad-accum", help="Micro-batches per optimizer step [default: 1].")
     ] = None,
     lr: Annotated[
         float | None,
         Opt(
             "--lr",
-            help="Peak learning rate \\[default: 5e-5; with --init 6e-4 x 768 / n_embd, at most 1e-2].",
+            help="Peak learning rate [default: 5e-5; with --init 6e-4 x 768 / n_embd, at most 1e-2].",
         ),
     ] = None,
     min_lr: Annotated[
-        float | None, Opt("--min-lr", help="Final learning rate \\[default: lr/10].")
+        float | None, Opt("--min-lr", help="Final learning rate [default: lr/10].")
     ] = None,
     warmup: Annotated[
-        int | None, Opt("--warmup", help="Linear warm-up steps \\[default: min(100, steps/10)].")
+        int | None, Opt("--warmup", help="Linear warm-up steps [default: min(100, steps/10)].")
     ] = None,
     decay_steps: Annotated[
         int | None,
-        Opt("--decay-steps", help="Step where the cosine reaches --min-lr \\[default: steps]."),
+        Opt("--decay-steps", help="Step where the cosine reaches --min-lr [default: steps]."),
     ] = None,
     weight_decay: Annotated[
-        float | None, Opt("--weight-decay", help="AdamW decay of weight matrices \\[default: 0.1].")
+        float | None, Opt("--weight-decay", help="AdamW decay of weight matrices [default: 0.1].")
     ] = None,
     grad_clip: Annotated[
         float | None,
-        Opt("--grad-clip", help="Global gradient-norm limit, 0 = off \\[default: 1.0]."),
+        Opt("--grad-clip", help="Global gradient-norm limit, 0 = off [default: 1.0]."),
     ] = None,
     dropout: Annotated[
-        float | None, Opt("--dropout", help="Dropout rate in training \\[default: the model's].")
+        float | None, Opt("--dropout", help="Dropout rate in training [default: the model's].")
     ] = None,
     dtype: Annotated[
         str | None, Opt("--dtype", help="Compute dtype: float32 or bfloat16 (weights stay fp32).")
     ] = None,
     seed: Annotated[
-        int | None, Opt("--seed", help="Data order, dropout and init \\[default: 0].")
+        int | None,
+        Opt("--seed", help="Data order, dropout and init [default: 0].", callback=seed_callback),
     ] = None,
     val_dataset: Annotated[
         list[str] | None, Opt("--val-dataset", help="Validation text file(s) instead of a split.")
     ] = None,
     val_fraction: Annotated[
-        float | None, Opt("--val-fraction", help="Tail of the data held out \\[default: 0.05].")
+        float | None, Opt("--val-fraction", help="Tail of the data held out [default: 0.05].")
     ] = None,
-    errors: Annotated[
-        str | None, Opt("--errors", help="Non-UTF-8 bytes: strict (stop) or replace.")
-    ] = None,
+    errors: TextErrors = None,
     eval_batches: Annotated[
-        int | None, Opt("--eval-batches", help="Validation batches per evaluation \\[default: 8].")
+        int | None, Opt("--eval-batches", help="Validation batches per evaluation [default: 8].")
     ] = None,
     log_every: Annotated[
-        int | None, Opt("--log-every", help="Steps per log line \\[default: 10].")
+        int | None, Opt("--log-every", help="Steps per log line [default: 10].")
     ] = None,
     eval_every: Annotated[
-        int | None, Opt("--eval-every", help="Steps per validation, 0 = at the end \\[default: 0].")
+        int | None, Opt("--eval-every", help="Steps per validation, 0 = at the end [default: 0].")
     ] = None,
     save_every: Annotated[
         int | None,
-        Opt("--save-every", help="Steps per checkpoint, 0 = at the end \\[default: 1000]."),
+        Opt("--save-every", help="Steps per checkpoint, 0 = at the end [default: 1000]."),
     ] = None,
-    keep: Annotated[int | None, Opt("--keep", help="Checkpoints kept \\[default: 3].")] = None,
+    keep: Annotated[int | None, Opt("--keep", help="Checkpoints kept [default: 3].")] = None,
     plot: Annotated[
         bool, Opt("--plot", help="Write loss.png in the run folder at the end.")
     ] = False,
@@ -200,21 +185,15 @@ def train(
 
     Examples:
 
+    \b
       gpt2 train --dataset train.txt --steps 10
-
       gpt2 train --dataset 'corpus/*.txt' --model gpt2.npz --steps 2000 --out runs/ft
-
       gpt2 train --dataset tiny.txt --init tiny --steps 300 --out runs/scratch
-
       gpt2 train --dataset tiny.txt --init tiny --n-layer 4 --n-embd 128 --steps 300
-
       gpt2 prepare 'corpus/*.txt' --out data/corpus && gpt2 train --dataset data/corpus --init tiny
-
       gpt2 train --resume runs/ft --steps 4000
     """
     given = dict(locals())
-    if errors not in (None, "strict", "replace"):
-        raise UserError(f"--errors must be strict or replace, got {errors!r}")
     if model and init:
         raise UserError("give either --model (fine-tune) or --init (from scratch), not both")
     shape = {"n_layer": n_layer, "n_head": n_head, "n_embd": n_embd, "n_positions": n_positions}
@@ -245,7 +224,8 @@ def train(
 
     if plot and importlib.util.find_spec("matplotlib") is None:
         raise UserError(
-            "--plot needs matplotlib: install it (uv pip install matplotlib) or drop --plot"
+            "--plot needs matplotlib, in the plot extra: uv pip install 'gpt2cli[plot]' "
+            "(or: uv tool install '.[plot]', pipx inject gpt2cli matplotlib); or drop --plot"
         )
     if coordinator:
         from gpt2cli.sharding import init_distributed
@@ -323,6 +303,7 @@ def _run(plan, force: bool, plot: bool) -> None:
     from gpt2cli import compile_cache, train_run
     from gpt2cli.checkpoint import save_npz
     from gpt2cli.hub import load_model, load_tokenizer
+    from gpt2cli.progress import bytes_progress
     from gpt2cli.sharding import any_process, to_host
     from gpt2cli.train import Diverged, Trainer, train_loop
 
@@ -330,7 +311,8 @@ def _run(plan, force: bool, plot: bool) -> None:
     main_process = jax.process_index() == 0
     source = plan.spec["model"]
     tokenizer = load_tokenizer(plan.spec["tokenizer"], source["source"])
-    with _progress_bar("tokenizing") as (progress, task):
+    with bytes_progress(err) as progress:
+        task = progress.add_task("tokenizing", total=None)
         data = train_run.load_data(
             plan, tokenizer, lambda done, total: progress.update(task, completed=done, total=total)
         )
@@ -427,7 +409,7 @@ class _Reporter:
             TextColumn("{task.fields[fields]}"),
             TimeRemainingColumn(),
             console=err,
-            transient=not err.is_terminal,  # logs get the plain lines printed by on_log
+            disable=not err.is_terminal,  # logs get the plain lines printed by on_log
         )
         self.task = self.progress.add_task("train", total=steps, completed=start, fields="")
         self.val = None
@@ -463,22 +445,3 @@ class _Reporter:
         path = self._save(state, step)
         if path:
             self.progress.console.print(f"saved checkpoint {path}")
-
-
-class _progress_bar:
-    """A transient bar for tokenizing; yields (progress, task)."""
-
-    def __init__(self, description: str) -> None:
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
-
-        self.progress = Progress(
-            TextColumn(description), BarColumn(), DownloadColumn(), console=err, transient=True
-        )
-        self.task = self.progress.add_task(description, total=None)
-
-    def __enter__(self):
-        self.progress.start()
-        return self.progress, self.task
-
-    def __exit__(self, *exc) -> None:
-        self.progress.stop()

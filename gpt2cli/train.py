@@ -28,6 +28,13 @@ from gpt2cli.data import Blocks, Sampler, batch_for_step, val_batches
 from gpt2cli.errors import UserError
 from gpt2cli.model import GPT2
 from gpt2cli.sampling_checks import check_seed
+from gpt2cli.training.settings import (
+    SEQ_LENGTH,
+    WARMUP,
+    DataSettings,
+    ModelSettings,
+    OptimizerSettings,
+)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -36,20 +43,21 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 class TrainConfig:
     """Every setting that changes the numbers a run produces (stored in the run folder)."""
 
-    batch_size: int = 8  # sequences per micro-batch, over all devices and processes
-    seq_length: int = 256
-    grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 3e-4
+    # Defaults shared with `gpt2 train` live in its settings (training/settings.py).
+    batch_size: int = DataSettings.batch_size  # sequences per micro-batch, all processes
+    seq_length: int = SEQ_LENGTH
+    grad_accum: int = DataSettings.grad_accum  # micro-batches per optimizer step
+    lr: float = 3e-4  # the command derives lr, min_lr, warmup, decay_steps; see settings
     min_lr: float = 3e-5  # the cosine decay ends here
-    warmup: int = 100  # linear warm-up steps
+    warmup: int = WARMUP  # linear warm-up steps
     decay_steps: int = 1000  # the cosine reaches min_lr here; constant afterwards
-    weight_decay: float = 0.1  # on weight matrices and embeddings only
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # global-norm clipping; 0 turns it off
+    weight_decay: float = OptimizerSettings.weight_decay  # on matrices and embeddings only
+    beta1: float = OptimizerSettings.beta1
+    beta2: float = OptimizerSettings.beta2
+    grad_clip: float = OptimizerSettings.grad_clip  # global-norm clipping; 0 turns it off
     dropout: float | None = None  # overrides the model's three dropout rates when set
-    dtype: str = "float32"  # compute dtype; master weights stay float32
-    seed: int = 0  # init (with --init), data order and dropout
+    dtype: str = ModelSettings.dtype  # compute dtype; master weights stay float32
+    seed: int = OptimizerSettings.seed  # init (with --init), data order and dropout
     parallel: str = "single"  # one of sharding.MODES
 
     def __post_init__(self) -> None:

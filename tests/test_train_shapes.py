@@ -6,28 +6,23 @@ import json
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 from gpt2cli.checkpoint import load_npz
-from gpt2cli.cli.app import app
 from gpt2cli.config import GPT2Config, new_model_config, preset
 from gpt2cli.errors import UserError
-from gpt2cli.train_run import scratch_lr
-from tests.helpers_train import write_corpus
+from gpt2cli.training.settings import scratch_lr
+from tests.helpers_train import gpt2_in_process, isolate, write_corpus
 
 SHAPE = ("--init", "tiny", "--n-layer", "3", "--n-head", "2", "--n-embd", "32")
 SMALL = ("--steps", "2", "--batch-size", "2", "--seq-length", "16", "--n-positions", "48")
 
 
-def gpt2(*args: str):
-    return CliRunner().invoke(app, list(args))
+gpt2 = gpt2_in_process
 
 
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv("GPT2_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("GPT2_NO_COMPILE_CACHE", "1")
-    monkeypatch.chdir(tmp_path)
+    isolate(tmp_path, monkeypatch)
 
 
 @pytest.fixture(scope="module")

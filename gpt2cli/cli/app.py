@@ -21,6 +21,7 @@ from gpt2cli.cli import (
     inspect_cmd,
     interrupts,
     prepare_cmd,
+    serve_cmd,
     train_cmd,
 )
 from gpt2cli.cli.console import debugging, err, error_line, print_error, stdout_gone
@@ -151,6 +152,7 @@ app.command("chat")(chat_cmd.chat)
 app.command("prepare")(prepare_cmd.prepare)
 app.command("train")(train_cmd.train)
 app.command("eval")(eval_cmd.evaluate)
+app.command("serve")(serve_cmd.serve)
 
 
 def main() -> None:

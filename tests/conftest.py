@@ -75,3 +75,19 @@ def cli(*args: str, env: dict | None = None, input: str | None = None):
     from gpt2cli.cli.app import app
 
     return CliRunner().invoke(app, list(args), env=env, input=input)
+
+
+@pytest.fixture(scope="session")
+def serve_tiny():
+    """`gpt2 serve` on tiny-a (a free 127.0.0.1 port, API key `test-key`), shared by the server
+    tests and stopped (SIGTERM, exit 0) at the end."""
+    from tests.helpers_serve import SERVE_KEY, ServerProcess
+
+    server = ServerProcess(
+        "--max-batch", "4", "--max-queue", "16", "--api-key", SERVE_KEY, "--decode-chunk", "1"
+    )
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        assert server.stop() == 0

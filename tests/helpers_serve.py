@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from tests.conftest import TINY_A, gpt2_exe
 
 HOST = "127.0.0.1"
+SERVE_KEY = "test-key"  # the API key of the shared `serve_tiny` server (conftest.py)
 
 
 def free_port() -> int:

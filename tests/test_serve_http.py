@@ -14,24 +14,17 @@ import pytest
 from gpt2cli.engine import Engine, SamplingParams
 from gpt2cli.generate import batch_generate, generate
 from gpt2cli.tokenizer import bundled
+from tests.helpers_serve import SERVE_KEY as KEY
 from tests.helpers_serve import ServerProcess, metric, post_json, request, sse_events
 
 pytestmark = pytest.mark.slow
-KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 MODEL = "tiny-a"
 
 
 @pytest.fixture(scope="module")
-def server():
-    s = ServerProcess(
-        "--max-batch", "4", "--max-queue", "16", "--api-key", KEY, "--decode-chunk", "1"
-    )
-    try:
-        s.wait_ready()
-        yield s
-    finally:
-        assert s.stop() == 0
+def server(serve_tiny):
+    return serve_tiny
 
 
 @pytest.fixture(scope="module")

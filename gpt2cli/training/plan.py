@@ -1,4 +1,4 @@
-"""From command-line choices to a ready run: settings, run folder, weights, data, and saving.
+"""A run's plan: from settings to a run folder, weights and data, and back from run.json.
 
 A new run records every setting in run.json once its data has loaded; `--resume` rebuilds the
 very same run from that file, so a resumed run needs no flags besides (optionally) --steps.

@@ -61,6 +61,13 @@ class GPT2Config:
     def mlp_width(self) -> int:
         return self.n_inner if self.n_inner is not None else 4 * self.n_embd
 
+    def check_fits(self, length: int, what: str) -> None:
+        """The one context-length check: `what` (its caller's name for it) is `length` tokens."""
+        if length > self.n_positions:
+            raise UserError(
+                f"{what} {length} exceeds the model's context window of {self.n_positions} tokens"
+            )
+
     def replace(self, **changes: Any) -> GPT2Config:
         return dataclasses.replace(self, **changes)
 

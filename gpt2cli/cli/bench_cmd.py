@@ -94,11 +94,7 @@ def bench(
     compile_cache.enable()
     with err.status(f"loading {model}"):
         config, params = load_model(model, finite=True)
-    if prompt_tokens + new_tokens > config.n_positions:
-        raise UserError(
-            f"--prompt-tokens {prompt_tokens} + --new-tokens {new_tokens} exceeds the model's "
-            f"context window of {config.n_positions}"
-        )
+    config.check_fits(prompt_tokens + new_tokens, "--prompt-tokens + --new-tokens =")
     engine = Engine(config, params, dtype, out_in=batch == 1)
     with err.status("measuring"):
         result = {

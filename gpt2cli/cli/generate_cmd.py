@@ -175,8 +175,6 @@ def generate(
         tok = load_tokenizer(tokenizer, model)
     prompts = [tok.encode(text) for text in texts]
     for text, ids in zip(texts, prompts, strict=True):
-        if not ids:
-            raise UserError("the prompt is empty: give some text to continue")
         if max(ids) >= config.vocab_size:
             raise UserError(
                 f"the prompt {text[:30]!r} has token id {max(ids)} but the model's vocabulary has "

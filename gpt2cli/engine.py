@@ -18,6 +18,7 @@ from gpt2cli import sampling
 from gpt2cli.config import GPT2Config
 from gpt2cli.errors import UserError
 from gpt2cli.model import GPT2, KVCache
+from gpt2cli.sampling_checks import check_sampling, check_seed
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -34,11 +35,10 @@ class SamplingParams:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        sampling.check_sampling(
+        check_sampling(
             self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty
         )
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise UserError(f"seed must be an integer >= 0, got {self.seed}")
+        check_seed(self.seed)
 
     @property
     def rule(self) -> tuple:

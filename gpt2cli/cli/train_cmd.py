@@ -27,16 +27,12 @@ def train(**given) -> None:
 
     Examples:
 
+    \b
       gpt2 train --dataset train.txt --steps 10
-
       gpt2 train --dataset 'corpus/*.txt' --model gpt2.npz --steps 2000 --out runs/ft
-
       gpt2 train --dataset tiny.txt --init tiny --n-layer 4 --n-embd 128 --steps 300 --out runs/scratch
-
       gpt2 prepare 'corpus/*.txt' --out data/corpus && gpt2 train --dataset data/corpus --init tiny
-
       gpt2 train --init tiny --dataset tiny.txt --print-config > run.toml; gpt2 train --config run.toml
-
       gpt2 train --resume runs/ft --steps 4000
     """
     from gpt2cli.training import config_file
@@ -54,7 +50,8 @@ def train(**given) -> None:
         values["dataset"] = [*values.get("dataset", []), *more_files]
     if values.get("plot") and importlib.util.find_spec("matplotlib") is None:
         raise UserError(
-            "--plot needs matplotlib: install it (uv pip install matplotlib) or drop --plot"
+            "--plot needs matplotlib, in the plot extra: uv pip install 'gpt2cli[plot]' "
+            "(or: uv tool install '.[plot]', pipx inject gpt2cli matplotlib); or drop --plot"
         )
     if resume:
         plan = _resume(resume, values, force)
@@ -85,7 +82,7 @@ def _command_parameters() -> list[inspect.Parameter]:
     from gpt2cli.training import settings as S
 
     def option(name: str, kind, default, *names: str, help: str) -> inspect.Parameter:
-        info = Opt(default, *names, help=help.replace("[", "\\["), show_default=False)
+        info = Opt(default, *names, help=help, show_default=False)  # plain help: no markup
         return inspect.Parameter(
             name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=kind
         )
@@ -314,7 +311,7 @@ class _Steps:
             TextColumn("{task.fields[fields]}"),
             TimeRemainingColumn(),
             console=err,
-            transient=not err.is_terminal,  # logs get the plain lines printed by log()
+            disable=not err.is_terminal,  # logs get the plain lines printed by log()
         )
         self.task = self.progress.add_task("train", total=steps, completed=start, fields="")
         self.val = None

@@ -183,15 +183,11 @@ class Scheduler:
         from gpt2cli.serve.programs import resize, settings_arrays
 
         p = self.programs
-        vocab = p.config.vocab_size
-        ids = np.zeros(p.prefill_chunk, np.int32)
-        seen = np.zeros(vocab, np.bool_)
         for rows in self.buckets:
             slots = p.empty(rows)
-            settings = settings_arrays([None] * rows, vocab)
-            slots, _ = p.prefill(
-                p.params(rows), slots, settings, 0, ids, 0, 1, seen, 0, 0, single=rows == 1
-            )
+            settings = settings_arrays([None] * rows, p.config.vocab_size)
+            for width in p.widths:
+                slots, _ = p.prefill_row(slots, settings, 0, [0] * width, 0, [0], 0, 0)
             slots, picked = p.decode(p.params(rows), slots, settings, single=rows == 1)
             if rows > 1:
                 slots = p.move(slots, rows - 1, 0)
@@ -199,6 +195,7 @@ class Scheduler:
                 if other != rows:
                     resize(p.empty(rows), rows=other).token.block_until_ready()
             picked.token.block_until_ready()
+        self.compiled_traces = p.traces
         self._slots = p.empty(self.buckets[0])
         self._slots_rows = self.buckets[0]
         self._settings = None  # device copy of the rows' settings, rebuilt when rows change
@@ -284,23 +281,15 @@ class Scheduler:
             return
         p = self.programs
         part = job.prompt[job.prefilled : job.prefilled + p.prefill_chunk]
-        ids = np.zeros(p.prefill_chunk, np.int32)
-        ids[: len(part)] = part
-        seen = np.zeros(p.config.vocab_size, np.bool_)
-        seen[job.prompt] = True
-        rows = self._slots_rows
-        self._slots, picked = p.prefill(
-            p.params(rows),
+        self._slots, picked = p.prefill_row(
             self._slots,
             self._settings_now(),
-            np.int32(job.row),
-            ids,
-            np.int32(job.prefilled),
-            np.int32(len(part)),
-            seen,
-            np.uint32(job.seed),
-            np.int32(job.sample),
-            single=rows == 1,
+            job.row,
+            part,
+            job.prefilled,
+            job.prompt,
+            job.seed,
+            job.sample,
         )
         job.prefilled += len(part)
         if job.decoding:

@@ -180,6 +180,8 @@ def test_running_out_of_memory_says_what_to_lower(monkeypatch):
         ["generate", "hi", "-n", "0"],
         ["generate", "hi", "--top-p", "1.5"],
         ["chat", "--repetition-penalty", "0"],
+        ["bench", "--batch", "0"],
+        ["generate", "hi", "--num-samples", "0"],
     ],
 )
 def test_bad_values_are_usage_errors_caught_before_loading(args):

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -146,6 +147,7 @@ def test_sigterm_saves_like_ctrl_c(tmp_path, corpus):
     metrics = tmp_path / "run/metrics.jsonl"
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
         assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr

@@ -78,14 +78,18 @@ def prepare(
     except FolderInUse as exc:
         raise UserError(f"{exc}: use --force to replace them, or another --out") from None
     except KeyboardInterrupt as exc:
-        err.print(f"interrupted: finished shards are kept in {out}; run the same command to go on")
+        err.print(
+            f"interrupted: finished shards are kept in {out}; run the same command to go on",
+            soft_wrap=True,
+        )
         raise typer.Exit(interrupts.exit_code(exc)) from None
     index = result.index
     what = "already prepared" if result.resumed_at is None else "prepared"
     docs, shards = index["documents"], len(index["shards"])
     err.print(
         f"{what}: {index['tokens']:,} tokens of {docs:,} document{'s' * (docs != 1)} in "
-        f"{shards} shard{'s' * (shards != 1)} under {out}"
+        f"{shards} shard{'s' * (shards != 1)} under {out}",
+        soft_wrap=True,
     )
 
 

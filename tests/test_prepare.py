@@ -227,7 +227,9 @@ def test_ctrl_c_keeps_whole_shards_and_the_same_command_finishes(tmp_path):
 
     corpus = tmp_path / "big.txt"
     base = _text(4000, 3)
-    corpus.write_text("".join(f"Part {i}. {base}" for i in range(400)))  # 6 MB, 1 MB pieces: 7 shards
+    corpus.write_text(
+        "".join(f"Part {i}. {base}" for i in range(400))
+    )  # 6 MB, 1 MB pieces: 7 shards
     command = [gpt2_exe(), "prepare", str(corpus), "--out", str(tmp_path / "p"),
                "--shard-tokens", "20000", "--workers", "1"]  # fmt: skip
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)

@@ -32,7 +32,12 @@ def prepare(
         int | None, Opt("--workers", "-j", help="Tokenizing processes [default: all cores].")
     ] = None,
     shard_tokens: Annotated[
-        int, Opt("--shard-tokens", help="Tokens per shard file (2 bytes each).")
+        int,
+        Opt(
+            "--shard-tokens",
+            help="Tokens per shard file (2 bytes each), at least: a shard ends with the "
+            "~1 MB piece of text that reaches it.",
+        ),
     ] = 100_000_000,
     val_fraction: Annotated[
         float, Opt("--val-fraction", help="Tail of the tokens held out for validation.")

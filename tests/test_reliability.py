@@ -182,6 +182,8 @@ def test_running_out_of_memory_says_what_to_lower(monkeypatch):
         ["chat", "--repetition-penalty", "0"],
         ["bench", "--batch", "0"],
         ["generate", "hi", "--num-samples", "0"],
+        ["eval", "--dataset", "x.txt", "--batch-size", "99999999999999999999"],
+        ["train", "--dataset", "x.txt", "--steps", "99999999999999999999"],
     ],
 )
 def test_bad_values_are_usage_errors_caught_before_loading(args):

@@ -232,6 +232,24 @@ def test_a_config_json_without_a_shape_key_names_it(tmp_path, key):
     one_error_line(cli("inspect", "m"), f"has no {key}")
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("n_embd", "big", "config field n_embd must be a whole number, got 'big'"),
+        ("layer_norm_epsilon", "1e-5", "config field layer_norm_epsilon must be a finite number"),
+        ("n_inner", 2.5, "config field n_inner must be a whole number or null, got 2.5"),
+    ],
+)
+def test_a_config_json_with_a_mistyped_field_names_it(tmp_path, key, value, message):
+    import shutil
+
+    shutil.copytree(TINY_A, tmp_path / "m")
+    config = json.loads((tmp_path / "m/config.json").read_text())
+    config[key] = value
+    (tmp_path / "m/config.json").write_text(json.dumps(config))
+    one_error_line(cli("inspect", "m"), "config.json", message)
+
+
 def test_a_preamble_too_long_for_the_window_says_so():
     done = run_gpt2(*CHAT, input="/system " + "word " * 300 + "\nhello\n")
     assert done.returncode == 0, done.stderr

@@ -57,7 +57,9 @@ def train(**given) -> None:
         plan = _resume(resume, values, force)
         if print_config:
             _close(plan)
-            typer.echo(config_file.dumps(S.Settings.from_flat(plan.spec["settings"])))
+            if "settings" not in plan.spec:
+                raise UserError(f"{resume} was made before runs recorded their settings")
+            typer.echo(config_file.dumps(plan.settings))
             return
     else:
         settings = _check(S.Settings.from_flat(values))

@@ -28,6 +28,7 @@ from gpt2cli.data import Blocks, Sampler, batch_for_step, val_batches
 from gpt2cli.errors import UserError
 from gpt2cli.model import GPT2
 from gpt2cli.sampling_checks import check_seed
+from gpt2cli.training import settings
 from gpt2cli.training.settings import (
     SEQ_LENGTH,
     WARMUP,
@@ -292,7 +293,7 @@ class TrainData:
     sampler: Sampler
     rows: int
     accum: int
-    eval_batches: int = 8
+    eval_batches: int = DataSettings.eval_batches
 
     @property
     def tokens_per_step(self) -> int:
@@ -331,9 +332,9 @@ class Hooks(Protocol):
 @dataclass
 class LoopSettings:
     steps: int
-    log_every: int = 10
-    eval_every: int = 0  # 0: only at the end
-    save_every: int = 0  # 0: only at the end (the caller saves)
+    log_every: int = settings.LoopSettings.log_every
+    eval_every: int = settings.LoopSettings.eval_every  # 0: only at the end
+    save_every: int = 0  # 0: only at the end (the caller saves; the command's default differs)
 
 
 def train_loop(

@@ -180,6 +180,32 @@ class Settings:
         return Settings.from_flat({**self.flat(), **changes})
 
 
+@dataclass(frozen=True)
+class PrepareSettings:
+    """`gpt2 prepare`: what decides the tokens written (the worker count changes nothing)."""
+
+    text_field: str = setting("text", "The JSON-lines field holding each document's text.")
+    errors: str = setting("strict", DataSettings.__dataclass_fields__["errors"].metadata["help"])
+    shard_tokens: int = setting(
+        100_000_000,  # 200 MB per shard, as nanoGPT's FineWeb shards
+        "Tokens per shard file (2 bytes each), at least: a shard ends with the ~1 MB piece of "
+        "text that reaches it.",
+    )
+    val_fraction: float = setting(VAL_FRACTION, "Tail of the tokens held out for validation.")
+
+    def __post_init__(self) -> None:
+        if self.errors not in ("strict", "replace"):
+            raise UserError(f"errors must be strict or replace, got {self.errors!r}")
+        if self.shard_tokens <= 0:
+            raise UserError(f"shard_tokens must be a positive integer, got {self.shard_tokens}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise UserError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+
+
+def help_of(kind: type, name: str) -> str:
+    return kind.__dataclass_fields__[name].metadata["help"]
+
+
 # name -> (group, dataclass field), in the order of the groups
 FIELDS: dict[str, tuple[str, dataclasses.Field]] = {
     f.name: (group, f) for group, kind in GROUPS.items() for f in dataclasses.fields(kind)

@@ -83,8 +83,6 @@ def bench(
     ):
         if value < 1:
             raise UserError(f"{name} must be at least 1, got {value}")
-    if dtype not in ("float32", "bfloat16"):
-        raise UserError(f"--dtype must be float32 or bfloat16, got {dtype!r}")
 
     from gpt2cli import compile_cache
     from gpt2cli.cli.console import err
@@ -100,7 +98,7 @@ def bench(
             f"--prompt-tokens {prompt_tokens} + --new-tokens {new_tokens} exceeds the model's "
             f"context window of {config.n_positions}"
         )
-    engine = Engine(config, params, dtype, out_in=batch == 1)
+    engine = Engine(config, params, dtype, batch=batch)
     with err.status("measuring"):
         result = {
             "model": model,

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from gpt2cli.cli.console import err
-from gpt2cli.cli.options import DEFAULT_MODEL, JsonOutput, ModelRef, TokenizerRef
+from gpt2cli.cli.options import DEFAULT_MODEL, Dtype, JsonOutput, ModelRef, TokenizerRef
 from gpt2cli.errors import UserError
 
 Opt = typer.Option
@@ -44,7 +44,7 @@ def evaluate(
         ),
     ] = None,
     batch_size: Annotated[int, Opt("--batch-size", "-b", help="Windows per forward pass.")] = 4,
-    dtype: Annotated[str, Opt("--dtype", help="Compute dtype: float32 or bfloat16.")] = "float32",
+    dtype: Dtype = "float32",
     errors: Annotated[
         str, Opt("--errors", help="Non-UTF-8 bytes: strict (stop) or replace.")
     ] = "strict",
@@ -62,12 +62,9 @@ def evaluate(
 
     if errors not in ("strict", "replace"):
         raise UserError(f"--errors must be strict or replace, got {errors!r}")
-    if dtype not in ("float32", "bfloat16"):
-        raise UserError(f"--dtype must be float32 or bfloat16, got {dtype!r}")
     if batch_size <= 0:
         raise UserError(f"--batch-size must be a positive integer, got {batch_size}")
 
-    import jax.numpy as jnp
     from rich.progress import BarColumn, Progress, TextColumn
 
     from gpt2cli import compile_cache, data
@@ -94,7 +91,7 @@ def evaluate(
             length=length,
             stride=stride or length,
             batch_size=batch_size,
-            dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32,
+            dtype=dtype,
             progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
     figures = {

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from gpt2cli.cli.console import err
+from gpt2cli.cli.options import Dtype
 from gpt2cli.errors import UserError
 
 # Settings that shape the numbers a run produces: fixed once the run exists.
@@ -123,9 +124,11 @@ def train(
     dropout: Annotated[
         float | None, Opt("--dropout", help="Dropout rate in training \\[default: the model's].")
     ] = None,
-    dtype: Annotated[
-        str | None, Opt("--dtype", help="Compute dtype: float32 or bfloat16 (weights stay fp32).")
-    ] = None,
+    dtype: Dtype = None,
+    remat: Annotated[
+        bool,
+        Opt("--remat", help="Recompute each block in the backward pass: less memory, slower."),
+    ] = False,
     seed: Annotated[
         int | None, Opt("--seed", help="Data order, dropout and init \\[default: 0].")
     ] = None,
@@ -261,6 +264,7 @@ def train(
                 "grad_clip": grad_clip,
                 "dropout": dropout,
                 "dtype": dtype,
+                "remat": remat or None,
                 "seed": seed,
                 "parallel": parallel or "single",
             },

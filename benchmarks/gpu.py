@@ -1,0 +1,310 @@
+"""Ours and the peers on one accelerator, side by side in one run, as one table.
+
+    python3 benchmarks/gpu.py                        # everything, peers from ../shared/gpu
+    python3 benchmarks/gpu.py --peers DIR            # DIR holds peers_gpu.py and nanogpt/model.py
+    python3 benchmarks/gpu.py --only train,decode --variants   # our own variants too
+    python3 benchmarks/gpu.py --dry-run              # a tiny model and a few steps: checks the script on a CPU
+
+Figures (GPT-2 124M with random weights, shared with the peers through a Hugging Face folder):
+training tokens/s at 16 x 1024 (AdamW, grad clip 1.0, no dropout, as nanoGPT's benchmark) in
+bfloat16, tf32 and float32 for us, transformers (eager, bf16 autocast / TF32, fused AdamW) and
+nanoGPT (torch.compile, flash attention, bf16), with MFU against the card's dense bf16 peak;
+greedy decode tokens/s after a 32-token prompt, 256 new tokens, at batch 1, 8 and 64; float32
+fidelity (our logits on this device against transformers' in float64, greedy tokens equal).
+
+The peer side needs torch and transformers, which such a machine has; they are never project
+dependencies. Each figure is also printed as one JSON line as soon as it is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# Peers run in subprocesses beside this one: JAX must not take 75% of the GPU at start.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+BF16_PEAK = 989e12  # dense bfloat16 FLOP/s of an H100/H200 SXM (datasheet)
+DECODES = (("float32", 1), ("bfloat16", 1), ("float32", 8), ("bfloat16", 64))
+
+
+def emit(record: dict, results: list) -> None:
+    results.append(record)
+    print(json.dumps(record), flush=True)
+
+
+def make_model(folder: Path, dry: bool):
+    """A random GPT-2 (124M, or the tiny preset for a dry run) saved as a Hugging Face folder."""
+    from gpt2cli.config import preset
+    from gpt2cli.model import init_params
+    from gpt2cli.weights import save_hf_folder
+
+    config = preset("tiny" if dry else "gpt2")
+    params = init_params(config, seed=0)
+    save_hf_folder(folder, config, params, force=True)
+    return config, params
+
+
+def flops_per_token(config, seq: int) -> float:
+    """6 N for the weights plus the attention scores and sums (PaLM's count, nanoGPT's MFU)."""
+    weights = config.num_params() - config.n_positions * config.n_embd
+    return 6 * weights + 12 * config.n_layer * config.n_embd * seq
+
+
+# ---- ours ------------------------------------------------------------------------------
+
+
+def ours_train(config, params, dtype, batch, seq, steps, attention=None, loss_chunks=None):
+    import dataclasses
+
+    import jax
+    import numpy as np
+
+    from gpt2cli.train import TrainConfig, Trainer
+
+    tc = TrainConfig(
+        batch_size=batch, seq_length=seq, dtype=dtype, dropout=0.0, warmup=10, decay_steps=1000
+    )
+    trainer = Trainer(config, tc, loss_chunks=loss_chunks)
+    if attention:
+        trainer.kernels = dataclasses.replace(trainer.kernels, attention_impl=attention)
+    state = trainer.create_state(params)
+    tokens = np.random.default_rng(0).integers(0, config.vocab_size, (1, batch, seq + 1))
+    placed = trainer.place(tokens)
+    started = time.perf_counter()
+    for _ in range(3):
+        state, metrics = trainer.step(state, placed)
+    jax.block_until_ready(metrics["loss"])
+    compile_s = time.perf_counter() - started
+    started = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = trainer.step(state, placed)
+    loss = float(metrics["loss"])  # waits for the last step
+    elapsed = time.perf_counter() - started
+    return {
+        "tok_s": round(batch * seq * steps / elapsed),
+        "compile_and_3_steps_s": round(compile_s, 1),
+        "loss": round(loss, 3),
+        "attention": trainer.kernels.attention_impl,
+        "loss_chunks": trainer.loss_chunks,
+    }
+
+
+def ours_decode(config, params, dtype, batch, prompt, new, chunk=None, unroll=None):
+    import jax
+
+    from gpt2cli import engine as engine_module
+    from gpt2cli.cli.bench_cmd import measure
+    from gpt2cli.engine import Engine
+
+    if unroll is not None:
+        engine_module.DECODE_UNROLL[jax.default_backend()] = unroll
+        engine_module._programs.cache_clear()
+    engine = Engine(config, params, dtype, chunk=chunk, batch=batch)
+    figures = measure(engine, batch, prompt, new, repeats=3)
+    return {
+        "tok_s": round(figures["decode_tokens_per_s"], 1),
+        "compile_s": round(figures["compile_s"], 1),
+        "chunk": engine.chunk,
+        "unroll": engine.programs.unroll,
+    }
+
+
+def fidelity(folder: Path, config, params) -> list[dict]:
+    """Our logits and greedy tokens on this device against transformers' float64 on the CPU."""
+    import numpy as np
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    import gpt2cli
+    from gpt2cli.engine import Engine, SamplingParams
+    from gpt2cli.generate import TokenRun
+
+    hf = GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float64).eval()
+    ids = np.random.default_rng(1).integers(0, config.vocab_size, (2, 64))
+    with torch.no_grad():
+        reference = hf(torch.tensor(ids)).logits.numpy()
+        prompt = torch.tensor(ids[:1, :16])
+        hf_tokens = hf.generate(
+            prompt, max_new_tokens=32, do_sample=False, pad_token_id=0, attention_mask=None
+        )[0, 16:].tolist()
+    records = []
+    for dtype in ("float32", "tf32"):
+        ours = np.asarray(gpt2cli.logits(config, params, ids, dtype=dtype), np.float64)
+        error = np.abs(ours - reference).max()
+        engine = Engine(config, params, dtype)
+        run = TokenRun(engine, [ids[0, :16].tolist()], max_new_tokens=32)
+        tokens = [int(t[0]) for t in run]
+        records.append(
+            {
+                "what": "fidelity",
+                "dtype": dtype,
+                "max_abs_error": float(error),
+                "max_rel_error": float(error / np.abs(reference).max()),
+                "greedy_equal": tokens == hf_tokens,
+                "sampling": str(SamplingParams()),
+            }
+        )
+    return records
+
+
+# ---- peers -----------------------------------------------------------------------------
+
+
+def peers(peer_dir: Path, folder: Path, jobs: list[str], timeout: int) -> list[dict]:
+    records = []
+    runs = {
+        "decode": [str(folder), "decode"],
+        "train": [str(folder), "train"],
+        "nanogpt": [str(peer_dir / "nanogpt"), "nanogpt"],
+    }
+    for job in jobs:
+        command = [sys.executable, str(peer_dir / "peers_gpu.py"), *runs[job]]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            records.append({"peer": job, "error": f"timed out after {timeout} s"})
+            continue
+        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        records += [json.loads(line) for line in lines]
+        if done.returncode:
+            records.append({"peer": job, "error": done.stderr.strip().splitlines()[-1:]})
+    return records
+
+
+# ---- the table ---------------------------------------------------------------------------
+
+
+def table(results: list[dict], per_token: float) -> str:
+    def find(**match):
+        for r in results:
+            if all(r.get(k) == v for k, v in match.items()) and "tok_s" in r:
+                return r["tok_s"]
+        return None
+
+    def fmt(x):
+        return "-" if x is None else f"{x:,.0f}"
+
+    def ratio(a, b):
+        return "-" if a is None or b is None else f"{a / b:.2f}x"
+
+    def mfu(x):
+        return "-" if x is None else f"{x * per_token / BF16_PEAK:.1%}"
+
+    rows = [("job", "ours", "peer", "peer tok/s", "ratio", "our MFU")]
+    nano = find(peer="nanoGPT (torch.compile, flash attention)", what="train")
+    hf_train = {
+        d: find(peer="transformers", what="train", dtype=d) for d in ("bfloat16", "float32")
+    }
+    for dtype in ("bfloat16", "tf32", "float32"):
+        ours = find(side="ours", what="train", dtype=dtype, variant="default")
+        peer_dtype = "bfloat16" if dtype == "bfloat16" else "float32"
+        rows.append(
+            (f"train {dtype}", fmt(ours), "transformers", fmt(hf_train[peer_dtype]),
+             ratio(ours, hf_train[peer_dtype]), mfu(ours))
+        )  # fmt: skip
+        if dtype == "bfloat16":
+            rows.append(("", "", "nanoGPT", fmt(nano), ratio(ours, nano), ""))
+    for dtype, batch in DECODES:
+        ours = find(side="ours", what="decode", dtype=dtype, batch=batch, variant="default")
+        peer = find(peer="transformers", what="decode", dtype=dtype, batch=batch)
+        rows.append(
+            (
+                f"decode {dtype} b{batch}",
+                fmt(ours),
+                "transformers",
+                fmt(peer),
+                ratio(ours, peer),
+                "",
+            )
+        )
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(f"{c:<{w}}" for c, w in zip(r, widths, strict=True)) for r in rows]
+    for r in results:
+        if "error" in r:
+            lines.append(f"error: {r}")
+        elif r.get("what") == "fidelity":
+            lines.append(
+                f"fidelity {r['dtype']}: max |logit error| {r['max_abs_error']:.2e} "
+                f"(relative {r['max_rel_error']:.2e}), greedy equal: {r['greedy_equal']}"
+            )
+        if r.get("variant") not in (None, "default"):
+            lines.append(f"variant {r['what']} {r['dtype']} {r['variant']}: {r['tok_s']:,} tok/s")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--peers", type=Path, default=Path("../shared/gpu"))
+    parser.add_argument("--only", default="peers,train,decode,fidelity")
+    parser.add_argument("--variants", action="store_true", help="also time our alternatives")
+    parser.add_argument("--dry-run", action="store_true", help="tiny model, few steps")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--out", type=Path, help="write every record here as JSON")
+    args = parser.parse_args()
+    only = set(args.only.split(","))
+
+    import jax
+
+    results: list[dict] = []
+    emit({"what": "device", "device": str(jax.devices()[0]), "jax": jax.__version__}, results)
+    batch, seq, steps, new = (2, 64, 2, 16) if args.dry_run else (16, 1024, args.steps, 256)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "gpt2-random"
+        config, params = make_model(folder, args.dry_run)
+        per_token = flops_per_token(config, seq)
+        if "peers" in only:
+            if (args.peers / "peers_gpu.py").exists():
+                jobs = ["decode", "train", "nanogpt"]
+                for record in peers(args.peers, folder, jobs, timeout=600):
+                    emit(record, results)
+            else:
+                emit({"peer": "all", "error": f"no {args.peers}/peers_gpu.py"}, results)
+        if "train" in only:
+            variants = [("default", {})]
+            if args.variants:
+                variants += [
+                    ("einsum attention", {"attention": "einsum"}),
+                    ("loss in 4 chunks", {"loss_chunks": 4}),
+                ]
+            for dtype in ("bfloat16", "tf32", "float32"):
+                for name, options in variants if dtype == "bfloat16" else variants[:1]:
+                    record = ours_train(config, params, dtype, batch, seq, steps, **options)
+                    emit({"side": "ours", "what": "train", "dtype": dtype, "variant": name,
+                          **record}, results)  # fmt: skip
+        if "decode" in only:
+            for dtype, rows in DECODES:
+                record = ours_decode(config, params, dtype, rows, 32, new)
+                emit({"side": "ours", "what": "decode", "dtype": dtype, "batch": rows,
+                      "variant": "default", **record}, results)  # fmt: skip
+            if args.variants:
+                for chunk, unroll in ((128, 1), (32, 4), (32, 32)):
+                    for rows in (1, 64):
+                        record = ours_decode(
+                            config, params, "bfloat16", rows, 32, new, chunk, unroll
+                        )
+                        emit({"side": "ours", "what": "decode", "dtype": "bfloat16", "batch": rows,
+                              "variant": f"b{rows} chunk {chunk} unroll {unroll}", **record},
+                             results)  # fmt: skip
+        if "fidelity" in only:
+            try:
+                for record in fidelity(folder, config, params):
+                    emit(record, results)
+            except ImportError as error:
+                emit(
+                    {"what": "fidelity", "error": f"needs torch and transformers: {error}"}, results
+                )
+    print(table(results, per_token), flush=True)
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

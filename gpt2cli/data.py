@@ -7,6 +7,7 @@ pure function of (seed, s), so a resumed run reads exactly the batches it would 
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import os
@@ -230,7 +231,7 @@ class Sampler:
     seed: int
 
     def permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.n_blocks)
+        return _permutation(self.seed, epoch, self.n_blocks)
 
     def indices(self, start: int, count: int) -> np.ndarray:
         """Block indices of samples start .. start+count-1."""
@@ -247,19 +248,40 @@ class Sampler:
         return sample / self.n_blocks
 
 
+@functools.lru_cache(maxsize=2)
+def _permutation(seed: int, epoch: int, n_blocks: int) -> np.ndarray:
+    """One epoch's block order, computed once (int32: 4 bytes a block of a large corpus)."""
+    dtype = np.int32 if n_blocks < 2**31 else np.int64
+    order = np.random.default_rng([seed, epoch]).permutation(np.arange(n_blocks, dtype=dtype))
+    order.flags.writeable = False
+    return order
+
+
+Part = tuple[int, int]  # (this process's index, number of processes): whose rows to read
+
+
+def _rows_of(idx: np.ndarray, part: Part) -> np.ndarray:
+    """The columns of [..., rows] block indices that process part[0] of part[1] reads."""
+    index, count = part
+    size = idx.shape[-1] // count
+    return idx[..., index * size : (index + 1) * size]
+
+
 def batch_for_step(
-    blocks: Blocks, sampler: Sampler, step: int, rows: int, accum: int
+    blocks: Blocks, sampler: Sampler, step: int, rows: int, accum: int, part: Part = (0, 1)
 ) -> np.ndarray:
-    """The [accum, rows, seq+1] tokens of optimizer step `step` (0-based)."""
+    """The [accum, rows/count, seq+1] tokens of optimizer step `step` (0-based) that `part`
+    reads; only those blocks are read (from a memory-mapped corpus, only those pages)."""
     per_step = rows * accum
-    idx = sampler.indices(step * per_step, per_step)
-    return blocks.gather(idx).reshape(accum, rows, blocks.seq + 1)
+    idx = _rows_of(sampler.indices(step * per_step, per_step).reshape(accum, rows), part)
+    return blocks.gather(idx.reshape(-1)).reshape(*idx.shape, blocks.seq + 1)
 
 
-def val_batches(blocks: Blocks, rows: int, max_batches: int) -> list[np.ndarray]:
-    """Fixed validation batches ([rows, seq+1] each), the same at every evaluation."""
+def val_batches(
+    blocks: Blocks, rows: int, max_batches: int, part: Part = (0, 1)
+) -> list[np.ndarray]:
+    """Fixed validation batches ([rows/count, seq+1] each), the same at every evaluation."""
     n = min(len(blocks) // rows, max_batches)
     if n == 0:  # fewer blocks than a batch: repeat them to fill one
-        idx = np.resize(np.arange(len(blocks)), rows)
-        return [blocks.gather(idx)]
-    return [blocks.gather(np.arange(b * rows, (b + 1) * rows)) for b in range(n)]
+        return [blocks.gather(_rows_of(np.resize(np.arange(len(blocks)), rows), part))]
+    return [blocks.gather(_rows_of(np.arange(b * rows, (b + 1) * rows), part)) for b in range(n)]

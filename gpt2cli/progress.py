@@ -27,18 +27,24 @@ def task_progress() -> Progress:
     )
 
 
-def hub_progress_class():
-    """A tqdm class for `snapshot_download(tqdm_class=...)` that draws rich byte bars."""
-    from huggingface_hub.utils import tqdm as hub_tqdm
-
-    progress = Progress(
+def bytes_progress(console: Console = _console) -> Progress:
+    """A bar for bytes (downloads, files read): size done, MB/s and the time left."""
+    return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         DownloadColumn(),
         TransferSpeedColumn(),
-        console=_console,
+        TimeRemainingColumn(),
+        console=console,
         transient=True,
     )
+
+
+def hub_progress_class():
+    """A tqdm class for `snapshot_download(tqdm_class=...)` that draws rich byte bars."""
+    from huggingface_hub.utils import tqdm as hub_tqdm
+
+    progress = bytes_progress()
 
     class RichTqdm(hub_tqdm):
         rich_progress = progress

@@ -34,6 +34,50 @@ class GPT2Tokenizer:
         return self.backend.decode(list(ids), skip_special_tokens=False)
 
 
+def bundled_files():
+    """(vocab.json, merges.txt) text of the bundled OpenAI GPT-2 tokenizer."""
+    assets = resources.files("gpt2cli") / "assets"
+    return (assets / "vocab.json").read_text("utf-8"), (assets / "merges.txt").read_text("utf-8")
+
+
+# GPT-2's pre-tokenizer split, as OpenAI's encoder.py and tokenizers' ByteLevel spell it.
+_GPT2_SPLIT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def fast_encoder(vocab_json: str):
+    """A tiktoken Encoding of a byte-level BPE vocabulary (GPT-2's ids, several times faster).
+
+    GPT-2's ids are its merge ranks (the 256 byte tokens first, then one id per merge in
+    order), so the vocabulary alone gives tiktoken its ranks: no download, no merges file.
+    `encode(text, allowed_special="all")` equals `GPT2Tokenizer.encode(text)`; tests prove it.
+    """
+    import json
+
+    import tiktoken
+
+    byte_of = {char: byte for byte, char in _bytes_to_unicode().items()}
+    vocab = json.loads(vocab_json)
+    ranks = {bytes(byte_of[c] for c in token): i for token, i in vocab.items() if token != EOS_TEXT}
+    return tiktoken.Encoding(
+        "gpt2-bundled",
+        pat_str=_GPT2_SPLIT,
+        mergeable_ranks=ranks,
+        special_tokens={EOS_TEXT: vocab[EOS_TEXT]},
+    )
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character table (OpenAI's encoder.py)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    printable += range(ord("®"), ord("ÿ") + 1)
+    table, extra = {b: chr(b) for b in printable}, 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
 def from_bpe_files(vocab: Path, merges: Path) -> GPT2Tokenizer:
     backend = Tokenizer(models.BPE.from_file(str(vocab), str(merges)))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

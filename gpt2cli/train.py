@@ -322,23 +322,18 @@ class TrainData:
     def tokens_per_step(self) -> int:
         return self.rows * self.accum * self.train.seq
 
-    def _local(self, rows_axis_array: np.ndarray, axis: int) -> np.ndarray:
-        n, i = jax.process_count(), jax.process_index()
-        size = rows_axis_array.shape[axis] // n
-        return np.take(rows_axis_array, np.arange(i * size, (i + 1) * size), axis=axis)
+    @staticmethod
+    def _part() -> tuple[int, int]:
+        return jax.process_index(), jax.process_count()
 
     def batch(self, step: int) -> np.ndarray:
-        """This process's rows of step `step`'s [accum, rows, T+1] batch."""
-        global_batch = batch_for_step(self.train, self.sampler, step, self.rows, self.accum)
-        return self._local(global_batch, axis=1)
+        """This process's rows of step `step`'s [accum, rows, T+1] batch (only those are read)."""
+        return batch_for_step(self.train, self.sampler, step, self.rows, self.accum, self._part())
 
     def validation(self) -> list[np.ndarray]:
         if self.val is None:
             return []
-        return [
-            self._local(b[None], axis=1)
-            for b in val_batches(self.val, self.rows, self.eval_batches)
-        ]
+        return [b[None] for b in val_batches(self.val, self.rows, self.eval_batches, self._part())]
 
 
 # ---- the loop ----------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from gpt2cli.config import GPT2Config, preset
 from gpt2cli.errors import UserError
 from gpt2cli.runs import RunFolder, load_checkpoint
 from gpt2cli.train import LoopSettings, TrainConfig, TrainData, Trainer, TrainState
+from gpt2cli.training.shards import is_prepared, open_prepared
 
 SEED_OUTPUT = "gpt2_finetuned.npz"  # where the original script saved; kept without --out
 
@@ -68,7 +69,7 @@ class NewRun:
     out: str | None
     output: str | None
     val_dataset: list[str] | None
-    val_fraction: float
+    val_fraction: float | None  # None: the prepared folder's split, else 0.05
     errors: str
     eval_batches: int
     steps: int
@@ -89,8 +90,11 @@ def new_plan(req: NewRun, model_config: GPT2Config, *, force: bool, main_process
     Only the main process checks for existing outputs: the others may look after it wrote them.
     """
     data_dir = _data_dir()
-    files = datalib.resolve_files(req.dataset, data_dir)
+    prepared = _prepared_folder(req.dataset, data_dir)
+    files = [prepared] if prepared else datalib.resolve_files(req.dataset, data_dir)
     val_files = datalib.resolve_files(req.val_dataset, data_dir) if req.val_dataset else None
+    if prepared and req.val_fraction is None and not val_files:
+        req.val_fraction = open_prepared(prepared).index["split"]["val_fraction"]
     folder = Path(req.out) if req.out else default_folder()
     if req.output:
         output = Path(req.output)
@@ -125,6 +129,8 @@ def new_plan(req: NewRun, model_config: GPT2Config, *, force: bool, main_process
             f"--seq-length {tc.seq_length} exceeds the model's context of "
             f"{model_config.n_positions} positions"
         )
+    if req.val_fraction is None:
+        req.val_fraction = 0.05
     if not 0.0 <= req.val_fraction < 1.0:
         raise UserError(f"--val-fraction must be in [0, 1), got {req.val_fraction}")
     if req.eval_batches <= 0:
@@ -134,6 +140,7 @@ def new_plan(req: NewRun, model_config: GPT2Config, *, force: bool, main_process
         "tokenizer": req.tokenizer,
         "data": {
             "dataset": [str(p.resolve()) for p in files],
+            "prepared": prepared is not None,
             "val_dataset": [str(p.resolve()) for p in val_files] if val_files else None,
             "val_fraction": 0.0 if val_files else req.val_fraction,
             "errors": req.errors,
@@ -230,7 +237,11 @@ def source_config(model: str | None, init: str | None, load_model) -> tuple[GPT2
 def load_data(plan: Plan, tokenizer, progress=None) -> TrainData:
     d, tc = plan.spec["data"], plan.train_config
     files = [Path(f) for f in d["dataset"]]
-    tokens = datalib.load_tokens(files, tokenizer, errors=d["errors"], progress=progress)
+    if d.get("prepared"):
+        tokens, digest = _prepared_tokens(files[0], tokenizer)
+    else:
+        tokens = datalib.load_tokens(files, tokenizer, errors=d["errors"], progress=progress)
+        digest = hashlib.sha256(np.ascontiguousarray(tokens).tobytes()).hexdigest()[:16]
     if d["val_dataset"]:
         val_tokens = datalib.load_tokens(
             [Path(f) for f in d["val_dataset"]], tokenizer, errors=d["errors"], progress=progress
@@ -239,7 +250,6 @@ def load_data(plan: Plan, tokenizer, progress=None) -> TrainData:
         val, _ = datalib.split(val_tokens, tc.seq_length, 0.0)
     else:
         train, val = datalib.split(tokens, tc.seq_length, d["val_fraction"])
-    digest = hashlib.sha256(np.ascontiguousarray(tokens).tobytes()).hexdigest()[:16]
     if d.setdefault("token_hash", digest) != digest:
         raise UserError(
             "the dataset files changed since this run started (their tokens differ); "
@@ -247,6 +257,27 @@ def load_data(plan: Plan, tokenizer, progress=None) -> TrainData:
         )
     sampler = datalib.Sampler(len(train), tc.seed)
     return TrainData(train, val, sampler, tc.batch_size, tc.grad_accum, d["eval_batches"])
+
+
+def _prepared_folder(dataset: list[str], data_dir: str | None) -> Path | None:
+    """The folder of a `gpt2 prepare`d dataset, when that is what --dataset names."""
+    import os
+
+    folders = [Path(data_dir or "", os.path.expanduser(d)) for d in dataset]
+    prepared = [f for f in folders if is_prepared(f)]
+    if prepared and len(dataset) > 1:
+        raise UserError(
+            f"--dataset {prepared[0]} is a prepared folder: give it alone (prepare the other "
+            "files into it, or into a folder of their own)"
+        )
+    return prepared[0] if prepared else None
+
+
+def _prepared_tokens(folder: Path, tokenizer) -> tuple[Any, str]:
+    """The memory-mapped token stream of a prepared folder and the stream's fingerprint."""
+    prepared = open_prepared(folder)
+    prepared.check_tokenizer(tokenizer)
+    return prepared.tokens, prepared.fingerprint
 
 
 def _data_dir() -> str | None:

@@ -16,6 +16,7 @@ from gpt2cli.cli import (
     eval_cmd,
     generate_cmd,
     inspect_cmd,
+    prepare_cmd,
     train_cmd,
 )
 from gpt2cli.cli.console import err
@@ -93,6 +94,7 @@ app.command("inspect")(inspect_cmd.inspect)
 app.command("generate")(generate_cmd.generate)
 app.command("bench")(bench_cmd.bench)
 app.command("chat")(chat_cmd.chat)
+app.command("prepare")(prepare_cmd.prepare)
 app.command("train")(train_cmd.train)
 app.command("eval")(eval_cmd.evaluate)
 

@@ -19,7 +19,10 @@ def evaluate(
     dataset: Annotated[
         list[str],
         Opt(
-            "--dataset", "-d", help="Text file(s) or globs; relative names are read from $DATA_DIR."
+            "--dataset",
+            "-d",
+            help="Text file(s) or globs (relative names are read from $DATA_DIR), or a "
+            "folder made by gpt2 prepare (its validation split is scored).",
         ),
     ],
     more_files: Annotated[
@@ -57,6 +60,8 @@ def evaluate(
       gpt2 eval -m runs/ft/final.npz --dataset val.txt
 
       gpt2 eval -m gpt2 --dataset wiki.txt --seq-length 1024 --stride 512 --json
+
+      gpt2 eval -m runs/scratch/final.npz --dataset data/corpus
     """
     import os
 
@@ -65,6 +70,7 @@ def evaluate(
     if batch_size <= 0:
         raise UserError(f"--batch-size must be a positive integer, got {batch_size}")
 
+    import numpy as np
     from rich.progress import BarColumn, Progress, TextColumn
 
     from gpt2cli import compile_cache, data
@@ -72,9 +78,15 @@ def evaluate(
     from gpt2cli.hub import load_model, load_tokenizer
 
     compile_cache.enable()
-    files = data.resolve_files(list(dataset) + list(more_files or []), os.environ.get("DATA_DIR"))
+    names = list(dataset) + list(more_files or [])
+    prepared = _prepared(names)
+    files = [] if prepared else data.resolve_files(names, os.environ.get("DATA_DIR"))
     config, params = load_model(model)
-    tokens = data.load_tokens(files, load_tokenizer(tokenizer, model), errors=errors)
+    if prepared:
+        prepared.check_tokenizer(load_tokenizer(tokenizer, model))
+        tokens = np.asarray(prepared.validation())
+    else:
+        tokens = data.load_tokens(files, load_tokenizer(tokenizer, model), errors=errors)
     length = seq_length or config.n_positions
     with Progress(
         TextColumn("evaluating"),
@@ -113,3 +125,12 @@ def evaluate(
             f"loss {result.loss:.4f}  perplexity {result.perplexity:.4f}  "
             f"({result.n_tokens} tokens in {result.n_windows} windows of {length}, stride {stride or length})"
         )
+
+
+def _prepared(names: list[str]):
+    """The prepared folder (`gpt2 prepare`) that --dataset names, if it names one."""
+    from gpt2cli.training.shards import is_prepared, open_prepared
+
+    if len(names) == 1 and is_prepared(names[0]):
+        return open_prepared(names[0])
+    return None

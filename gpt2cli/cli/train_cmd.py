@@ -46,7 +46,10 @@ def train(
     dataset: Annotated[
         list[str] | None,
         Opt(
-            "--dataset", "-d", help="Text file(s) or globs; relative names are read from $DATA_DIR."
+            "--dataset",
+            "-d",
+            help="Text file(s) or globs (relative names are read from $DATA_DIR), or a "
+            "folder made by gpt2 prepare.",
         ),
     ] = None,
     more_files: Annotated[
@@ -182,6 +185,8 @@ def train(
 
       gpt2 train --dataset tiny.txt --init tiny --steps 300 --out runs/scratch
 
+      gpt2 prepare 'corpus/*.txt' --out data/corpus && gpt2 train --dataset data/corpus --init tiny
+
       gpt2 train --resume runs/ft --steps 4000
     """
     given = dict(locals())
@@ -244,7 +249,7 @@ def train(
             out=out,
             output=output,
             val_dataset=val_dataset,
-            val_fraction=0.05 if val_fraction is None else val_fraction,
+            val_fraction=val_fraction,
             errors=errors or "strict",
             eval_batches=8 if eval_batches is None else eval_batches,
             steps=1000 if steps is None else steps,

@@ -1,0 +1,109 @@
+"""`gpt2 prepare`: tokenize text once into uint16 shards that `gpt2 train --dataset` memory-maps."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from gpt2cli.cli.console import err
+from gpt2cli.errors import UserError
+
+Opt = typer.Option
+
+
+def prepare(
+    files: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="FILES_OR_GLOBS...",
+            help="Text files (one document each) or .jsonl (one per line), optionally .gz.",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[str, Opt("--out", "-o", help="Folder for the shards and index.json.")],
+    text_field: Annotated[
+        str, Opt("--text-field", help="The JSON-lines field holding each document's text.")
+    ] = "text",
+    workers: Annotated[
+        int | None, Opt("--workers", "-j", help="Tokenizing processes \\[default: all cores].")
+    ] = None,
+    shard_tokens: Annotated[
+        int, Opt("--shard-tokens", help="Tokens per shard file (2 bytes each).")
+    ] = 100_000_000,
+    val_fraction: Annotated[
+        float, Opt("--val-fraction", help="Tail of the tokens held out for validation.")
+    ] = 0.05,
+    errors: Annotated[
+        str, Opt("--errors", help="Non-UTF-8 bytes: strict (stop) or replace.")
+    ] = "strict",
+    force: Annotated[
+        bool, Opt("--force", help="Replace a folder prepared from other inputs or settings.")
+    ] = False,
+) -> None:
+    """Tokenize text into flat uint16 shards for gpt2 train --dataset DIR.
+
+    Memory stays bounded whatever the corpus size; Ctrl-C keeps every finished shard, and
+    running the same command again finishes only what is missing.
+
+    Examples:
+
+      gpt2 prepare 'corpus/*.txt' --out data/corpus
+
+      gpt2 prepare web-*.jsonl.gz --text-field text --out data/web --workers 8
+
+      gpt2 train --dataset data/corpus --init tiny --steps 1000
+    """
+    from gpt2cli.data import resolve_files
+    from gpt2cli.training.prepare import FolderInUse, PrepareSettings
+    from gpt2cli.training.prepare import prepare as run
+
+    if workers is not None and workers < 1:
+        raise UserError(f"--workers must be a positive integer, got {workers}")
+    if shard_tokens < 1:
+        raise UserError(f"--shard-tokens must be a positive integer, got {shard_tokens}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if errors not in ("strict", "replace"):
+        raise UserError(f"--errors must be strict or replace, got {errors!r}")
+    paths = resolve_files(files, os.environ.get("DATA_DIR"))
+    settings = PrepareSettings(text_field, errors, shard_tokens, val_fraction)
+    if Path(out).exists() and not Path(out).is_dir():
+        raise UserError(f"--out {out} is a file; give a folder for the prepared dataset")
+    try:
+        with _Bar() as bar:
+            result = run(paths, Path(out), settings, workers=workers, force=force, progress=bar)
+    except FolderInUse as exc:
+        raise UserError(f"{exc}: use --force to replace them, or another --out") from None
+    except KeyboardInterrupt:
+        err.print(f"interrupted: finished shards are kept in {out}; run the same command to go on")
+        raise typer.Exit(130) from None
+    index = result.index
+    what = "already prepared" if result.resumed_at is None else "prepared"
+    docs, shards = index["documents"], len(index["shards"])
+    err.print(
+        f"{what}: {index['tokens']:,} tokens of {docs:,} document{'s' * (docs != 1)} in "
+        f"{shards} shard{'s' * (shards != 1)} under {out}"
+    )
+
+
+class _Bar:
+    """A progress bar over the input bytes, with MB/s and the time left."""
+
+    def __init__(self) -> None:
+        from gpt2cli.progress import bytes_progress
+
+        self.progress = bytes_progress(err)
+        self.task = self.progress.add_task("tokenizing", total=None)
+
+    def __call__(self, done: int, total: int) -> None:
+        self.progress.update(self.task, completed=done, total=total)
+
+    def __enter__(self):
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()

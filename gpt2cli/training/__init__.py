@@ -1,0 +1,1 @@
+"""Training's home: prepared token folders, run settings and the run driver."""

@@ -1,0 +1,348 @@
+"""`gpt2 prepare`'s core: tokenize input files once into flat uint16 shards and an index.
+
+The folder holds `shard-00000.bin`, ... (GPT-2 ids as little-endian uint16, documents joined
+by <|endoftext|>, exactly the stream `gpt2 train` makes of the same files) and `index.json`
+(sources with sizes and hashes, counts, the validation split, the tokenizer's fingerprint).
+
+Worker processes tokenize pieces of the inputs (see sources.py) while this process reads
+ahead a bounded number of pieces and writes the results in order, so memory stays bounded.
+A shard is written under a temporary name and renamed when complete; `.progress.json`
+records where the last complete shard ended, so an interrupted run continues from there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gpt2cli.atomic import atomic_write
+from gpt2cli.errors import UserError
+from gpt2cli.training.sources import BadInput, Piece, SourceReader, kind_of, piece_texts
+
+FORMAT = "gpt2cli-tokens"
+VERSION = 1
+INDEX = "index.json"
+PROGRESS = ".progress.json"
+SHARD_TOKENS = 100_000_000  # 200 MB per shard, as nanoGPT's FineWeb shards
+DTYPE = np.dtype("<u2")
+
+Progress = Callable[[int, int], None]  # (bytes of input read, bytes in all)
+
+
+class FolderInUse(UserError):
+    """The output folder holds another request's tokens (`force` replaces them)."""
+
+
+@dataclass(frozen=True)
+class PrepareSettings:
+    """What decides the tokens written (worker count aside, which changes nothing in them)."""
+
+    text_field: str = "text"  # the JSON-lines field holding each document
+    errors: str = "strict"  # non-UTF-8 bytes: strict (stop) or replace
+    shard_tokens: int = SHARD_TOKENS
+    val_fraction: float = 0.05  # tail of the token stream held out for validation
+
+    def __post_init__(self) -> None:
+        if self.errors not in ("strict", "replace"):
+            raise UserError(f"errors must be strict or replace, got {self.errors!r}")
+        if self.shard_tokens <= 0:
+            raise UserError(f"shard_tokens must be a positive integer, got {self.shard_tokens}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise UserError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:05d}.bin"
+
+
+def tokenizer_fingerprint() -> str:
+    """The bundled GPT-2 tokenizer's fingerprint, as the plain-text path computes it."""
+    from gpt2cli.data import tokenizer_fingerprint as fingerprint
+    from gpt2cli.tokenizer import bundled
+
+    return fingerprint(bundled())
+
+
+def _request(files: list[Path], settings: PrepareSettings) -> dict[str, Any]:
+    """What a rerun must match to continue (or to find the work already done)."""
+    sources = []
+    for path in files:
+        stat = path.stat()
+        sources.append(
+            {"path": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        )
+    return {
+        "sources": sources,
+        "tokenizer": tokenizer_fingerprint(),
+        **{k: v for k, v in settings.__dict__.items() if k != "val_fraction"},
+        "val_fraction": settings.val_fraction,
+    }
+
+
+# ---- workers -----------------------------------------------------------------------------
+
+_encoder = None
+
+
+def _init_worker() -> None:
+    global _encoder
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles Ctrl-C
+    from gpt2cli.tokenizer import bundled_files, fast_encoder
+
+    _encoder = fast_encoder(bundled_files()[0])
+
+
+def encode_piece(piece: Piece, text_field: str, errors: str, eos: int):
+    """(uint16 ids, documents begun in it) of one piece; documents joined by eos."""
+    texts = piece_texts(piece, text_field, errors)
+    ids: list[int] = []
+    for i, text in enumerate(texts):
+        if i:
+            ids.append(eos)
+        ids.extend(_encoder.encode(text, allowed_special="all"))
+    docs = int(piece.starts_doc) if piece.kind == "text" else len(texts)
+    return np.asarray(ids, DTYPE), docs
+
+
+# ---- state ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _State:
+    """Where the work stands: complete shards, finished sources, and the resume point."""
+
+    shards: list[dict[str, Any]] = field(default_factory=list)
+    sources: list[dict[str, Any]] = field(default_factory=list)  # finished ones
+    offset: int = 0  # in the current source (sources[len(self.sources)])
+    line: int = 1
+    source_tokens: int = 0
+    source_docs: int = 0
+    documents: int = 0  # in all sources so far
+
+    @property
+    def tokens(self) -> int:
+        return sum(s["tokens"] for s in self.shards)
+
+
+class _ShardWriter:
+    """Appends ids to a temporary shard file; `close` renames it into place."""
+
+    def __init__(self, folder: Path, number: int):
+        self.folder, self.number, self.tokens, self._file = folder, number, 0, None
+
+    @property
+    def _tmp(self) -> Path:
+        return self.folder / f".{shard_name(self.number)}.tmp"
+
+    def write(self, ids: np.ndarray) -> None:
+        if self._file is None:
+            self._file = open(self._tmp, "wb")  # noqa: SIM115 - closed in close/abort
+        self._file.write(memoryview(ids))
+        self.tokens += len(ids)
+
+    def close(self) -> dict[str, Any] | None:
+        """Finish the shard (None when nothing was written) and start the next."""
+        if self._file is None:
+            return None
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+        os.replace(self._tmp, self.folder / shard_name(self.number))
+        done = {"file": shard_name(self.number), "tokens": self.tokens}
+        self.number, self.tokens = self.number + 1, 0
+        return done
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._tmp.unlink(missing_ok=True)
+
+
+# ---- the run -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Prepared:
+    index: dict[str, Any]
+    resumed_at: int | None  # tokens already there when this call started; None if all done
+
+
+def prepare(
+    files: list[Path],
+    out: Path,
+    settings: PrepareSettings = PrepareSettings(),  # noqa: B008 - frozen
+    *,
+    workers: int | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> Prepared:
+    """Tokenize `files` into `out`; continue an interrupted run of the same request."""
+    if not files:
+        raise UserError("files: give at least one input file")
+    workers = workers or os.cpu_count() or 1
+    if workers < 1:
+        raise UserError(f"workers must be a positive integer, got {workers}")
+    request = _request(files, settings)
+    state = _open_folder(Path(out), request, force)
+    if state is None:
+        return Prepared(json.loads((Path(out) / INDEX).read_text("utf-8")), None)
+    resumed_at = state.tokens
+    _run(files, Path(out), settings, request, state, workers, progress)
+    index = _index(request, state, settings)
+    _write_json(Path(out) / INDEX, index)
+    (Path(out) / PROGRESS).unlink(missing_ok=True)
+    return Prepared(index, resumed_at)
+
+
+def _open_folder(out: Path, request: dict[str, Any], force: bool) -> _State | None:
+    """The state to continue from; None when `out` already holds this request's tokens."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"out {out} is a file; give a folder for the prepared dataset")
+    out.mkdir(parents=True, exist_ok=True)
+    index, saved = _read_json(out / INDEX), _read_json(out / PROGRESS)
+    if index is not None and not force:
+        if index.get("request") == request:
+            return None
+        raise FolderInUse(f"{out} holds tokens of other inputs or settings")
+    ours = [p for p in out.iterdir() if _is_ours(p.name)]
+    if index is None and saved is None and len(ours) < len(list(out.iterdir())):
+        raise UserError(f"out {out} is a folder with other files; give an empty or new folder")
+    if saved is not None and saved.get("request") == request and not force:
+        state = _State(**saved["state"])
+        kept = {s["file"] for s in state.shards}
+        _remove(
+            [p for p in ours if p.name.startswith((".shard-", "shard-")) and p.name not in kept]
+        )
+        return state
+    _remove(ours)
+    return _State()
+
+
+def _is_ours(name: str) -> bool:
+    return name in (INDEX, PROGRESS) or name.startswith(("shard-", ".shard-", f".{PROGRESS}"))
+
+
+def _remove(paths: list[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
+def _run(files, out, settings, request, state: _State, workers: int, progress) -> None:
+    eos = _eos_id()
+    total = sum(s["bytes"] for s in request["sources"])
+    done_before = sum(s["bytes"] for s in request["sources"][: len(state.sources)])
+    writer = _ShardWriter(out, len(state.shards))
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker)
+    try:
+        for number in range(len(state.sources), len(files)):
+            path = files[number]
+            with SourceReader(path) as reader:
+                pending: deque = deque()
+                pieces = reader.pieces(state.offset, state.line)
+                for piece in pieces:
+                    pending.append(
+                        (
+                            piece,
+                            pool.submit(
+                                encode_piece, piece, settings.text_field, settings.errors, eos
+                            ),
+                        )
+                    )
+                    if len(pending) >= 2 * workers:
+                        _write(pending.popleft(), writer, state, out, request, settings, path, eos)
+                    if progress:
+                        progress(done_before + reader.consumed, total)
+                while pending:
+                    _write(pending.popleft(), writer, state, out, request, settings, path, eos)
+                state.sources.append(
+                    {
+                        **request["sources"][number],
+                        "sha256": reader.sha256,
+                        "kind": kind_of(path),
+                        "documents": state.source_docs,
+                        "tokens": state.source_tokens,
+                    }
+                )
+            state.offset, state.line, state.source_tokens, state.source_docs = 0, 1, 0, 0
+            done_before += request["sources"][number]["bytes"]
+            if progress:
+                progress(done_before, total)
+        closed = writer.close()
+        if closed:
+            state.shards.append(closed)
+    finally:
+        writer.abort()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _write(item, writer: _ShardWriter, state: _State, out, request, settings, path, eos) -> None:
+    piece, future = item
+    try:
+        ids, docs = future.result()
+    except BadInput as exc:
+        raise UserError(exc.describe(piece, path)) from None
+    if docs and state.documents:  # the piece begins a document: separate it from the last
+        writer.write(np.asarray([eos], DTYPE))
+        state.source_tokens += 1
+    writer.write(ids)
+    state.source_tokens += len(ids)
+    state.source_docs += docs
+    state.documents += docs
+    state.offset = piece.end
+    state.line = piece.first_line + (piece.data.count(b"\n") if piece.kind == "jsonl" else 0)
+    if writer.tokens >= settings.shard_tokens:
+        state.shards.append(writer.close())
+        _write_json(out / PROGRESS, {"request": request, "state": state.__dict__})
+
+
+def _index(request: dict[str, Any], state: _State, settings: PrepareSettings) -> dict[str, Any]:
+    total = state.tokens
+    if total == 0:
+        raise UserError("the inputs hold no text to tokenize")
+    val_tokens = int(total * settings.val_fraction)
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "dtype": "uint16",
+        "tokenizer": {"name": "gpt2", "fingerprint": request["tokenizer"], "eos_id": _eos_id()},
+        "documents": state.documents,
+        "tokens": total,
+        "document_separator": "eos",  # <|endoftext|> between documents, as gpt2 train joins files
+        "split": {"val_fraction": settings.val_fraction, "val_start": total - val_tokens},
+        "sources": state.sources,
+        "shards": state.shards,
+        "request": request,
+    }
+
+
+def _eos_id() -> int:
+    from gpt2cli.tokenizer import bundled
+
+    return bundled().eos_id
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(path.read_text("utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from None
+    return value if isinstance(value, dict) else None
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    text = json.dumps(value, indent=1) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))

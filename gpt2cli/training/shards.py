@@ -1,0 +1,117 @@
+"""Reading a prepared folder: its shards as one token stream, through np.memmap.
+
+Nothing is read until a block is asked for, so a run's memory does not grow with the corpus:
+the operating system pages in the rows a process touches, and each process of a
+multi-process run touches only its own rows.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gpt2cli.errors import UserError
+from gpt2cli.training.prepare import DTYPE, FORMAT, INDEX, VERSION
+
+
+class TokenStream:
+    """Tokens [start, stop) of shards laid end to end. Slicing gives a view; np.asarray reads."""
+
+    def __init__(self, shards: list[np.ndarray], start: int = 0, stop: int | None = None):
+        self._shards = shards
+        self._ends = np.cumsum([len(s) for s in shards])
+        total = int(self._ends[-1]) if shards else 0
+        self.start, self.stop = start, total if stop is None else stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, where: slice) -> TokenStream:
+        begin, end, step = where.indices(len(self))
+        if step != 1:
+            raise ValueError("a token stream slices with step 1 only")
+        view = TokenStream.__new__(TokenStream)
+        view._shards, view._ends = self._shards, self._ends
+        view.start, view.stop = self.start + begin, self.start + max(begin, end)
+        return view
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = np.empty(len(self), DTYPE)
+        at, filled = self.start, 0
+        while at < self.stop:
+            shard = int(np.searchsorted(self._ends, at, side="right"))
+            first = int(self._ends[shard - 1]) if shard else 0
+            take = min(self.stop, int(self._ends[shard])) - at
+            out[filled : filled + take] = self._shards[shard][at - first : at - first + take]
+            at, filled = at + take, filled + take
+        return out if dtype is None else out.astype(dtype)
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """A folder written by `gpt2 prepare`."""
+
+    folder: Path
+    index: dict[str, Any]
+    tokens: TokenStream
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the token stream: the inputs' hashes and the tokenizer."""
+        import hashlib
+
+        parts = [self.index["tokenizer"]["fingerprint"]]
+        parts += [s["sha256"] for s in self.index["sources"]]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+    @property
+    def val_fraction(self) -> float:
+        return self.index["split"]["val_fraction"]
+
+    def validation(self) -> TokenStream:
+        return self.tokens[self.index["split"]["val_start"] :]
+
+    def check_tokenizer(self, tokenizer) -> None:
+        """The folder holds GPT-2 ids: refuse a tokenizer whose ids would mean other text."""
+        from gpt2cli.tokenizer import bundled
+
+        if tokenizer.backend.get_vocab() != bundled().backend.get_vocab():
+            raise UserError(
+                f"{self.folder} holds GPT-2 token ids; this model's tokenizer has another "
+                "vocabulary (train on the text files instead, or pick GPT-2's tokenizer)"
+            )
+
+
+def is_prepared(path: str | Path) -> bool:
+    return (Path(path) / INDEX).is_file()
+
+
+def open_prepared(folder: str | Path) -> PreparedData:
+    """Check the index and the shard files' sizes, then map the shards."""
+    folder = Path(folder)
+    file = folder / INDEX
+    try:
+        index = json.loads(file.read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"cannot read {file}: {exc}") from None
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        raise UserError(f"{file} is not an index written by gpt2 prepare")
+    if index.get("version") != VERSION:
+        raise UserError(
+            f"{file} has format version {index.get('version')!r}; this gpt2 reads {VERSION}: "
+            "prepare the dataset again"
+        )
+    shards = []
+    for shard in index["shards"]:
+        path = folder / shard["file"]
+        size = path.stat().st_size if path.is_file() else None
+        if size != shard["tokens"] * DTYPE.itemsize:
+            raise UserError(
+                f"{path} is missing or has the wrong size; run the same gpt2 prepare again"
+            )
+        shards.append(np.memmap(path, dtype=DTYPE, mode="r"))
+    return PreparedData(folder, index, TokenStream(shards))

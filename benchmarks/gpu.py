@@ -2,7 +2,7 @@
 
     python3 benchmarks/gpu.py                        # everything, peers from ../shared/gpu
     python3 benchmarks/gpu.py --peers DIR            # DIR holds peers_gpu.py and nanogpt/model.py
-    python3 benchmarks/gpu.py --only train,decode --variants   # our own variants too
+    python3 benchmarks/gpu.py --only train,train-variants,decode-variants,cost   # ours alone
     python3 benchmarks/gpu.py --dry-run              # a tiny model and a few steps: checks the script on a CPU
 
 Figures (GPT-2 124M with random weights, shared with the peers through a Hugging Face folder):
@@ -25,7 +25,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 # Peers run in subprocesses beside this one: JAX must not take 75% of the GPU at start.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -140,7 +143,9 @@ def fidelity(folder: Path, config, params) -> list[dict]:
         ours = np.asarray(gpt2cli.logits(config, params, ids, dtype=dtype), np.float64)
         error = np.abs(ours - reference).max()
         engine = Engine(config, params, dtype)
-        run = TokenRun(engine, [ids[0, :16].tolist()], max_new_tokens=32)
+        run = TokenRun(
+            engine, [ids[0, :16].tolist()], max_new_tokens=32, sampling_params=SamplingParams()
+        )
         tokens = [int(t[0]) for t in run]
         records.append(
             {
@@ -149,7 +154,6 @@ def fidelity(folder: Path, config, params) -> list[dict]:
                 "max_abs_error": float(error),
                 "max_rel_error": float(error / np.abs(reference).max()),
                 "greedy_equal": tokens == hf_tokens,
-                "sampling": str(SamplingParams()),
             }
         )
     return records
@@ -230,80 +234,162 @@ def table(results: list[dict], per_token: float) -> str:
     for r in results:
         if "error" in r:
             lines.append(f"error: {r}")
+        elif r.get("what") == "cost":
+            tok_s = find(side="ours", what="train", dtype="bfloat16", variant="default")
+            steps_s = tok_s / r["tokens_per_step"] if tok_s else 0
+            lines.append(
+                f"XLA's count for one bf16 train step: {r['flops'] / 1e12:.1f} TFLOP, "
+                f"{r['bytes_accessed'] / 1e9:.1f} GB accessed, {r['temp_bytes'] / 1e9:.1f} GB "
+                f"temporaries; at the measured speed {r['flops'] * steps_s / 1e12:.0f} TFLOP/s, "
+                f"{r['bytes_accessed'] * steps_s / 1e12:.2f} TB/s"
+            )
         elif r.get("what") == "fidelity":
             lines.append(
                 f"fidelity {r['dtype']}: max |logit error| {r['max_abs_error']:.2e} "
                 f"(relative {r['max_rel_error']:.2e}), greedy equal: {r['greedy_equal']}"
             )
         if r.get("variant") not in (None, "default"):
-            lines.append(f"variant {r['what']} {r['dtype']} {r['variant']}: {r['tok_s']:,} tok/s")
+            lines.append(
+                f"variant {r['what']} {r['dtype']} b{r.get('batch', '')} {r['variant']}: "
+                f"{r['tok_s']:,} tok/s"
+            )
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--peers", type=Path, default=Path("../shared/gpu"))
-    parser.add_argument("--only", default="peers,train,decode,fidelity")
-    parser.add_argument("--variants", action="store_true", help="also time our alternatives")
+    parser.add_argument(
+        "--only",
+        default="peers,train,decode,fidelity",
+        help=f"stages to run, in this order (of: {', '.join(STAGES)})",
+    )
     parser.add_argument("--dry-run", action="store_true", help="tiny model, few steps")
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--out", type=Path, help="write every record here as JSON")
+    parser.add_argument("--out", type=Path, help="keep every record here as JSON, as it comes")
     args = parser.parse_args()
-    only = set(args.only.split(","))
+    unknown = set(args.only.split(",")) - set(STAGES)
+    if unknown:
+        parser.error(f"unknown stages {sorted(unknown)}; choose from {', '.join(STAGES)}")
 
     import jax
 
     results: list[dict] = []
-    emit({"what": "device", "device": str(jax.devices()[0]), "jax": jax.__version__}, results)
-    batch, seq, steps, new = (2, 64, 2, 16) if args.dry_run else (16, 1024, args.steps, 256)
+
+    def record(item: dict) -> None:
+        emit(item, results)
+        if args.out:
+            args.out.write_text(json.dumps(results, indent=1))
+
+    record({"what": "device", "device": str(jax.devices()[0]), "jax": jax.__version__})
+    shape = (2, 64, 2, 16) if args.dry_run else (16, 1024, args.steps, 256)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "gpt2-random"
         config, params = make_model(folder, args.dry_run)
-        per_token = flops_per_token(config, seq)
-        if "peers" in only:
-            if (args.peers / "peers_gpu.py").exists():
-                jobs = ["decode", "train", "nanogpt"]
-                for record in peers(args.peers, folder, jobs, timeout=600):
-                    emit(record, results)
-            else:
-                emit({"peer": "all", "error": f"no {args.peers}/peers_gpu.py"}, results)
-        if "train" in only:
-            variants = [("default", {})]
-            if args.variants:
-                variants += [
-                    ("einsum attention", {"attention": "einsum"}),
-                    ("loss in 4 chunks", {"loss_chunks": 4}),
-                ]
-            for dtype in ("bfloat16", "tf32", "float32"):
-                for name, options in variants if dtype == "bfloat16" else variants[:1]:
-                    record = ours_train(config, params, dtype, batch, seq, steps, **options)
-                    emit({"side": "ours", "what": "train", "dtype": dtype, "variant": name,
-                          **record}, results)  # fmt: skip
-        if "decode" in only:
-            for dtype, rows in DECODES:
-                record = ours_decode(config, params, dtype, rows, 32, new)
-                emit({"side": "ours", "what": "decode", "dtype": dtype, "batch": rows,
-                      "variant": "default", **record}, results)  # fmt: skip
-            if args.variants:
-                for chunk, unroll in ((128, 1), (32, 4), (32, 32)):
-                    for rows in (1, 64):
-                        record = ours_decode(
-                            config, params, "bfloat16", rows, 32, new, chunk, unroll
-                        )
-                        emit({"side": "ours", "what": "decode", "dtype": "bfloat16", "batch": rows,
-                              "variant": f"b{rows} chunk {chunk} unroll {unroll}", **record},
-                             results)  # fmt: skip
-        if "fidelity" in only:
-            try:
-                for record in fidelity(folder, config, params):
-                    emit(record, results)
-            except ImportError as error:
-                emit(
-                    {"what": "fidelity", "error": f"needs torch and transformers: {error}"}, results
-                )
-    print(table(results, per_token), flush=True)
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=1))
+        run = Run(config, params, folder, args.peers, *shape, record)
+        for stage in args.only.split(","):
+            STAGES[stage](run)
+    print(table(results, flops_per_token(config, shape[1])), flush=True)
+
+
+@dataclass
+class Run:
+    config: Any
+    params: Any
+    folder: Path
+    peer_dir: Path
+    batch: int
+    seq: int
+    steps: int
+    new: int
+    record: Callable[[dict], None]
+
+    def train(self, dtype: str, variant: str = "default", **options) -> None:
+        figures = ours_train(
+            self.config, self.params, dtype, self.batch, self.seq, self.steps, **options
+        )
+        self.record(
+            {"side": "ours", "what": "train", "dtype": dtype, "variant": variant, **figures}
+        )
+
+    def decode(self, dtype: str, rows: int, variant: str = "default", **options) -> None:
+        figures = ours_decode(self.config, self.params, dtype, rows, 32, self.new, **options)
+        self.record(
+            {"side": "ours", "what": "decode", "dtype": dtype, "batch": rows, "variant": variant,
+             **figures}
+        )  # fmt: skip
+
+
+def stage_peers(run: Run) -> None:
+    if not (run.peer_dir / "peers_gpu.py").exists():
+        run.record({"peer": "all", "error": f"no {run.peer_dir}/peers_gpu.py"})
+        return
+    for item in peers(run.peer_dir, run.folder, ["decode", "train", "nanogpt"], timeout=600):
+        run.record(item)
+
+
+def stage_train(run: Run) -> None:
+    for dtype in ("bfloat16", "tf32", "float32"):
+        run.train(dtype)
+
+
+def stage_train_variants(run: Run) -> None:
+    run.train("bfloat16", "einsum attention", attention="einsum")
+    run.train("bfloat16", "loss in 4 slices", loss_chunks=4)
+
+
+def stage_decode(run: Run) -> None:
+    for dtype, rows in DECODES:
+        run.decode(dtype, rows)
+
+
+def stage_decode_variants(run: Run) -> None:
+    for chunk, unroll in ((128, 1), (32, 4), (64, 8)):
+        for rows in (1, 64):
+            variant = f"chunk {chunk} unroll {unroll}"
+            run.decode("bfloat16", rows, variant, chunk=chunk, unroll=unroll)
+
+
+def stage_fidelity(run: Run) -> None:
+    try:
+        for item in fidelity(run.folder, run.config, run.params):
+            run.record(item)
+    except ImportError as error:
+        run.record({"what": "fidelity", "error": f"needs torch and transformers: {error}"})
+
+
+def stage_cost(run: Run) -> None:
+    """XLA's own count of the bfloat16 train step's FLOPs and bytes (what bounds it)."""
+    import numpy as np
+
+    from gpt2cli.train import TrainConfig, Trainer
+
+    tc = TrainConfig(batch_size=run.batch, seq_length=run.seq, dtype="bfloat16", dropout=0.0)
+    trainer = Trainer(run.config, tc)
+    state = trainer.create_state(run.params)
+    tokens = np.zeros((1, run.batch, run.seq + 1), np.int32)
+    trainer.step(state, tokens)  # builds the jitted step
+    compiled = trainer._step.lower(state, trainer.place(tokens)).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    memory = compiled.memory_analysis()
+    run.record(
+        {"what": "cost", "dtype": "bfloat16", "flops": cost.get("flops"),
+         "bytes_accessed": cost.get("bytes accessed"),
+         "temp_bytes": getattr(memory, "temp_size_in_bytes", None),
+         "tokens_per_step": run.batch * run.seq}
+    )  # fmt: skip
+
+
+STAGES = {
+    "peers": stage_peers,
+    "train": stage_train,
+    "decode": stage_decode,
+    "fidelity": stage_fidelity,
+    "cost": stage_cost,
+    "train-variants": stage_train_variants,
+    "decode-variants": stage_decode_variants,
+}
 
 
 if __name__ == "__main__":

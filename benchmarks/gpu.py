@@ -64,7 +64,7 @@ def flops_per_token(config, seq: int) -> float:
 # ---- ours ------------------------------------------------------------------------------
 
 
-def ours_train(config, params, dtype, batch, seq, steps, attention=None, loss_chunks=None):
+def ours_train(config, params, dtype, batch, seq, steps, loss_chunks=None, remat=False, **kernels):
     import dataclasses
 
     import jax
@@ -73,11 +73,11 @@ def ours_train(config, params, dtype, batch, seq, steps, attention=None, loss_ch
     from gpt2cli.train import TrainConfig, Trainer
 
     tc = TrainConfig(
-        batch_size=batch, seq_length=seq, dtype=dtype, dropout=0.0, warmup=10, decay_steps=1000
-    )
+        batch_size=batch, seq_length=seq, dtype=dtype, dropout=0.0, warmup=10, decay_steps=1000,
+        remat=remat,
+    )  # fmt: skip
     trainer = Trainer(config, tc, loss_chunks=loss_chunks)
-    if attention:
-        trainer.kernels = dataclasses.replace(trainer.kernels, attention_impl=attention)
+    trainer.kernels = dataclasses.replace(trainer.kernels, **kernels)
     state = trainer.create_state(params)
     tokens = np.random.default_rng(0).integers(0, config.vocab_size, (1, batch, seq + 1))
     placed = trainer.place(tokens)
@@ -95,28 +95,35 @@ def ours_train(config, params, dtype, batch, seq, steps, attention=None, loss_ch
         "tok_s": round(batch * seq * steps / elapsed),
         "compile_and_3_steps_s": round(compile_s, 1),
         "loss": round(loss, 3),
-        "attention": trainer.kernels.attention_impl,
+        "kernels": str(trainer.kernels),
         "loss_chunks": trainer.loss_chunks,
+        "peak_gb": round(_peak_bytes() / 1e9, 1),
     }
 
 
-def ours_decode(config, params, dtype, batch, prompt, new, chunk=None, unroll=None):
+def _peak_bytes() -> int:
     import jax
 
-    from gpt2cli import engine as engine_module
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use", 0)
+
+
+def ours_decode(config, params, dtype, batch, prompt, new, chunk=None, **kernel_changes):
+    import dataclasses
+
+    from gpt2cli import kernels, precision
     from gpt2cli.cli.bench_cmd import measure
     from gpt2cli.engine import Engine
 
-    if unroll is not None:
-        engine_module.DECODE_UNROLL[jax.default_backend()] = unroll
-        engine_module._programs.cache_clear()
-    engine = Engine(config, params, dtype, chunk=chunk, batch=batch)
+    chosen = kernels.choose(precision.get(dtype), batch=batch)
+    chosen = dataclasses.replace(chosen, **kernel_changes)
+    engine = Engine(config, params, dtype, chunk=chunk, batch=batch, chosen=chosen)
     figures = measure(engine, batch, prompt, new, repeats=3)
     return {
         "tok_s": round(figures["decode_tokens_per_s"], 1),
         "compile_s": round(figures["compile_s"], 1),
         "chunk": engine.chunk,
-        "unroll": engine.programs.unroll,
+        "kernels": str(engine.kernels),
     }
 
 
@@ -243,12 +250,23 @@ def table(results: list[dict], per_token: float) -> str:
                 f"temporaries; at the measured speed {r['flops'] * steps_s / 1e12:.0f} TFLOP/s, "
                 f"{r['bytes_accessed'] * steps_s / 1e12:.2f} TB/s"
             )
+        elif r.get("what") == "profile":
+            lines.append(
+                f"profile {r['of']}: {r['launches'] / r['per']:.0f} kernels and "
+                f"{r['busy_us'] / r['per'] / 1000:.2f} ms of kernel time per "
+                f"{'step' if r['of'] == 'train' else 'token'}, "
+                f"{r['span_us'] / r['per'] / 1000:.2f} ms wall on the device"
+            )
+            lines += [
+                f"    {t / r['per'] / 1000:7.3f} ms  {n / r['per']:5.1f}x  {k}"
+                for k, n, t in r["top"]
+            ]
         elif r.get("what") == "fidelity":
             lines.append(
                 f"fidelity {r['dtype']}: max |logit error| {r['max_abs_error']:.2e} "
                 f"(relative {r['max_rel_error']:.2e}), greedy equal: {r['greedy_equal']}"
             )
-        if r.get("variant") not in (None, "default"):
+        if r.get("variant") not in (None, "default") and "tok_s" in r:
             lines.append(
                 f"variant {r['what']} {r['dtype']} b{r.get('batch', '')} {r['variant']}: "
                 f"{r['tok_s']:,} tok/s"
@@ -305,15 +323,21 @@ class Run:
     record: Callable[[dict], None]
 
     def train(self, dtype: str, variant: str = "default", **options) -> None:
-        figures = ours_train(
-            self.config, self.params, dtype, self.batch, self.seq, self.steps, **options
-        )
+        try:
+            figures = ours_train(
+                self.config, self.params, dtype, self.batch, self.seq, self.steps, **options
+            )
+        except Exception as error:  # a variant XLA refuses must not end the run
+            figures = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
         self.record(
             {"side": "ours", "what": "train", "dtype": dtype, "variant": variant, **figures}
         )
 
     def decode(self, dtype: str, rows: int, variant: str = "default", **options) -> None:
-        figures = ours_decode(self.config, self.params, dtype, rows, 32, self.new, **options)
+        try:
+            figures = ours_decode(self.config, self.params, dtype, rows, 32, self.new, **options)
+        except Exception as error:
+            figures = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
         self.record(
             {"side": "ours", "what": "decode", "dtype": dtype, "batch": rows, "variant": variant,
              **figures}
@@ -333,9 +357,21 @@ def stage_train(run: Run) -> None:
         run.train(dtype)
 
 
+COMMAND_BUFFERS_WITH_LOOPS = (
+    ("xla_gpu_enable_command_buffer", "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"),
+)
+NO_COMMAND_BUFFERS = (("xla_gpu_enable_command_buffer", ""),)
+CUBLASLT = (("xla_gpu_enable_cublaslt", True),)
+NO_TRITON_GEMM = (("xla_gpu_enable_triton_gemm", False),)
+
+
 def stage_train_variants(run: Run) -> None:
-    run.train("bfloat16", "einsum attention", attention="einsum")
+    run.train("bfloat16", "vocab not padded", vocab_multiple=1)
     run.train("bfloat16", "loss in 4 slices", loss_chunks=4)
+    run.train("bfloat16", "cuBLASLt", compile_options=CUBLASLT)
+    run.train("bfloat16", "no Triton GEMMs", compile_options=NO_TRITON_GEMM)
+    run.train("bfloat16", "einsum attention", attention_impl="einsum")
+    run.train("bfloat16", "remat", remat=True)
 
 
 def stage_decode(run: Run) -> None:
@@ -344,10 +380,13 @@ def stage_decode(run: Run) -> None:
 
 
 def stage_decode_variants(run: Run) -> None:
-    for chunk, unroll in ((128, 1), (32, 4), (64, 8)):
-        for rows in (1, 64):
-            variant = f"chunk {chunk} unroll {unroll}"
-            run.decode("bfloat16", rows, variant, chunk=chunk, unroll=unroll)
+    for rows in (1, 64):
+        run.decode("bfloat16", rows, "cache written last", cache_write="last")
+        run.decode(
+            "bfloat16", rows, "graphs over loops", compile_options=COMMAND_BUFFERS_WITH_LOOPS
+        )
+        run.decode("bfloat16", rows, "no graphs", compile_options=NO_COMMAND_BUFFERS)
+        run.decode("bfloat16", rows, "cuBLASLt", compile_options=CUBLASLT)
 
 
 def stage_fidelity(run: Run) -> None:
@@ -381,7 +420,85 @@ def stage_cost(run: Run) -> None:
     )  # fmt: skip
 
 
+def gpu_kernel_times(trace_dir: Path) -> tuple[dict, float]:
+    """(kernel name -> [count, total µs]) over the device lanes of a perfetto trace, and the
+    span from the first kernel's start to the last one's end, µs."""
+    import collections
+    import gzip
+
+    (path,) = trace_dir.glob("**/perfetto_trace.json.gz")
+    with gzip.open(path) as file:
+        events = json.load(file)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    names = {
+        e["pid"]: e["args"]["name"]
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "process_name"
+    }
+    device = {pid for pid, name in names.items() if "GPU" in name or "device" in name.lower()}
+    kernels = collections.defaultdict(lambda: [0, 0.0])
+    start, end = float("inf"), 0.0
+    for e in events:
+        if e.get("ph") == "X" and e["pid"] in device:
+            kernels[e["name"]][0] += 1
+            kernels[e["name"]][1] += e["dur"]
+            start, end = min(start, e["ts"]), max(end, e["ts"] + e["dur"])
+    kernels["(lanes)"] = [0, 0.0, sorted(set(names.values()))[:12]]
+    return dict(kernels), max(end - start, 0.0)
+
+
+def stage_profile(run: Run) -> None:
+    """Where the device's time goes: the kernels of 3 bf16 train steps and of one decode chunk."""
+    import jax
+    import numpy as np
+
+    from gpt2cli.engine import Engine, SamplingParams
+    from gpt2cli.generate import TokenRun
+    from gpt2cli.train import TrainConfig, Trainer
+
+    tc = TrainConfig(batch_size=run.batch, seq_length=run.seq, dtype="bfloat16", dropout=0.0)
+    trainer = Trainer(run.config, tc)
+    state = trainer.create_state(run.params)
+    tokens = np.random.default_rng(0).integers(
+        0, run.config.vocab_size, (1, run.batch, run.seq + 1)
+    )
+    placed = trainer.place(tokens)
+    for _ in range(2):
+        state, metrics = trainer.step(state, placed)
+    jax.block_until_ready(metrics["loss"])
+    engine = Engine(run.config, run.params, "bfloat16", batch=1)
+    prompt = [list(range(32))]
+    list(
+        TokenRun(engine, prompt, max_new_tokens=engine.chunk + 1, sampling_params=SamplingParams())
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(f"{tmp}/train", create_perfetto_trace=True):
+            for _ in range(3):
+                state, metrics = trainer.step(state, placed)
+            jax.block_until_ready(metrics["loss"])
+        train_kernels, train_span = gpu_kernel_times(Path(tmp) / "train")
+        run_tokens = TokenRun(
+            engine, prompt, max_new_tokens=engine.chunk + 1, sampling_params=SamplingParams()
+        )
+        with jax.profiler.trace(f"{tmp}/decode", create_perfetto_trace=True):
+            list(run_tokens)
+        decode_kernels, decode_span = gpu_kernel_times(Path(tmp) / "decode")
+    for what, found, span, per in (
+        ("train", train_kernels, train_span, 3),
+        ("decode", decode_kernels, decode_span, engine.chunk + 1),
+    ):
+        lanes = found.pop("(lanes)")[2]
+        busy = sum(t for _, t in found.values())
+        top = sorted(found.items(), key=lambda kv: -kv[1][1])[:15]
+        run.record(
+            {"what": "profile", "of": what, "per": per, "span_us": round(span),
+             "busy_us": round(busy), "launches": sum(n for n, _ in found.values()), "lanes": lanes,
+             "top": [[name[:90], n, round(t)] for name, (n, t) in top]}
+        )  # fmt: skip
+
+
 STAGES = {
+    "profile": stage_profile,
     "peers": stage_peers,
     "train": stage_train,
     "decode": stage_decode,

@@ -38,7 +38,7 @@ def _forward(config: GPT2Config, dtype: str):
         with kernels.use(chosen):
             return model.apply({"params": params}, ids)[0]
 
-    return jax.jit(forward)
+    return chosen.jit(forward)
 
 
 def logits(config: GPT2Config, params: Params, input_ids, *, dtype: str = "float32") -> jax.Array:

@@ -95,11 +95,12 @@ class Engine:
         dtype: str = "float32",
         chunk: int | None = None,
         batch: int = 1,
+        chosen: kernels.Kernels | None = None,  # instead of the kernels.choose() of this batch
     ):
         policy = precision.get(dtype)
         self.config = config
         self.dtype = dtype
-        self.kernels = kernels.choose(policy, batch=batch)
+        self.kernels = chosen or kernels.choose(policy, batch=batch)
         self.chunk = chunk or DECODE_CHUNK.get(self.kernels.backend, DEFAULT_DECODE_CHUNK)
         self.params = _prepare(params, policy.compute, self.kernels.out_in)
         self.programs = _programs(config, policy.compute, self.kernels, self.chunk)
@@ -134,8 +135,8 @@ class _Programs:
         self.unroll = DECODE_UNROLL.get(chosen.backend, 1)
         self.model = GPT2(config, dtype=jnp.dtype(compute), param_dtype=jnp.dtype(compute))
         self.traces = 0  # how many programs were traced: tests check nothing retraces
-        self.prefill = jax.jit(self._prefill, static_argnames="rule", donate_argnames="cache")
-        self.decode = jax.jit(self._decode, static_argnames="rule", donate_argnames="state")
+        self.prefill = chosen.jit(self._prefill, static_argnames="rule", donate_argnames="cache")
+        self.decode = chosen.jit(self._decode, static_argnames="rule", donate_argnames="state")
 
     def _prefill(
         self, params, cache, ids, positions, mask, last, advance, seen, seed, rows, *, rule

@@ -84,7 +84,7 @@ def make_scorer(config: GPT2Config, dtype: str) -> Callable:
     model = GPT2(config, dtype=jnp.dtype(policy.compute))
     chosen = kernels.choose(policy)
 
-    @jax.jit
+    @chosen.jit
     def score(params, inputs, targets, mask):
         with kernels.use(chosen):
             logits, _ = model.apply({"params": params}, inputs)  # [B, L, V] float32

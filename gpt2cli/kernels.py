@@ -31,6 +31,19 @@ class Kernels:
     out_in: bool = False  # Dense kernels stored (out, in): float32 decoding on a CPU
     # "einsum": ours, below; "cudnn" (fused flash attention) or "xla": jax.nn.dot_product_attention
     attention_impl: str = "einsum"
+    # With a cache, "last": attend to the cache as it was and the new tokens as two blocks of one
+    # softmax, then write (XLA:CPU updates the cache in place only so); "first": write the new
+    # keys and values, then one softmax over the whole cache (fewer kernels per step)
+    cache_write: str = "last"
+    # The head's table padded to a multiple of this many rows for large products: GEMM tiles
+    # fit a vocabulary of 50304 better than one of 50257 (nanoGPT pads its vocabulary so)
+    vocab_multiple: int = 1
+    # XLA compiler options of every program traced with these kernels, as (name, value) pairs
+    compile_options: tuple[tuple[str, str], ...] = ()
+
+    def jit(self, fun: Callable, **jit_options) -> Callable:
+        """jax.jit with these kernels' compiler options."""
+        return jax.jit(fun, compiler_options=dict(self.compile_options) or None, **jit_options)
 
     # ---- weights ----------------------------------------------------------------------
 
@@ -48,10 +61,12 @@ class Kernels:
         rows = x.reshape(-1, x.shape[-1])  # [N, D]
         if self.backend == "cpu":
             y = self._out_in(rows, table)
-        else:  # the biggest product of training: keep it in the compute dtype, sum in float32
-            y = jax.lax.dot_general(
-                rows, table, (((1,), (1,)), ((), ())), self._precision, jnp.float32
-            )
+        else:  # training's biggest product, and its gradients, stay in the compute dtype
+            vocab = table.shape[0]
+            pad = -vocab % self.vocab_multiple if rows.shape[0] >= 256 else 0
+            table = jnp.pad(table, ((0, pad), (0, 0)))  # [V + pad, D]; the pad is zeros
+            y = jax.lax.dot_general(rows, table, (((1,), (1,)), ((), ())), self._precision)
+            y = y[:, :vocab]
         return y.reshape(*x.shape[:-1], -1).astype(jnp.float32)
 
     def lookup(self, table: jax.Array, ids: jax.Array) -> jax.Array:
@@ -134,6 +149,8 @@ class Kernels:
                 q, k, v, scale=scale, is_causal=True, implementation=self.attention_impl
             )
             return out, None
+        if past is not None and self.cache_write == "first":
+            return self._attention_after_write(q, k, v, new_mask, scale, drop, past, past_ok, index)
         return self._einsum_attention(q, k, v, new_mask, scale, drop, past, past_ok, index)
 
     def fused_applies(self, q, new_mask, drop, past) -> bool:
@@ -190,6 +207,25 @@ class Kernels:
         )
         return out, cache
 
+    def _attention_after_write(self, q, k, v, new_mask, scale, drop, past, past_ok, index):
+        B, T, H, K = q.shape
+        past_k, past_v = past  # [B, H, S, K] each
+        q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # [B, H, T, K]
+        keys = jax.lax.dynamic_update_slice(past_k, k.astype(past_k.dtype), (0, 0, index, 0))
+        values = jax.lax.dynamic_update_slice(past_v, v.astype(past_v.dtype), (0, 0, index, 0))
+        slot = jnp.arange(past_k.shape[2])  # [S]
+        new_ok = jnp.ones((B, T), jnp.bool_) if new_mask is None else new_mask.astype(jnp.bool_)
+        new_slots = jax.lax.dynamic_update_slice(jnp.zeros_like(past_ok), new_ok, (0, index))
+        causal = slot[None, :] <= index + jnp.arange(T)[:, None]  # [T, S]
+        allowed = past_ok[:, None, :] | (new_slots[:, None, :] & causal[None])  # [B, T, S]
+        einsum = _einsum(self._precision)
+        scores = einsum("bhtk,bhsk->bhts", q.astype(keys.dtype), keys).astype(jnp.float32) * scale
+        scores = jnp.where(allowed[:, None], scores, LOWEST)  # [B, H, T, S]
+        probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+        probs = drop(probs) if drop else probs
+        out = einsum("bhts,bhsk->bthk", probs, values).astype(q.dtype)  # [B, T, H, K]
+        return out, (keys, values)
+
 
 def _einsum(precision):
     return lambda spec, a, b: jnp.einsum(spec, a, b, precision=precision)
@@ -212,6 +248,8 @@ def choose(
         products=precision.products,
         out_in=cpu and precision.compute == "float32" and batch == 1,
         attention_impl="cudnn" if fused else "einsum",
+        cache_write="last" if cpu else "first",
+        vocab_multiple=1 if cpu else 64,
     )
 
 

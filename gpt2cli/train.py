@@ -270,7 +270,7 @@ class Trainer:
         """Run one step on this process's rows (placed or not); returns device values."""
         if self._step is None:
             shardings = self._state_shardings
-            self._step = jax.jit(
+            self._step = self.kernels.jit(
                 self._train_step,
                 in_shardings=(shardings, self.batch_sharding),
                 out_shardings=(shardings, sharding.replicated(self.mesh)),
@@ -286,7 +286,7 @@ class Trainer:
     def eval_loss(self, params: Any, local_batches: list[np.ndarray]) -> float:
         """Mean loss over validation batches (each [1, rows, T+1], this process's rows)."""
         if self._eval is None:
-            self._eval = jax.jit(
+            self._eval = self.kernels.jit(
                 self._eval_loss,
                 in_shardings=(self._state_shardings.params, self.batch_sharding),
                 out_shardings=sharding.replicated(self.mesh),

@@ -73,6 +73,7 @@ def test_choices_per_backend():
     assert not kernels.choose(bf16, batch=1, backend="cpu").out_in
     gpu = kernels.choose(bf16, batch=1, backend="gpu")
     assert gpu.attention_impl == "cudnn" and not gpu.out_in and gpu.backend == "gpu"
+    assert gpu.cache_write == "first" and gpu.vocab_multiple == 64
     assert gpu.cache_dtype(jnp.bfloat16) == jnp.bfloat16
     assert kernels.choose(bf16, backend="cpu").cache_dtype(jnp.bfloat16) == jnp.float32
     assert kernels.choose(f32, backend="gpu").attention_impl == "einsum"
@@ -110,12 +111,18 @@ def test_fused_attention_call_equals_ours(tiny_b, golden, dtype):
 
 
 def test_gpu_kernels_run_the_cached_path_like_the_cpu_ones(tiny_b):
-    """The plain XLA products (no CPU workarounds) give the same cached decode."""
+    """The plain XLA products (no CPU workarounds), and the cache written before it is read,
+    give the same cached prefill and decode as the CPU's kernels."""
     config, params = tiny_b
     ids = jnp.arange(1, 9)[None] % config.vocab_size  # [1, 8]
     model = GPT2(config)
     results = []
-    for chosen in (Kernels(backend="cpu"), Kernels(backend="gpu")):
+    variants = (
+        Kernels(backend="cpu"),
+        Kernels(backend="gpu"),
+        Kernels(backend="gpu", cache_write="first", vocab_multiple=64),
+    )
+    for chosen in variants:
         with kernels.use(chosen):
             cache = KVCache.empty(config, 1, 16)
             first, cache = model.apply({"params": params}, ids[:, :6], cache=cache)
@@ -123,7 +130,8 @@ def test_gpu_kernels_run_the_cached_path_like_the_cpu_ones(tiny_b):
                 {"params": params}, ids[:, 6:7], positions=jnp.array([[6]]), cache=cache
             )
         results.append(np.concatenate([first, step], axis=1))
-    np.testing.assert_allclose(results[0], results[1], atol=1e-5)
+    for other in results[1:]:
+        np.testing.assert_allclose(other, results[0], atol=1e-5)
 
 
 @pytest.mark.parametrize("chunk, unroll", [(8, 4), (32, 1)])
@@ -151,3 +159,36 @@ def test_longer_and_unrolled_decode_chunks_keep_transformers_greedy_tokens(
         check_continuation(ours, reference, arrays["tiny_a/gen1/margin"])
     finally:
         engine_module._programs.cache_clear()
+
+
+def test_cache_written_first_keeps_batched_left_padded_generation(tiny_a, golden):
+    """Prompts of different lengths share a batch by left padding; the GPU's cache order
+    must hide the padding as the CPU's does."""
+    from gpt2cli.engine import Engine, SamplingParams
+    from gpt2cli.generate import TokenRun
+
+    prompts = [golden["arrays"][f"tiny_a/gen{i}/prompt_ids"].tolist() for i in range(3)]
+    assert len({len(p) for p in prompts}) > 1
+    outputs = []
+    for chosen in (None, Kernels(backend="gpu", cache_write="first")):
+        engine = Engine(*tiny_a, chosen=chosen)
+        run = TokenRun(engine, prompts, max_new_tokens=8, sampling_params=SamplingParams())
+        outputs.append(np.array([column for column in run]))
+    np.testing.assert_array_equal(outputs[1], outputs[0])
+
+
+def test_padded_head_gives_the_same_logits_and_gradients():
+    """The GPU pads the head's table to a multiple of 64 rows for big products: nothing of the
+    padding may reach the logits or the table's gradient."""
+    keys = jax.random.split(jax.random.key(1))
+    rows = jax.random.normal(keys[0], (300, 32))  # big enough to pad
+    table = jax.random.normal(keys[1], (1001, 32)) * 0.1  # 1001 rows: 23 of padding
+
+    plain, padded = Kernels(backend="gpu"), Kernels(backend="gpu", vocab_multiple=64)
+    np.testing.assert_allclose(padded.head(rows, table), plain.head(rows, table), atol=1e-5)
+    assert padded.head(rows, table).shape == (300, 1001)
+    grads = [
+        jax.grad(lambda t, k=k: jnp.sum(jnp.sin(k.head(rows, t))))(table) for k in (plain, padded)
+    ]
+    assert grads[1].shape == table.shape
+    np.testing.assert_allclose(grads[1], grads[0], rtol=1e-5, atol=1e-5)

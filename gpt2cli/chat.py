@@ -132,7 +132,7 @@ def reply_ids(tokenizer: GPT2Tokenizer, tokens: list[int], text: str) -> list[in
     return tokenizer.encode(text)
 
 
-class _Trimmed:
+class Trimmed:
     """Passes streamed text on without its leading and trailing whitespace."""
 
     def __init__(self):
@@ -294,7 +294,7 @@ class ChatSession:
         pieces: list[str] = []
         tokens: list[int] = []
         last = None
-        trim = _Trimmed()
+        trim = Trimmed()
         try:
             for last in stream_generate(
                 self.engine,

@@ -38,7 +38,10 @@ class GPT2Config:
             if not isinstance(value, int) or value <= 0:
                 raise UserError(f"config field {name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head:
-            raise UserError(f"config n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+            raise UserError(
+                f"n_embd must be divisible by n_head (each head gets n_embd / n_head "
+                f"dimensions): n_embd={self.n_embd} is not divisible by n_head={self.n_head}"
+            )
         if self.n_inner is not None and (not isinstance(self.n_inner, int) or self.n_inner <= 0):
             raise UserError(
                 f"config field n_inner must be a positive integer or null, got {self.n_inner!r}"
@@ -137,6 +140,28 @@ PRESETS: dict[str, GPT2Config] = {
     "distilgpt2": GPT2Config(n_layer=6),
     "tiny": GPT2Config(n_positions=128, n_embd=64, n_layer=2, n_head=4),
 }
+
+
+SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "n_positions")
+
+
+def new_model_config(init: str, **shape: int | None) -> GPT2Config:
+    """The shape of a model trained from scratch: a preset's name or a config.json (a file, or
+    a folder holding one), with any of SHAPE_FIELDS changed (None: keep)."""
+    path = Path(init)
+    if path.is_dir() and (path / "config.json").is_file():
+        path = path / "config.json"
+    base = GPT2Config.from_json_file(path) if path.is_file() else _preset_or_path(init)
+    unknown = set(shape) - set(SHAPE_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown shape fields {sorted(unknown)}")
+    return base.replace(**{k: v for k, v in shape.items() if v is not None})
+
+
+def _preset_or_path(init: str) -> GPT2Config:
+    if init.endswith(".json") or "/" in init:
+        raise UserError(f"init {init}: no such config file (give a preset or a config.json)")
+    return preset(init)
 
 
 def preset(name: str) -> GPT2Config:

@@ -293,7 +293,7 @@ class StopFilter:
         return shown
 
 
-class _RowText:
+class RowText:
     """Turns one row's token ids into shown text, and says when and why the row ended."""
 
     def __init__(self, tokenizer: GPT2Tokenizer, stop: Sequence[str], max_new_tokens: int, eos_id):
@@ -346,7 +346,7 @@ def stream_generate(
         sampling_params=sampling or SamplingParams(),
         prompt_cache=prompt_cache,
     )
-    row = _RowText(tokenizer, stop, max_new_tokens, engine.config.eos_token_id)
+    row = RowText(tokenizer, stop, max_new_tokens, engine.config.eos_token_id)
     first_at = None
     with contextlib.closing(iter(run)) as steps:
         for count, column in enumerate(steps, start=1):
@@ -416,7 +416,7 @@ def batch_generate(
         sample_ids=[j for _ in prompts for j in range(num_samples)],
     )
     eos_id = engine.config.eos_token_id
-    texts = [_RowText(tokenizer, stop, max_new_tokens, eos_id) for _ in rows]
+    texts = [RowText(tokenizer, stop, max_new_tokens, eos_id) for _ in rows]
     first_at = None
     with contextlib.closing(iter(run)) as steps:
         for column in steps:

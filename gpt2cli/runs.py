@@ -7,8 +7,11 @@ A checkpoint `ckpt-0000500.npz` holds the params, every optimizer-state leaf and
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import re
+import socket
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -16,13 +19,14 @@ from typing import Any
 import jax
 import numpy as np
 
-from gpt2cli.atomic import atomic_write
+from gpt2cli.atomic import atomic_write, remove_stale_temps
 from gpt2cli.checkpoint import flatten, unflatten
 from gpt2cli.config import GPT2Config
 from gpt2cli.errors import UserError
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
+LOCK_FILE = ".lock"
 RUN_FORMAT = "gpt2cli-run"
 CKPT_FORMAT = "gpt2cli-train-ckpt"
 VERSION = 1
@@ -38,9 +42,13 @@ class RunFolder:
 
     @classmethod
     def check_new(cls, path: Path) -> None:
-        """Refuse a folder that already holds a run, or a file where the folder would go."""
+        """Refuse a folder that already holds a run, or a file where the folder would go.
+
+        A run.json without any checkpoint is a start that died (killed before its first
+        save): nothing in it can be resumed, so a new run may take the folder over.
+        """
         path = Path(path)
-        if (path / RUN_FILE).exists():
+        if (path / RUN_FILE).exists() and cls(path).checkpoints():
             raise UserError(
                 f"{path} already holds a run; continue it with --resume {path}, "
                 "or choose another --out"
@@ -49,13 +57,31 @@ class RunFolder:
             raise UserError(f"--out {path} is a file; give a folder for the run")
 
     @classmethod
-    def create(cls, path: Path, spec: dict[str, Any]) -> RunFolder:
+    def create(cls, path: Path, spec: dict[str, Any]) -> tuple[RunFolder, RunLock]:
+        """Make the folder, hold its lock, and write run.json."""
         path = Path(path)
         cls.check_new(path)
         path.mkdir(parents=True, exist_ok=True)
         run = cls(path)
-        run.write_spec(spec)
-        return run
+        lock = run.lock()
+        try:
+            cls.check_new(path)  # again, now that no other process can be writing it
+            (path / METRICS_FILE).unlink(missing_ok=True)  # a dead start's lines
+            run.write_spec(spec)
+        except BaseException:
+            lock.release()
+            raise
+        return run, lock
+
+    def lock(self) -> RunLock:
+        return RunLock.take(self.path / LOCK_FILE, self.path)
+
+    def remove_unstarted(self) -> None:
+        """Delete what a run that never saved a checkpoint wrote, so a retry starts clean."""
+        if self.checkpoints():
+            return
+        for name in (RUN_FILE, METRICS_FILE):
+            (self.path / name).unlink(missing_ok=True)
 
     @classmethod
     def open(cls, path: Path) -> RunFolder:
@@ -68,7 +94,7 @@ class RunFolder:
 
     def write_spec(self, spec: dict[str, Any]) -> None:
         spec = {"format": RUN_FORMAT, "version": VERSION, **spec}
-        text = json.dumps(spec, indent=2) + "\n"
+        text = json.dumps(spec, indent=2, allow_nan=False) + "\n"
         atomic_write(self.path / RUN_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
     def spec(self) -> dict[str, Any]:
@@ -141,8 +167,7 @@ class RunFolder:
 
     def remove_partial(self) -> None:
         """Delete temporary files left by a save that was killed half-way."""
-        for tmp in self.path.glob(".ckpt-*.tmp"):
-            tmp.unlink(missing_ok=True)
+        remove_stale_temps(self.path)
 
     def latest(self) -> tuple[int, Path] | None:
         ckpts = self.checkpoints()
@@ -206,3 +231,46 @@ def load_checkpoint(path: Path, params_like: Any, opt_like: Any) -> tuple[int, A
             f"checkpoint {path}: its optimizer state does not match this run's optimizer settings"
         )
     return int(header["step"]), unflatten(flat), jax.tree.unflatten(treedef, opt)
+
+
+class RunLock:
+    """An exclusive hold on a run folder, so two processes never write one run.
+
+    `flock` on `.lock`: taken atomically, and released by the system on any exit (even
+    `kill -9`), so a dead holder never blocks anyone. The file names the holder (pid and host)
+    for the message a second process gets; the holder deletes it when it lets go.
+    """
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path, self._fd = path, fd
+
+    @classmethod
+    def take(cls, path: Path, folder: Path) -> RunLock:
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "another process"
+                os.close(fd)
+                raise UserError(
+                    f"{folder} is in use by another gpt2 train ({holder}); "
+                    "wait for it to finish or stop it"
+                ) from None
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # its holder deleted the file as we opened it: take the new one
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        return cls(path, fd)
+
+    def release(self) -> None:
+        if self._fd < 0:
+            return
+        self.path.unlink(missing_ok=True)
+        os.close(self._fd)
+        self._fd = -1

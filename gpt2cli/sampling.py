@@ -80,19 +80,40 @@ def apply_top_p(logits: jax.Array, p: float) -> jax.Array:
     probs = jax.nn.softmax(logits, axis=-1)  # [B, V]
     order = _float_order(logits)  # [B, V] uint32, ordered as the logits
 
-    def mass_from(t):  # [B, 1] -> [B, 1]: probability of the tokens at or above t
-        return jnp.sum(jnp.where(order >= t, probs, 0.0), axis=-1, keepdims=True)
+    def enough(t):  # [B, 1] -> [B, 1]: do the tokens at or above t hold at least p?
+        return jnp.sum(jnp.where(order >= t, probs, 0.0), axis=-1, keepdims=True) >= p
 
-    def halve(_, bounds):  # invariant: mass_from(low) >= p > mass_from(high)
+    return jnp.where(order < _highest_enough(order, enough), _REMOVED, logits)
+
+
+def apply_top_k_rows(logits: jax.Array, k: jax.Array) -> jax.Array:
+    """`apply_top_k` with a k per row (k [B, 1], each >= 1) given as data, not a constant.
+
+    The k-th highest logit is the highest value t with at least k logits at or above it: the
+    same bisection as `apply_top_p`, counting tokens instead of summing probabilities.
+    """
+    order = _float_order(logits)  # [B, V]
+
+    def enough(t):
+        return jnp.sum(order >= t, axis=-1, keepdims=True) >= k
+
+    return jnp.where(order < _highest_enough(order, enough), _REMOVED, logits)
+
+
+def _highest_enough(order: jax.Array, enough) -> jax.Array:
+    """The highest t [B, 1] (a value of `order` [B, V]) with enough(t), for an `enough` that
+    holds at each row's lowest value and only gets harder as t rises."""
+
+    def halve(_, bounds):  # invariant: enough(low) and not enough(high)
         low, high = bounds
         middle = low + (high - low) // 2
-        enough = mass_from(middle) >= p
-        return jnp.where(enough, middle, low), jnp.where(enough, high, middle)
+        ok = enough(middle)
+        return jnp.where(ok, middle, low), jnp.where(ok, high, middle)
 
     top = jnp.max(order, axis=-1, keepdims=True)
     low = jnp.min(order, axis=-1, keepdims=True)
     low, _ = jax.lax.fori_loop(0, 32, halve, (low, top + 1))  # 32 halvings: one value left
-    return jnp.where(order < low, _REMOVED, logits)
+    return low
 
 
 def _float_order(x: jax.Array) -> jax.Array:

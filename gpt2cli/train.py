@@ -29,6 +29,14 @@ from gpt2cli.config import GPT2Config
 from gpt2cli.data import Blocks, Sampler, batch_for_step, val_batches
 from gpt2cli.errors import UserError
 from gpt2cli.model import GPT2
+from gpt2cli.training.settings import (
+    SEQ_LENGTH,
+    WARMUP,
+    DataSettings,
+    ModelSettings,
+    OptimizerSettings,
+    ParallelSettings,
+)
 
 # Backends whose loss runs in slices of the sequence (see token_loss); measured with
 # benchmarks/gpu.py.
@@ -39,24 +47,31 @@ LOSS_CHUNKS: dict[str, int] = {}
 class TrainConfig:
     """Every setting that changes the numbers a run produces (stored in the run folder)."""
 
-    batch_size: int = 8  # sequences per micro-batch, over all devices and processes
-    seq_length: int = 256
-    grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 3e-4
+    # Defaults shared with `gpt2 train` live in its settings (training/settings.py).
+    batch_size: int = DataSettings.batch_size  # sequences per micro-batch, all processes
+    seq_length: int = SEQ_LENGTH
+    grad_accum: int = DataSettings.grad_accum  # micro-batches per optimizer step
+    lr: float = 3e-4  # the command derives lr, min_lr, warmup, decay_steps; see settings
     min_lr: float = 3e-5  # the cosine decay ends here
-    warmup: int = 100  # linear warm-up steps
+    warmup: int = WARMUP  # linear warm-up steps
     decay_steps: int = 1000  # the cosine reaches min_lr here; constant afterwards
-    weight_decay: float = 0.1  # on weight matrices and embeddings only
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # global-norm clipping; 0 turns it off
+    weight_decay: float = OptimizerSettings.weight_decay  # on matrices and embeddings only
+    beta1: float = OptimizerSettings.beta1
+    beta2: float = OptimizerSettings.beta2
+    grad_clip: float = OptimizerSettings.grad_clip  # global-norm clipping; 0 turns it off
     dropout: float | None = None  # overrides the model's three dropout rates when set
-    dtype: str = "float32"  # a precision (precision.py); master weights stay float32
-    remat: bool = False  # recompute each block in the backward pass: less memory, more time
-    seed: int = 0  # init (with --init), data order and dropout
+    dtype: str = ModelSettings.dtype  # a precision (precision.py); master weights stay float32
+    remat: bool = ParallelSettings.remat  # recompute each block backwards: less memory, slower
+    seed: int = OptimizerSettings.seed  # init (with --init), data order and dropout
     parallel: str = "single"  # one of sharding.MODES
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(
+                    f"--{f.name.replace('_', '-')} must be a finite number, got {value}"
+                )
         positive = ("batch_size", "seq_length", "grad_accum")
         for name in positive:
             if getattr(self, name) <= 0:
@@ -64,6 +79,11 @@ class TrainConfig:
                 raise UserError(f"{flag} must be a positive integer, got {getattr(self, name)}")
         if self.lr <= 0 or self.min_lr < 0:
             raise UserError(f"--lr must be > 0 and --min-lr >= 0, got {self.lr} and {self.min_lr}")
+        for name in ("weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise UserError(
+                    f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}"
+                )
         if self.warmup < 0:
             raise UserError(f"--warmup must be >= 0, got {self.warmup}")
         if self.dtype not in precision.NAMES:

@@ -7,7 +7,7 @@ very same run from that file, so a resumed run needs no flags besides (optionall
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -15,10 +15,12 @@ from typing import Any
 import numpy as np
 
 from gpt2cli import data as datalib
-from gpt2cli.config import GPT2Config, preset
+from gpt2cli.config import GPT2Config, new_model_config
 from gpt2cli.errors import UserError
-from gpt2cli.runs import RunFolder, load_checkpoint
+from gpt2cli.fields import check_types
+from gpt2cli.runs import RUN_FILE, RunFolder, RunLock, load_checkpoint
 from gpt2cli.train import LoopSettings, TrainConfig, TrainData, Trainer, TrainState
+from gpt2cli.training import settings as S
 from gpt2cli.training.shards import is_prepared, open_prepared
 
 SEED_OUTPUT = "gpt2_finetuned.npz"  # where the original script saved; kept without --out
@@ -30,6 +32,7 @@ class Plan:
     spec: dict[str, Any]
     resumed: bool
     start_params: Any = None  # a new run's starting weights (host copy), when already loaded
+    lock: RunLock | None = None  # held by the process that writes the folder
 
     @property
     def model_config(self) -> GPT2Config:
@@ -55,104 +58,91 @@ class Plan:
 
     @property
     def output(self) -> Path:
-        return Path(self.spec["output"])
+        """The trained model's path; a relative one lies in the run folder (see `new_plan`)."""
+        output = Path(self.spec["output"])
+        return output if output.is_absolute() else self.folder.path / output
 
+    @property
+    def owns_output(self) -> bool:
+        """An output inside the run folder is the run's own: resuming may replace it."""
+        return self.output.resolve().is_relative_to(self.folder.path.resolve())
 
-@dataclass
-class NewRun:
-    """What the user asked for in a fresh run (None: not given, use the default)."""
-
-    dataset: list[str]
-    model: str | None
-    init: str | None
-    tokenizer: str | None
-    out: str | None
-    output: str | None
-    val_dataset: list[str] | None
-    val_fraction: float | None  # None: the prepared folder's split, else 0.05
-    errors: str
-    eval_batches: int
-    steps: int
-    log_every: int
-    eval_every: int
-    save_every: int
-    keep: int
-    train: dict[str, Any] = field(default_factory=dict)
+    @property
+    def settings(self) -> S.Settings:
+        return S.Settings.from_flat(self.spec.get("settings", {}))
 
 
 def default_folder() -> Path:
     return Path("runs") / datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
 
 
-def new_plan(req: NewRun, model_config: GPT2Config, *, force: bool, main_process: bool) -> Plan:
+def new_plan(s: S.Settings, model_config: GPT2Config, *, force: bool, main_process: bool) -> Plan:
     """Check everything that could fail late; the folder is created by `start_folder`.
 
     Only the main process checks for existing outputs: the others may look after it wrote them.
     """
     data_dir = _data_dir()
-    prepared = _prepared_folder(req.dataset, data_dir)
-    files = [prepared] if prepared else datalib.resolve_files(req.dataset, data_dir)
-    val_files = datalib.resolve_files(req.val_dataset, data_dir) if req.val_dataset else None
-    if prepared and req.val_fraction is None and not val_files:
-        req.val_fraction = open_prepared(prepared).index["split"]["val_fraction"]
-    folder = Path(req.out) if req.out else default_folder()
-    if req.output:
-        output = Path(req.output)
+    d, loop = s.data, s.loop
+    prepared = _prepared_folder(d.dataset, data_dir)
+    files = [prepared] if prepared else datalib.resolve_files(d.dataset, data_dir)
+    val_files = datalib.resolve_files(d.val_dataset, data_dir) if d.val_dataset else None
+    if val_files:
+        val_fraction = 0.0
+    elif prepared:
+        val_fraction = open_prepared(prepared).val_fraction
     else:
-        output = folder / "final.npz" if req.out else Path(SEED_OUTPUT)
+        val_fraction = S.VAL_FRACTION
+    folder = Path(loop.out) if loop.out else default_folder()
+    if loop.output:
+        output = Path(loop.output)
+    else:
+        output = folder / "final.npz" if loop.out else Path(SEED_OUTPUT)
     if main_process and output.exists() and not force:
         raise UserError(f"{output} already exists (use --force to overwrite, or --output)")
     if output.is_dir():
         raise UserError(f"--output {output} is a folder; give a .npz file name")
-    steps = req.steps
-    loop = check_loop(
-        {
-            "steps": steps,
-            "log_every": req.log_every,
-            "eval_every": req.eval_every,
-            "save_every": req.save_every,
-            "keep": req.keep,
-        }
+    s = S.resolve(s, model_config, val_fraction).replace(
+        out=str(folder.resolve()), output=str(output.resolve())
     )
-    lr = req.train.get("lr") or (6e-4 if req.init else 5e-5)
-    train = {
-        "lr": lr,
-        "min_lr": lr / 10,
-        "warmup": min(100, steps // 10),
-        "decay_steps": steps,
-        "seq_length": min(256, model_config.n_positions),
-        **{k: v for k, v in req.train.items() if v is not None},
-    }
-    tc = TrainConfig.from_dict(train)
+    loop_spec = check_loop(
+        {k: getattr(s.loop, k) for k in ("steps", "log_every", "eval_every", "save_every", "keep")}
+    )
+    tc = S.train_config(s)
     if tc.seq_length > model_config.n_positions:
         raise UserError(
             f"--seq-length {tc.seq_length} exceeds the model's context of "
             f"{model_config.n_positions} positions"
         )
-    if req.val_fraction is None:
-        req.val_fraction = 0.05
-    if not 0.0 <= req.val_fraction < 1.0:
-        raise UserError(f"--val-fraction must be in [0, 1), got {req.val_fraction}")
-    if req.eval_batches <= 0:
-        raise UserError(f"--eval-batches must be a positive integer, got {req.eval_batches}")
+    if not 0.0 <= s.data.val_fraction < 1.0:
+        raise UserError(f"--val-fraction must be in [0, 1), got {s.data.val_fraction}")
+    if s.data.eval_batches <= 0:
+        raise UserError(f"--eval-batches must be a positive integer, got {s.data.eval_batches}")
+    m = s.model
     spec = {
-        "model": {"source": req.model, "init": req.init, "config": model_config.to_hf()},
-        "tokenizer": req.tokenizer,
+        "model": {"source": m.model, "init": m.init, "config": model_config.to_hf()},
+        "tokenizer": m.tokenizer,
         "data": {
             "dataset": [str(p.resolve()) for p in files],
             "prepared": prepared is not None,
             "val_dataset": [str(p.resolve()) for p in val_files] if val_files else None,
-            "val_fraction": 0.0 if val_files else req.val_fraction,
-            "errors": req.errors,
-            "eval_batches": req.eval_batches,
+            "val_fraction": s.data.val_fraction,
+            "errors": s.data.errors,
+            "eval_batches": s.data.eval_batches,
         },
         "train": tc.to_dict(),
-        "loop": loop,
-        "output": str(output.resolve()),
+        "loop": loop_spec,
+        "output": _output_entry(output, folder),
+        "settings": s.flat(),
     }
     if main_process:
         RunFolder.check_new(folder)
     return Plan(RunFolder(folder), spec, resumed=False)
+
+
+def _output_entry(output: Path, folder: Path) -> str:
+    """Relative to the run folder when inside it, so a copied run folder writes its own."""
+    output, folder = output.resolve(), folder.resolve()
+    return str(output.relative_to(folder) if output.is_relative_to(folder) else output)
 
 
 def start_folder(plan: Plan) -> None:
@@ -162,22 +152,122 @@ def start_folder(plan: Plan) -> None:
             {k: v for k, v in plan.spec.items() if k not in ("format", "version")}
         )
     else:
-        plan.folder = RunFolder.create(plan.folder.path, plan.spec)
+        plan.folder, plan.lock = RunFolder.create(plan.folder.path, plan.spec)
 
 
-def resume_plan(path: str, overrides: dict[str, Any]) -> Plan:
-    """The run in `path`, with the allowed settings (steps, cadences, parallel mode) changed."""
+def close(plan: Plan) -> None:
+    """Let go of the run folder; a new run that saved no checkpoint leaves nothing behind that
+    would block its retry."""
+    if plan.lock is None:
+        return
+    try:
+        if not plan.resumed:
+            plan.folder.remove_unstarted()
+    finally:
+        plan.lock.release()
+        plan.lock = None
+    if not plan.resumed and not any(plan.folder.path.iterdir()):
+        plan.folder.path.rmdir()
+
+
+def recorded_settings(path: str) -> dict[str, Any] | None:
+    """The settings a run recorded in its run.json (None for runs made before settings were)."""
+    return RunFolder.open(Path(path)).spec().get("settings")
+
+
+def resume_plan(
+    path: str, overrides: dict[str, Any], *, force: bool = False, main_process: bool = True
+) -> Plan:
+    """The run in `path`, with settings that leave its numbers alone (steps, cadences, the
+    parallel mode, --plot) changed.
+
+    The main process holds the folder's lock from here on (released by `close`).
+    """
     folder = RunFolder.open(Path(path))
+    lock = folder.lock() if main_process else None
+    try:
+        plan = _resume_plan(folder, overrides, force=force)
+    except BaseException:
+        if lock:
+            lock.release()
+        raise
+    plan.lock = lock
+    return plan
+
+
+def _resume_plan(folder: RunFolder, overrides: dict[str, Any], *, force: bool) -> Plan:
     spec = folder.spec()
-    for key, value in overrides.items():
-        if value is None:
-            continue
-        if key == "parallel":
-            spec["train"]["parallel"] = value
-        else:
-            spec["loop"][key] = value
+    check_spec(spec, folder.path / RUN_FILE)
+    recorded = S.Settings.from_flat(spec.get("settings", {}))
+    changed = S.Settings.from_flat({**recorded.flat(), **overrides})
+    for key in spec["loop"]:
+        spec["loop"][key] = getattr(changed.loop, key) if key in overrides else spec["loop"][key]
+    if any(name in overrides for name in S.flat_names("parallel")):
+        spec["train"]["parallel"] = S.parallel_mode(changed.parallel)
+    if "settings" in spec:
+        spec["settings"] = changed.flat()
     check_loop(spec["loop"])
-    return Plan(folder, spec, resumed=True)
+    plan = Plan(folder, spec, resumed=True)
+    if plan.output.exists() and not (force or plan.owns_output):
+        raise UserError(
+            f"this run writes its model to {plan.output}, outside {folder.path}, and that file "
+            "exists (another run's?): add --force to overwrite it"
+        )
+    return plan
+
+
+_SECTIONS = {"model": dict, "data": dict, "train": dict, "loop": dict, "output": str}
+
+
+@dataclass
+class _DataSpec:
+    dataset: list
+    val_dataset: list | None
+    val_fraction: float
+    errors: str
+    eval_batches: int
+
+
+@dataclass
+class _LoopSpec:
+    steps: int
+    log_every: int
+    eval_every: int
+    save_every: int
+    keep: int
+
+
+@dataclass
+class _ModelSpec:
+    source: str | None
+    init: str | None
+    config: dict
+
+
+def check_spec(spec: dict[str, Any], file: Path) -> None:
+    """Every section and field a resumed run reads, of the right type, its data files present."""
+    for key, kind in _SECTIONS.items():
+        if not isinstance(spec.get(key), kind):
+            raise UserError(f"{file}: {key} is missing or not a {kind.__name__}")
+    for section, cls in (("data", _DataSpec), ("loop", _LoopSpec), ("model", _ModelSpec)):
+        missing = [f for f in cls.__dataclass_fields__ if f not in spec[section]]
+        if missing:
+            raise UserError(f"{file}: {section}.{missing[0]} is missing")
+        check_types(cls, spec[section], f"{file}: {section}.")
+    check_types(TrainConfig, spec["train"], f"{file}: train.")
+    for name, value in spec.get("settings", {}).items():
+        if name not in S.FIELDS:
+            raise UserError(f"{file}: settings.{name} is not a setting")
+        S.check_value(name, value, f"{file}: settings.")
+    prepared = spec["data"].get("prepared") is True
+    for name in spec["data"]["dataset"] + (spec["data"]["val_dataset"] or []):
+        if not isinstance(name, str):
+            raise UserError(f"{file}: data.dataset holds {name!r}, not a file name")
+        if not (is_prepared(name) if prepared else Path(name).is_file()):
+            raise UserError(
+                f"{file}: the run's dataset file {name} is gone; restore it to resume "
+                "(a resumed run reads the same data), or start a new run"
+            )
 
 
 def check_loop(loop: dict[str, int]) -> dict[str, int]:
@@ -227,10 +317,12 @@ def _params_like(config: GPT2Config) -> Any:
     return jax.eval_shape(lambda: init_params(config))
 
 
-def source_config(model: str | None, init: str | None, load_model) -> tuple[GPT2Config, Any]:
-    """(config, params or None) of the starting model: a preset, or a loaded model."""
+def source_config(
+    model: str | None, init: str | None, load_model, shape: dict[str, int | None]
+) -> tuple[GPT2Config, Any]:
+    """(config, params or None) of the starting model: a new shape, or a loaded model."""
     if init:
-        return preset(init), None
+        return new_model_config(init, **shape), None
     return load_model(model)
 
 

@@ -5,6 +5,7 @@ HF Conv1D weights are (in, out), the same as a Flax Dense kernel: names change, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -166,20 +167,36 @@ def load_hf_folder(folder: Path) -> tuple[GPT2Config, Params]:
     return config, params_from_hf(read_safetensors(folder), config)
 
 
+def _save_safetensors(tensors: dict, tmp: Path) -> None:
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+    except SafetensorError as exc:  # its I/O errors (a full disk) are not OSErrors
+        raise OSError(str(exc)) from None
+
+
 def save_hf_folder(folder: Path, config: GPT2Config, params: Params, force: bool = False) -> Path:
     """Write config.json + model.safetensors that transformers loads."""
     targets = [folder / "config.json", folder / SINGLE_FILE]
     existing = [str(t) for t in targets if t.exists()]
     if existing and not force:
         raise UserError(f"{existing[0]} already exists (use --force to overwrite)")
+    created = not folder.exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create folder {folder}: {exc.strerror}") from exc
     tensors = params_to_hf(params, config)
-    atomic_write(
-        folder / SINGLE_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"})
-    )
     config_text = json.dumps(config.to_hf(), indent=2) + "\n"
-    atomic_write(folder / "config.json", lambda tmp: tmp.write_text(config_text, encoding="utf-8"))
+    try:
+        atomic_write(folder / SINGLE_FILE, lambda tmp: _save_safetensors(tensors, tmp))
+        atomic_write(
+            folder / "config.json", lambda tmp: tmp.write_text(config_text, encoding="utf-8")
+        )
+    except BaseException:
+        if created:  # leave no half-made folder behind (a full disk, Ctrl-C)
+            for file in targets:
+                file.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
     return folder

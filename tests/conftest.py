@@ -78,3 +78,29 @@ def run_gpt2(*args: str, env: dict | None = None, input: str | None = None, cwd=
         cwd=cwd,
         timeout=300,
     )
+
+
+def cli(*args: str, env: dict | None = None, input: str | None = None):
+    """Run `gpt2` in this process (Typer's CliRunner): fast, for everything but signals and
+    pipes, which need `run_gpt2`."""
+    from typer.testing import CliRunner
+
+    from gpt2cli.cli.app import app
+
+    return CliRunner().invoke(app, list(args), env=env, input=input)
+
+
+@pytest.fixture(scope="session")
+def serve_tiny():
+    """`gpt2 serve` on tiny-a (a free 127.0.0.1 port, API key `test-key`), shared by the server
+    tests and stopped (SIGTERM, exit 0) at the end."""
+    from tests.helpers_serve import SERVE_KEY, ServerProcess
+
+    server = ServerProcess(
+        "--max-batch", "4", "--max-queue", "16", "--api-key", SERVE_KEY, "--decode-chunk", "1"
+    )
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        assert server.stop() == 0

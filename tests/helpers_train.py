@@ -57,3 +57,19 @@ class Recorder:
 
     def on_save(self, state, step: int) -> None:
         pass
+
+
+def gpt2_in_process(*args: str):
+    """The gpt2 command run in this process (Typer's runner): output holds stdout and stderr."""
+    from typer.testing import CliRunner
+
+    from gpt2cli.cli.app import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def isolate(tmp_path, monkeypatch) -> None:
+    """A test's own token cache and working folder; no compiled programs in ~/.cache."""
+    monkeypatch.setenv("GPT2_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("GPT2_NO_COMPILE_CACHE", "1")
+    monkeypatch.chdir(tmp_path)

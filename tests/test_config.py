@@ -53,7 +53,7 @@ def test_math_changing_fields_are_refused_by_name(field, value):
 
 
 def test_heads_must_divide_width():
-    with pytest.raises(UserError, match="not divisible"):
+    with pytest.raises(UserError, match="n_embd must be divisible by n_head .* n_embd=100 is not"):
         GPT2Config(n_embd=100, n_head=3)
 
 

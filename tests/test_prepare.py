@@ -165,18 +165,16 @@ def test_each_process_reads_only_its_rows():
 def test_prepared_and_plain_runs_get_the_same_batches(tmp_path, tok):
     from gpt2cli import train_run
     from gpt2cli.config import preset
+    from gpt2cli.training.settings import Settings
 
     text = tmp_path / "corpus.txt"
     text.write_text(_text(3000), encoding="utf-8")
     prep.prepare([text], tmp_path / "prepared", prep.PrepareSettings(shard_tokens=900))
     loaded = []
     for dataset in ([str(text)], [str(tmp_path / "prepared")]):
-        request = train_run.NewRun(
-            dataset=dataset, model=None, init="tiny", tokenizer=None, out=None,
-            output=str(tmp_path / f"final{len(loaded)}.npz"), val_dataset=None,
-            val_fraction=None, errors="strict", eval_batches=4, steps=10, log_every=10,
-            eval_every=0, save_every=0, keep=1,
-            train={"batch_size": 4, "seq_length": 32, "seed": 7},
+        request = Settings.from_flat(
+            {"dataset": dataset, "init": "tiny", "output": str(tmp_path / f"{len(loaded)}.npz"),
+             "eval_batches": 4, "steps": 10, "batch_size": 4, "seq_length": 32, "seed": 7}
         )  # fmt: skip
         plan = train_run.new_plan(request, preset("tiny"), force=False, main_process=True)
         loaded.append(train_run.load_data(plan, tok))

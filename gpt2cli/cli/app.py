@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 import sys
 
 import typer
+from rich.markup import escape
+from typer._click import exceptions as click_errors  # Typer vendors its own Click
 from typer.core import TyperGroup
 
 from gpt2cli import __version__
@@ -16,10 +20,12 @@ from gpt2cli.cli import (
     eval_cmd,
     generate_cmd,
     inspect_cmd,
+    interrupts,
     prepare_cmd,
+    serve_cmd,
     train_cmd,
 )
-from gpt2cli.cli.console import err
+from gpt2cli.cli.console import err, stdout_gone
 from gpt2cli.errors import UserError
 
 
@@ -27,31 +33,94 @@ def _debug() -> bool:
     return os.environ.get("GPT2_DEBUG", "") not in ("", "0")
 
 
+def _error(message: str) -> None:
+    err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+
+
+def _finite_floats(callback, params):
+    """Every float option of every command refuses nan and inf, as a usage error."""
+    if getattr(callback, "finite_floats", False):
+        return callback
+    flags = {p.name: p.opts[0] if p.opts else p.name for p in params}
+
+    @functools.wraps(callback)
+    def checked(**kwargs):
+        for name, value in kwargs.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise typer.BadParameter(f"{value} is not a finite number", param_hint=flags[name])
+        return callback(**kwargs)
+
+    checked.finite_floats = True
+    return checked
+
+
 class _ErrorBoundary(TyperGroup):
-    """Turns a user mistake into one line on stderr and exit 1; a traceback only in debug."""
+    """The one place where errors meet the user.
+
+    A user mistake: one `error:` line on stderr, exit 1. A usage error (unknown command or
+    option, a bad value): the usage line plus one `error:` line, exit 2. Ctrl-C or SIGTERM:
+    128 + the signal's number. The reader of stdout leaving (`| head`): exit 0, quietly.
+    A traceback only with `--debug` (anywhere on the line) or GPT2_DEBUG=1.
+    """
+
+    def main(self, args=None, prog_name=None, standalone_mode=True, **extra):
+        args = list(sys.argv[1:] if args is None else args)
+        if "--debug" in args[: args.index("--") if "--" in args else len(args)]:
+            args.remove("--debug")
+            os.environ["GPT2_DEBUG"] = "1"
+        try:
+            code = super().main(args=args, prog_name=prog_name, standalone_mode=False, **extra)
+        except click_errors.NoArgsIsHelpError as exc:  # bare `gpt2`: the help, and exit 0
+            typer.echo(exc.ctx.get_help())
+            code = 0
+        except click_errors.UsageError as exc:
+            if exc.ctx is not None:
+                err.print(exc.ctx.get_usage(), markup=False, soft_wrap=True)
+            _error(exc.format_message())
+            code = 2
+        except click_errors.ClickException as exc:
+            _error(exc.format_message())
+            code = exc.exit_code
+        except typer.Abort:  # end of input where Click asked for one
+            code = 1
+        code = code if isinstance(code, int) else 0
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+    def get_command(self, ctx, cmd_name):
+        command = super().get_command(ctx, cmd_name)
+        if command is not None and command.callback is not None:
+            command.callback = _finite_floats(command.callback, command.params)
+        return command
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except BrokenPipeError:  # `gpt2 --help | head -1`
+            stdout_gone()
+            raise typer.Exit(0) from None
 
     def invoke(self, ctx: typer.Context):
         try:
             return super().invoke(ctx)
-        except (typer.Exit, typer.Abort, typer.TyperException):  # usage errors: Typer's job
+        except (typer.Exit, typer.Abort, click_errors.ClickException):  # usage errors: main()
             raise
         except UserError as exc:
             if _debug():
                 raise
-            err.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+            _error(str(exc))
             raise typer.Exit(1) from None
-        except BrokenPipeError:  # the reader of stdout left; main() ends quietly
-            raise
-        except KeyboardInterrupt:
+        except BrokenPipeError:  # the reader of stdout left; that is fine
+            stdout_gone()
+            raise typer.Exit(0) from None
+        except KeyboardInterrupt as exc:
             err.print("interrupted")
-            raise typer.Exit(130) from None
+            raise typer.Exit(interrupts.exit_code(exc)) from None
         except Exception as exc:  # noqa: BLE001 - the boundary: one line unless debugging
             if _debug():
                 raise
-            err.print(
-                f"[bold red]error:[/] {type(exc).__name__}: {exc} (run with --debug for the traceback)",
-                soft_wrap=True,
-            )
+            _error(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)")
             raise typer.Exit(1) from None
 
 
@@ -61,6 +130,7 @@ app = typer.Typer(
     help="A fast, faithful GPT-2 toolkit in JAX/Flax.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain Click help: no padding, no boxes, nothing cut when piped
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -97,13 +167,19 @@ app.command("chat")(chat_cmd.chat)
 app.command("prepare")(prepare_cmd.prepare)
 app.command("train")(train_cmd.train)
 app.command("eval")(eval_cmd.evaluate)
+app.command("serve")(serve_cmd.serve)
 
 
 def main() -> None:
     """Console-script entry point."""
+    interrupts.install()
+    code = 0
     try:
         app()
-    except BrokenPipeError:  # `gpt2 generate ... | head`: the reader left, that is fine
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        sys.exit(0)
+    except SystemExit as exc:
+        code = exc.code
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:  # what was still buffered found the reader gone
+        stdout_gone()
+    sys.exit(code)

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from gpt2cli.cli import interrupts
 from gpt2cli.cli.console import err
 from gpt2cli.errors import UserError
 
@@ -77,9 +78,9 @@ def prepare(
             result = run(paths, Path(out), settings, workers=workers, force=force, progress=bar)
     except FolderInUse as exc:
         raise UserError(f"{exc}: use --force to replace them, or another --out") from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         err.print(f"interrupted: finished shards are kept in {out}; run the same command to go on")
-        raise typer.Exit(130) from None
+        raise typer.Exit(interrupts.exit_code(exc)) from None
     index = result.index
     what = "already prepared" if result.resumed_at is None else "prepared"
     docs, shards = index["documents"], len(index["shards"])

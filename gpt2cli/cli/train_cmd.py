@@ -3,179 +3,26 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import signal
+import typing
 from pathlib import Path
-from typing import Annotated
 
 import typer
 
 from gpt2cli.cli.console import err
-from gpt2cli.cli.options import Dtype
+from gpt2cli.cli.interrupts import StopRequest
 from gpt2cli.errors import UserError
-
-# Settings that shape the numbers a run produces: fixed once the run exists.
-_FIXED_ON_RESUME = (
-    "dataset",
-    "model",
-    "init",
-    "tokenizer",
-    "out",
-    "output",
-    "val_dataset",
-    "val_fraction",
-    "errors",
-    "eval_batches",
-    "batch_size",
-    "seq_length",
-    "grad_accum",
-    "lr",
-    "min_lr",
-    "warmup",
-    "decay_steps",
-    "weight_decay",
-    "grad_clip",
-    "dropout",
-    "dtype",
-    "seed",
-)
 
 Opt = typer.Option
 
 
-def train(
-    dataset: Annotated[
-        list[str] | None,
-        Opt(
-            "--dataset",
-            "-d",
-            help="Text file(s) or globs (relative names are read from $DATA_DIR), or a "
-            "folder made by gpt2 prepare.",
-        ),
-    ] = None,
-    more_files: Annotated[
-        list[str] | None,
-        typer.Argument(
-            metavar="FILES",
-            help="More dataset files (what a shell makes of --dataset corpus/*.txt).",
-            show_default=False,
-        ),
-    ] = None,
-    model: Annotated[
-        str | None,
-        Opt(
-            "--model",
-            "-m",
-            "--model-name",
-            help="Starting model: a .npz, a Hugging Face folder or a Hub repo id \\[default: gpt2].",
-        ),
-    ] = None,
-    init: Annotated[
-        str | None, Opt("--init", help="Train from scratch with this preset's shape (e.g. tiny).")
-    ] = None,
-    tokenizer: Annotated[
-        str | None, Opt("--tokenizer", help="Tokenizer folder or repo id.")
-    ] = None,
-    resume: Annotated[
-        str | None,
-        Opt("--resume", help="Continue the run in this folder exactly where it stopped."),
-    ] = None,
-    out: Annotated[
-        str | None, Opt("--out", help="Run folder (checkpoints, metrics) \\[default: runs/<time>].")
-    ] = None,
-    output: Annotated[
-        str | None,
-        Opt(
-            "--output",
-            "-o",
-            help="Trained model .npz \\[default: OUT/final.npz; gpt2_finetuned.npz without --out].",
-        ),
-    ] = None,
-    force: Annotated[bool, Opt("--force", help="Overwrite an existing --output file.")] = False,
-    steps: Annotated[
-        int | None, Opt("--steps", help="Optimizer steps in total \\[default: 1000].")
-    ] = None,
-    batch_size: Annotated[
-        int | None, Opt("--batch-size", "-b", help="Sequences per micro-batch \\[default: 8].")
-    ] = None,
-    seq_length: Annotated[
-        int | None,
-        Opt("--seq-length", help="Tokens per sequence \\[default: 256, or the context]."),
-    ] = None,
-    grad_accum: Annotated[
-        int | None, Opt("--grad-accum", help="Micro-batches per optimizer step \\[default: 1].")
-    ] = None,
-    lr: Annotated[
-        float | None, Opt("--lr", help="Peak learning rate \\[default: 5e-5; 6e-4 with --init].")
-    ] = None,
-    min_lr: Annotated[
-        float | None, Opt("--min-lr", help="Final learning rate \\[default: lr/10].")
-    ] = None,
-    warmup: Annotated[
-        int | None, Opt("--warmup", help="Linear warm-up steps \\[default: min(100, steps/10)].")
-    ] = None,
-    decay_steps: Annotated[
-        int | None,
-        Opt("--decay-steps", help="Step where the cosine reaches --min-lr \\[default: steps]."),
-    ] = None,
-    weight_decay: Annotated[
-        float | None, Opt("--weight-decay", help="AdamW decay of weight matrices \\[default: 0.1].")
-    ] = None,
-    grad_clip: Annotated[
-        float | None,
-        Opt("--grad-clip", help="Global gradient-norm limit, 0 = off \\[default: 1.0]."),
-    ] = None,
-    dropout: Annotated[
-        float | None, Opt("--dropout", help="Dropout rate in training \\[default: the model's].")
-    ] = None,
-    dtype: Dtype = None,
-    remat: Annotated[
-        bool,
-        Opt("--remat", help="Recompute each block in the backward pass: less memory, slower."),
-    ] = False,
-    seed: Annotated[
-        int | None, Opt("--seed", help="Data order, dropout and init \\[default: 0].")
-    ] = None,
-    val_dataset: Annotated[
-        list[str] | None, Opt("--val-dataset", help="Validation text file(s) instead of a split.")
-    ] = None,
-    val_fraction: Annotated[
-        float | None, Opt("--val-fraction", help="Tail of the data held out \\[default: 0.05].")
-    ] = None,
-    errors: Annotated[
-        str | None, Opt("--errors", help="Non-UTF-8 bytes: strict (stop) or replace.")
-    ] = None,
-    eval_batches: Annotated[
-        int | None, Opt("--eval-batches", help="Validation batches per evaluation \\[default: 8].")
-    ] = None,
-    log_every: Annotated[
-        int | None, Opt("--log-every", help="Steps per log line \\[default: 10].")
-    ] = None,
-    eval_every: Annotated[
-        int | None, Opt("--eval-every", help="Steps per validation, 0 = at the end \\[default: 0].")
-    ] = None,
-    save_every: Annotated[
-        int | None,
-        Opt("--save-every", help="Steps per checkpoint, 0 = at the end \\[default: 1000]."),
-    ] = None,
-    keep: Annotated[int | None, Opt("--keep", help="Checkpoints kept \\[default: 3].")] = None,
-    plot: Annotated[
-        bool, Opt("--plot", help="Write loss.png in the run folder at the end.")
-    ] = False,
-    data_parallel: Annotated[
-        bool, Opt("--data-parallel", help="Split each batch over all devices.")
-    ] = False,
-    fsdp: Annotated[
-        bool, Opt("--fsdp", help="Also shard params and optimizer state over the devices.")
-    ] = False,
-    coordinator: Annotated[
-        str | None, Opt("--coordinator", help="HOST:PORT of process 0, for multi-process runs.")
-    ] = None,
-    num_processes: Annotated[int, Opt("--num-processes", help="Processes in the run.")] = 1,
-    process_id: Annotated[int, Opt("--process-id", help="This process's index.")] = 0,
-) -> None:
-    """Fine-tune a model, or train one from scratch (--init), on text files.
+def train(**given) -> None:
+    """Fine-tune a model, or train one from scratch (--init), on text files or a prepared folder.
 
-    Ctrl-C finishes the current step, saves a checkpoint and tells you how to resume.
+    Every flag can also come from a TOML file (--config; flags win); --print-config prints the
+    resolved settings as one. Ctrl-C finishes the current step, saves a checkpoint and tells
+    you how to resume.
 
     Examples:
 
@@ -183,100 +30,217 @@ def train(
 
       gpt2 train --dataset 'corpus/*.txt' --model gpt2.npz --steps 2000 --out runs/ft
 
-      gpt2 train --dataset tiny.txt --init tiny --steps 300 --out runs/scratch
+      gpt2 train --dataset tiny.txt --init tiny --n-layer 4 --n-embd 128 --steps 300 --out runs/scratch
 
       gpt2 prepare 'corpus/*.txt' --out data/corpus && gpt2 train --dataset data/corpus --init tiny
 
+      gpt2 train --init tiny --dataset tiny.txt --print-config > run.toml; gpt2 train --config run.toml
+
       gpt2 train --resume runs/ft --steps 4000
     """
-    given = dict(locals())
-    if errors not in (None, "strict", "replace"):
-        raise UserError(f"--errors must be strict or replace, got {errors!r}")
-    if model and init:
-        raise UserError("give either --model (fine-tune) or --init (from scratch), not both")
-    if data_parallel and fsdp:
-        raise UserError("--fsdp already splits the batch over the devices; drop --data-parallel")
-    if (num_processes > 1) != (coordinator is not None):
-        raise UserError("a multi-process run needs both --coordinator and --num-processes > 1")
-    if num_processes > 1 and not (out or resume):
-        raise UserError("a multi-process run needs --out (every process must name the same folder)")
-    if resume:
-        fixed = [name for name in _FIXED_ON_RESUME if given[name] not in (None, [])]
-        if more_files:
-            fixed.append("dataset")
-        if fixed:
-            flag = "--" + fixed[0].replace("_", "-")
-            raise UserError(
-                f"{flag} cannot be combined with --resume: a resumed run keeps its settings "
-                f"(see {Path(resume) / 'run.json'}); start a new run to change them"
-            )
-    elif not (dataset or more_files):
-        raise UserError("give the text to train on with --dataset FILE (or --resume a run)")
+    from gpt2cli.training import config_file
+    from gpt2cli.training import settings as S
 
-    if plot and importlib.util.find_spec("matplotlib") is None:
+    resume, config, print_config = (
+        given.pop("resume"),
+        given.pop("config"),
+        given.pop("print_config"),
+    )
+    force, more_files = given.pop("force"), given.pop("more_files")
+    values = config_file.read(config) if config else {}
+    values.update({name: value for name, value in given.items() if value is not None})
+    if more_files:
+        values["dataset"] = [*values.get("dataset", []), *more_files]
+    if values.get("plot") and importlib.util.find_spec("matplotlib") is None:
         raise UserError(
             "--plot needs matplotlib: install it (uv pip install matplotlib) or drop --plot"
         )
-    if coordinator:
-        from gpt2cli.sharding import init_distributed
+    if resume:
+        plan = _resume(resume, values, force)
+        if print_config:
+            _close(plan)
+            typer.echo(config_file.dumps(S.Settings.from_flat(plan.spec["settings"])))
+            return
+    else:
+        settings = _check(S.Settings.from_flat(values))
+        if print_config:
+            typer.echo(config_file.dumps(_resolved_cheaply(settings)))
+            return
+        plan = _new(settings, force)
+    try:
+        _run(plan, force=force or (plan.resumed and plan.owns_output), plot=plan.settings.loop.plot)
+    finally:
+        _close(plan)
 
-        init_distributed(coordinator, num_processes, process_id)
-    parallel = "fsdp" if fsdp else "data-parallel" if (data_parallel or num_processes > 1) else None
 
+def _close(plan) -> None:
     from gpt2cli import train_run
 
-    if resume:
-        overrides = {
-            "steps": steps,
-            "log_every": log_every,
-            "eval_every": eval_every,
-            "save_every": save_every,
-            "keep": keep,
-            "parallel": parallel,
-        }
-        plan = train_run.resume_plan(resume, overrides)
-    else:
-        from gpt2cli.cli.options import DEFAULT_MODEL
-        from gpt2cli.hub import load_model
+    train_run.close(plan)
 
-        model = model if (model or init) else DEFAULT_MODEL
-        model_config, start_params = train_run.source_config(model, init, load_model)
-        request = train_run.NewRun(
-            dataset=list(dataset or []) + list(more_files or []),
-            model=None if init else model,
-            init=init,
-            tokenizer=tokenizer,
-            out=out,
-            output=output,
-            val_dataset=val_dataset,
-            val_fraction=val_fraction,
-            errors=errors or "strict",
-            eval_batches=8 if eval_batches is None else eval_batches,
-            steps=1000 if steps is None else steps,
-            log_every=10 if log_every is None else log_every,
-            eval_every=0 if eval_every is None else eval_every,
-            save_every=1000 if save_every is None else save_every,
-            keep=3 if keep is None else keep,
-            train={
-                "batch_size": batch_size,
-                "seq_length": seq_length,
-                "grad_accum": grad_accum,
-                "lr": lr,
-                "min_lr": min_lr,
-                "warmup": warmup,
-                "decay_steps": decay_steps,
-                "weight_decay": weight_decay,
-                "grad_clip": grad_clip,
-                "dropout": dropout,
-                "dtype": dtype,
-                "remat": remat or None,
-                "seed": seed,
-                "parallel": parallel or "single",
-            },
+
+def _command_parameters() -> list[inspect.Parameter]:
+    """The command's flags: one per setting (training/settings.py), plus the actions."""
+    from gpt2cli.training import settings as S
+
+    def option(name: str, kind, default, *names: str, help: str) -> inspect.Parameter:
+        info = Opt(default, *names, help=help.replace("[", "\\["), show_default=False)
+        return inspect.Parameter(
+            name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=kind
         )
-        plan = train_run.new_plan(request, model_config, force=force, main_process=_is_main())
-        plan.start_params, start_params = start_params, None
-    _run(plan, force=force or bool(resume), plot=plot)
+
+    params = [
+        inspect.Parameter(
+            "more_files",
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=list[str] | None,
+            default=typer.Argument(
+                None,
+                metavar="FILES",
+                help="More dataset files (what a shell makes of --dataset corpus/*.txt).",
+                show_default=False,
+            ),
+        )
+    ]
+    for name, (_, f) in S.FIELDS.items():
+        kind = S.field_type(name)
+        optional = kind if type(None) in typing.get_args(kind) else kind | None
+        default = S.default_of(name)
+        shown = (
+            ""
+            if default in (None, []) or "[default" in f.metadata["help"]
+            else f" [default: {default}]"
+        )
+        params.append(
+            option(
+                name,
+                optional,
+                None,
+                S.flag(name),
+                *f.metadata["aliases"],
+                help=f.metadata["help"] + shown,
+            )
+        )
+    params += [
+        option(
+            "resume",
+            str | None,
+            None,
+            "--resume",
+            help="Continue the run in this folder exactly where it stopped.",
+        ),
+        option(
+            "config",
+            str | None,
+            None,
+            "--config",
+            help="Read settings from this TOML file (flags override it).",
+        ),
+        option(
+            "print_config",
+            bool,
+            False,
+            "--print-config",
+            help="Print the resolved settings as TOML and exit.",
+        ),
+        option("force", bool, False, "--force", help="Overwrite an existing --output file."),
+    ]
+    return params
+
+
+train.__signature__ = inspect.Signature(_command_parameters())
+
+
+def _check(s) -> object:
+    """Conflicting or missing flags, before any work starts."""
+    from gpt2cli.config import SHAPE_FIELDS
+    from gpt2cli.training.settings import flag
+
+    m, p = s.model, s.parallel
+    if s.data.errors not in ("strict", "replace"):
+        raise UserError(f"--errors must be strict or replace, got {s.data.errors!r}")
+    if m.model and m.init:
+        raise UserError("give either --model (fine-tune) or --init (from scratch), not both")
+    shaped = [name for name in SHAPE_FIELDS if getattr(m, name) is not None]
+    if shaped and not m.init:
+        raise UserError(
+            f"{flag(shaped[0])} shapes a new model: add --init PRESET (a loaded model keeps its shape)"
+        )
+    if p.data_parallel and p.fsdp:
+        raise UserError("--fsdp already splits the batch over the devices; drop --data-parallel")
+    if (p.num_processes > 1) != (p.coordinator is not None):
+        raise UserError("a multi-process run needs both --coordinator and --num-processes > 1")
+    if p.num_processes > 1 and not s.loop.out:
+        raise UserError("a multi-process run needs --out (every process must name the same folder)")
+    if not s.data.dataset:
+        raise UserError("give the text to train on with --dataset FILE (or --resume a run)")
+    return s
+
+
+def _resolved_cheaply(s):
+    """The settings with what can be derived without loading weights (--print-config)."""
+    from gpt2cli.config import SHAPE_FIELDS, new_model_config
+    from gpt2cli.training.settings import resolve
+
+    config = None
+    if s.model.init:
+        config = new_model_config(s.model.init, **{k: getattr(s.model, k) for k in SHAPE_FIELDS})
+    return resolve(s, config)
+
+
+def _same(name: str, given, recorded) -> bool:
+    """Whether a setting given on --resume is the run's own (paths compare resolved)."""
+    if name in ("out", "output") and given and recorded:
+        return Path(given).resolve() == Path(recorded).resolve()
+    return given == recorded
+
+
+def _start_processes(parallel) -> None:
+    if parallel.coordinator:
+        from gpt2cli.sharding import init_distributed
+
+        init_distributed(parallel.coordinator, parallel.num_processes, parallel.process_id)
+
+
+def _new(s, force: bool):
+    from gpt2cli import train_run
+    from gpt2cli.cli.options import DEFAULT_MODEL
+    from gpt2cli.config import SHAPE_FIELDS
+    from gpt2cli.hub import load_model
+
+    _start_processes(s.parallel)
+    if not s.model.init and not s.model.model:
+        s = s.replace(model=DEFAULT_MODEL)
+    shape = {k: getattr(s.model, k) for k in SHAPE_FIELDS}
+    model_config, start_params = train_run.source_config(
+        s.model.model, s.model.init, load_model, shape
+    )
+    plan = train_run.new_plan(s, model_config, force=force, main_process=_is_main())
+    plan.start_params = start_params
+    return plan
+
+
+def _resume(path: str, values: dict, force: bool):
+    """The run in `path`; only the settings that do not change its numbers may be given."""
+    from gpt2cli import train_run
+    from gpt2cli.training import settings as S
+
+    recorded = train_run.recorded_settings(path)
+    changed = [
+        name
+        for name in S.fixed_names()
+        if name in values
+        and (recorded is None or not _same(name, values[name], recorded.get(name)))
+    ]
+    if changed:
+        raise UserError(
+            f"{S.flag(changed[0])} cannot be combined with --resume: a resumed run keeps its settings "
+            f"(see {Path(path) / 'run.json'}); start a new run to change them"
+        )
+    overrides = {name: value for name, value in values.items() if name not in S.fixed_names()}
+    parallel = S.Settings.from_flat({**(recorded or {}), **overrides}).parallel
+    _start_processes(parallel)
+    return train_run.resume_plan(path, overrides, force=force, main_process=_is_main())
 
 
 def _is_main() -> bool:
@@ -325,7 +289,7 @@ def _run(plan, force: bool, plot: bool) -> None:
             return folder.save(step, config, params, opt_state, plan.keep)
         return None
 
-    stop = _Interrupt()
+    stop = StopRequest(_say_stopping, second_aborts=True)
     reporter = _Reporter(folder, loop.steps, start, main_process, save)
     steps_done = 0
 
@@ -334,13 +298,14 @@ def _run(plan, force: bool, plot: bool) -> None:
         nonlocal steps_done
         steps_done += 1
         if jax.process_count() == 1:
-            return stop.requested()
-        return steps_done % loop.log_every == 0 and any_process(stop.requested())
+            return stop.hit
+        return steps_done % loop.log_every == 0 and any_process(stop.hit)
 
     what = "resuming" if plan.resumed else "training"
     err.print(
-        f"{what} {source['source'] or 'a fresh ' + source['init']} "
-        f"({config.num_params() / 1e6:.1f}M params) in {folder.path} from step {start} "
+        f"{what} {source['source'] or 'a fresh ' + source['init']} ({config.n_layer} layers, "
+        f"{config.n_head} heads, width {config.n_embd}, context {config.n_positions}: "
+        f"{config.num_params() / 1e6:.1f}M params) in {folder.path} from step {start} "
         f"to {loop.steps}; {len(data.train)} train blocks of {data.train.seq} tokens"
     )
     try:
@@ -363,7 +328,7 @@ def _run(plan, force: bool, plot: bool) -> None:
         err.print(
             f"stopped at step {step} of {loop.steps}. Continue with: gpt2 train --resume {folder.path}"
         )
-        raise typer.Exit(130)
+        raise typer.Exit(stop.exit_code)
     if main_process:
         params = to_host(state.params)
         written = save_npz(plan.output, config, params, force=force)
@@ -374,28 +339,11 @@ def _run(plan, force: bool, plot: bool) -> None:
         to_host(state.params)
 
 
-class _Interrupt:
-    """Ctrl-C asks the loop to stop after the current step; a second Ctrl-C aborts at once."""
-
-    def __init__(self) -> None:
-        self._flag = False
-        self._previous = None
-
-    def requested(self) -> bool:
-        return self._flag
-
-    def _handle(self, signum, frame) -> None:
-        if self._flag:
-            raise KeyboardInterrupt
-        self._flag = True
-        err.print("Ctrl-C: finishing this step and saving (press again to abort without saving)")
-
-    def __enter__(self):
-        self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        signal.signal(signal.SIGINT, self._previous)
+def _say_stopping(signum: int) -> None:
+    what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+    err.print(
+        f"{what}: finishing this step and saving (press Ctrl-C again to abort without saving)"
+    )
 
 
 class _Reporter:

@@ -1,0 +1,248 @@
+"""Load test for `gpt2 serve`: N concurrent streaming clients against one server.
+
+    uv run python benchmarks/serve_load.py ../bench/gpt2-124m-random.npz
+    uv run python benchmarks/serve_load.py MODEL --clients 1 8 --requests 3
+    uv run python benchmarks/serve_load.py MODEL --overload   # 64 clients, --max-batch 8 --max-queue 16
+
+Prints, per number of clients: aggregate generated tokens/s, the decode tokens/s one stream
+sees, time to first token p50 / p99 and errors; next to `gpt2 bench --batch 1` (decode
+tokens/s) on the same model. `--overload` sends 500 requests from 64 clients to a server with
+--max-batch 8 --max-queue 16: each must complete or get a 503 at once (none may hang), and the
+server's resident memory is sampled along the way.
+
+Prompts are random token ids (the same per run), greedy, <|endoftext|> banned so every
+request generates exactly --max-tokens tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+EOS = 50256
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: str, *flags: str) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    proc = subprocess.Popen(
+        ["gpt2", "serve", "-m", model, "--port", str(port), *flags],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    end = time.monotonic() + 900
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            sys.exit(f"the server exited with {proc.returncode}")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/health")
+            if conn.getresponse().status == 200:
+                return proc, port
+        except OSError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    sys.exit("the server did not become ready")
+
+
+def stream_one(port: int, prompt: list[int], max_tokens: int, timeout: float = 300) -> dict:
+    """One streaming completion; returns status, tokens, time to first token, decode rate."""
+    body = json.dumps(
+        {
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "logit_bias": {str(EOS): -100},
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    )
+    start = time.perf_counter()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        if response.status != 200:
+            response.read()
+            return {"status": response.status, "seconds": time.perf_counter() - start}
+        first = last = None
+        tokens = 0
+        for line in response:
+            if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            now = time.perf_counter()
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+            elif event["choices"] and event["choices"][0]["text"]:
+                first = first or now
+                last = now
+        decode = (tokens - 1) / (last - first) if last and last > first else None
+        return {
+            "status": 200,
+            "tokens": tokens,
+            "first_token_s": (first or time.perf_counter()) - start,
+            "decode_tps": decode,
+            "seconds": time.perf_counter() - start,
+        }
+    except (OSError, http.client.HTTPException) as exc:
+        return {"status": f"error: {type(exc).__name__}", "seconds": time.perf_counter() - start}
+    finally:
+        conn.close()
+
+
+def percentile(values: list[float], p: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
+
+
+def run_clients(port: int, clients: int, requests: int, prompts: list, max_tokens: int) -> dict:
+    results: list[dict] = []
+    lock = threading.Lock()
+
+    def client(i: int) -> None:
+        for r in range(requests):
+            out = stream_one(port, prompts[(i * requests + r) % len(prompts)], max_tokens)
+            with lock:
+                results.append(out)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    ok = [r for r in results if r["status"] == 200]
+    ttft = [r["first_token_s"] for r in ok]
+    decode = [r["decode_tps"] for r in ok if r["decode_tps"]]
+    return {
+        "clients": clients,
+        "requests": len(results),
+        "errors": len(results) - len(ok),
+        "aggregate_tps": sum(r["tokens"] for r in ok) / wall,
+        "stream_decode_tps": sum(decode) / len(decode) if decode else None,
+        "ttft_p50_s": percentile(ttft, 50) if ttft else None,
+        "ttft_p99_s": percentile(ttft, 99) if ttft else None,
+    }
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def overload(
+    model: str, prompts: list, max_tokens: int, total: int = 500, clients: int = 64
+) -> dict:
+    proc, port = start_server(model, "--max-batch", "8", "--max-queue", "16")
+    try:
+        done: list[dict] = []
+        memory: list[float] = [rss_mib(proc.pid)]
+        lock = threading.Lock()
+        counter = iter(range(total))
+
+        def client() -> None:
+            while True:
+                with lock:
+                    n = next(counter, None)
+                if n is None:
+                    return
+                out = stream_one(port, prompts[n % len(prompts)], max_tokens, timeout=600)
+                with lock:
+                    done.append(out)
+                    if len(done) % 50 == 0:
+                        memory.append(rss_mib(proc.pid))
+                if out["status"] == 503:
+                    time.sleep(0.2)  # what Retry-After asks, shortened
+
+        threads = [threading.Thread(target=client) for _ in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        refused = [r["seconds"] for r in done if r["status"] == 503]
+        return {
+            "requests": len(done),
+            "completed": sum(r["status"] == 200 and r["tokens"] == max_tokens for r in done),
+            "refused_503": len(refused),
+            "other": [r["status"] for r in done if r["status"] not in (200, 503)],
+            "slowest_503_s": max(refused) if refused else None,
+            "rss_mib": [round(m) for m in memory],
+        }
+    finally:
+        proc.terminate()
+        proc.wait(120)
+
+
+def bench_decode(model: str, prompt_tokens: int, max_tokens: int) -> float:
+    out = subprocess.run(
+        ["gpt2", "bench", "-m", model, "--batch", "1", "--prompt-tokens", str(prompt_tokens),
+         "--new-tokens", str(max_tokens), "--json"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return json.loads(out.stdout)["decode_tokens_per_s"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("model", nargs="?", default="../bench/gpt2-124m-random.npz")
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--requests", type=int, default=2, help="requests per client")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--max-batch", type=int, default=8)
+    ap.add_argument("--overload", action="store_true", help="the 64-client / 500-request test")
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    rng = random.Random(0)
+    prompts = [[rng.randrange(EOS) for _ in range(args.prompt_tokens)] for _ in range(64)]
+
+    if args.overload:
+        print(json.dumps(overload(args.model, prompts, args.max_tokens)))
+        return
+    proc, port = start_server(args.model, "--max-batch", str(args.max_batch))
+    try:
+        stream_one(port, prompts[0], 8)  # a first request, outside the timings
+        rows = [run_clients(port, n, args.requests, prompts, args.max_tokens) for n in args.clients]
+    finally:
+        proc.terminate()
+        proc.wait(120)
+    bench = bench_decode(args.model, args.prompt_tokens, args.max_tokens)
+    print(f"gpt2 bench --batch 1 decode: {bench:.1f} tokens/s")
+    print(f"{'clients':>7} {'requests':>8} {'errors':>6} {'aggregate tok/s':>15} "
+          f"{'per-stream decode tok/s':>23} {'TTFT p50':>9} {'TTFT p99':>9}")  # fmt: skip
+    for r in rows:
+        decode = f"{r['stream_decode_tps']:.1f}" if r["stream_decode_tps"] else "-"
+        p50 = f"{r['ttft_p50_s']:.3f}s" if r["ttft_p50_s"] is not None else "-"
+        p99 = f"{r['ttft_p99_s']:.3f}s" if r["ttft_p99_s"] is not None else "-"
+        print(f"{r['clients']:>7} {r['requests']:>8} {r['errors']:>6} "
+              f"{r['aggregate_tps']:>15.1f} {decode:>23} {p50:>9} {p99:>9}")  # fmt: skip
+    one = next((r for r in rows if r["clients"] == 1), None)
+    if one:
+        print(f"one stream / bench batch 1: {one['stream_decode_tps'] / bench:.0%}")
+        for r in rows:
+            if r["clients"] > 1:
+                print(f"{r['clients']} clients / one client, aggregate: "
+                      f"{r['aggregate_tps'] / one['aggregate_tps']:.2f}x")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,7 @@
+"""`gpt2 serve`: an OpenAI-compatible HTTP server with continuous batching.
+
+programs.py  the compiled programs over a block of slots (per-row lengths and sampling)
+scheduler.py the engine thread: queue, admission, chunked prefill, decode, cancellation
+protocol.py  OpenAI request fields -> jobs, and responses / stream chunks back
+app.py       the Starlette app: routes, auth, limits, streaming, metrics, the chat page
+"""

@@ -1,0 +1,548 @@
+"""The Starlette app: OpenAI's routes over a `Scheduler`, streaming as server-sent events.
+
+A request becomes one job per choice (see protocol.py); its events come back from the engine
+thread into an asyncio queue. While a response is being produced the client connection is
+watched, and a disconnect cancels the request's jobs, streamed or not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import secrets
+import time
+from html import escape
+from importlib import resources
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from gpt2cli.chat import Trimmed
+from gpt2cli.detokenizer import token_bytes
+from gpt2cli.serve import protocol
+from gpt2cli.serve.metrics import Metrics
+from gpt2cli.serve.protocol import APIError, Plan
+from gpt2cli.serve.scheduler import Delta, Failed, Finish, Job, QueueFull, Scheduler
+
+RETRY_AFTER_S = 1
+
+
+class Run:
+    """One request's jobs and the queue their events arrive on."""
+
+    def __init__(self, plan: Plan, scheduler: Scheduler):
+        self.plan = plan
+        self.scheduler = scheduler
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.started = time.monotonic()
+        loop = asyncio.get_running_loop()
+        settings = {**plan.settings, "top_logprobs": plan.logprobs or 0}
+        self.jobs = []
+        for p, ids in enumerate(plan.prompts):
+            for j in range(plan.n):
+                index = p * plan.n + j
+
+                def sink(event, index=index):
+                    loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
+
+                self.jobs.append(
+                    Job(ids, plan.max_tokens[p], settings, plan.seed, j, plan.stop, sink)
+                )
+        self.open = len(self.jobs)
+        self.cancelled = False
+
+    def start(self) -> None:
+        try:
+            self.scheduler.submit(self.jobs)
+        except QueueFull as exc:
+            raise APIError(503, str(exc), None, "queue_full") from None
+
+    def cancel(self) -> None:
+        if self.open and not self.cancelled:
+            self.cancelled = True
+            self.scheduler.cancel(self.jobs)
+            if self.scheduler.metrics:
+                self.scheduler.metrics.cancelled.inc()
+            self.queue.put_nowait((None, None))  # wake whoever waits for events
+
+    async def events(self):
+        """(choice index, event) until every choice has finished (or the run is cancelled)."""
+        while self.open:
+            index, event = await self.queue.get()
+            if index is None:
+                return
+            if isinstance(event, Finish | Failed):
+                self.open -= 1
+            yield index, event
+
+
+async def watch_disconnect(receive, run: Run) -> None:
+    """Cancel the run when the client goes away (the body has been read by now)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            run.cancel()
+            return
+
+
+class EventStream:
+    """An ASGI response sending server-sent events; cancels its run if the client leaves."""
+
+    def __init__(self, run: Run, chunks):
+        self.run = run
+        self.chunks = chunks
+
+    async def __call__(self, scope, receive, send) -> None:
+        headers = [
+            (b"content-type", b"text/event-stream; charset=utf-8"),
+            (b"cache-control", b"no-cache"),
+            (b"x-accel-buffering", b"no"),
+        ]
+        watcher = asyncio.create_task(watch_disconnect(receive, self.run))
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            async for chunk in self.chunks:
+                data = chunk if isinstance(chunk, str) else json.dumps(chunk, ensure_ascii=False)
+                body = f"data: {data}\n\n".encode()
+                await send({"type": "http.response.body", "body": body, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:  # the client left while we were sending
+            pass
+        finally:
+            watcher.cancel()
+            self.run.cancel()
+
+
+class Choice:
+    """The output of one choice, gathered or streamed."""
+
+    def __init__(self, chat: bool):
+        self.trim = Trimmed() if chat else None
+        self.text: list[str] = []
+        self.tokens: list = []
+        self.finish: str | None = None
+        self.completion_tokens = 0
+
+    def add(self, delta: Delta) -> str:
+        text = delta.text
+        if self.trim is not None:
+            text = "".join(self.trim.push(text))
+        self.text.append(text)
+        self.tokens.extend(delta.tokens)
+        return text
+
+
+class Server:
+    """What the routes share: the scheduler, the tokenizer, the served model's name."""
+
+    def __init__(self, scheduler: Scheduler, model_name: str, api_key: str | None):
+        self.scheduler = scheduler
+        self.model_name = model_name
+        self.api_key = api_key
+        self.metrics = scheduler.metrics
+        self.created = int(time.time())
+
+    # ---- shared checks ---------------------------------------------------------------
+
+    def authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), self.api_key):
+            raise APIError(
+                401,
+                "missing or wrong API key: send Authorization: Bearer KEY",
+                None,
+                "invalid_api_key",
+            )
+
+    def require_ready(self) -> None:
+        s = self.scheduler
+        if s.load_error:
+            raise APIError(
+                503, f"the model failed to load: {s.load_error}", None, "model_not_loaded"
+            )
+        if not s.ready.is_set():
+            raise APIError(503, "the model is still loading; retry shortly", None, "model_loading")
+
+    async def read_json(self, request: Request):
+        limit = request.app.state.max_body
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise APIError(
+                413,
+                f"the request body is over the limit of {limit} bytes",
+                None,
+                "request_too_large",
+            )
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > limit:
+                raise APIError(
+                    413,
+                    f"the request body is over the limit of {limit} bytes",
+                    None,
+                    "request_too_large",
+                )
+        try:
+            return json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise APIError(
+                400, f"the request body is not valid JSON: {exc}", None, "invalid_json"
+            ) from None
+
+    def token_text(self, token: int) -> str:
+        return token_bytes(self.scheduler.tokenizer)[token].decode("utf-8", errors="replace")
+
+    # ---- routes ----------------------------------------------------------------------
+
+    async def health(self, request: Request) -> Response:
+        s = self.scheduler
+        if s.load_error:
+            return JSONResponse({"status": "error", "message": s.load_error}, 503)
+        if not s.ready.is_set():
+            return JSONResponse({"status": "loading"}, 503)
+        return JSONResponse({"status": "ok"})
+
+    async def models(self, request: Request) -> Response:
+        self.authorize(request)
+        return JSONResponse({"object": "list", "data": [self.model_card()]})
+
+    async def model(self, request: Request) -> Response:
+        self.authorize(request)
+        name = request.path_params["model"]
+        if name != self.model_name:
+            raise APIError(404, f"the model {name!r} does not exist", "model", "model_not_found")
+        return JSONResponse(self.model_card())
+
+    def model_card(self) -> dict:
+        card = {
+            "id": self.model_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "gpt2cli",
+        }
+        if self.scheduler.programs is not None:
+            card["max_model_len"] = self.scheduler.programs.config.n_positions
+        return card
+
+    async def metrics_text(self, request: Request) -> Response:
+        self.authorize(request)
+        return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    async def tokenize(self, request: Request) -> Response:
+        self.authorize(request)
+        body = await self.read_json(request)
+        self.require_ready()
+        config, tok = self.scheduler.programs.config, self.scheduler.tokenizer
+        if isinstance(body, dict) and "messages" in body:
+            protocol.check_fields(body, {"model", "messages"})
+            ids = protocol.chat_ids(body["messages"], tok)
+        else:
+            protocol.check_fields(body, {"model", "prompt"})
+            if not isinstance(body.get("prompt"), str):
+                raise protocol.bad("prompt", "prompt must be a string")
+            ids = tok.encode(body["prompt"])
+        return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": config.n_positions})
+
+    async def detokenize(self, request: Request) -> Response:
+        self.authorize(request)
+        body = await self.read_json(request)
+        self.require_ready()
+        protocol.check_fields(body, {"model", "tokens"})
+        tokens = body.get("tokens")
+        vocab = self.scheduler.programs.config.vocab_size
+        if not isinstance(tokens, list):
+            raise protocol.bad("tokens", "tokens must be a list of token ids")
+        ids = protocol._check_ids(tokens, vocab, "tokens")
+        return JSONResponse({"prompt": self.scheduler.tokenizer.decode(ids)})
+
+    async def completions(self, request: Request) -> Response:
+        return await self.generate(request, chat=False)
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self.generate(request, chat=True)
+
+    async def generate(self, request: Request, chat: bool) -> Response:
+        self.authorize(request)
+        body = await self.read_json(request)
+        self.require_ready()
+        make = protocol.chat_plan if chat else protocol.completion_plan
+        plan = make(
+            body,
+            models={self.model_name},
+            tokenizer=self.scheduler.tokenizer,
+            config=self.scheduler.programs.config,
+            max_batch=self.scheduler.max_batch,
+        )
+        self.metrics.prompt_tokens.inc(sum(map(len, plan.prompts)))
+        run = Run(plan, self.scheduler)
+        run.start()
+        ident = f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}"
+        if plan.stream:
+            return EventStream(run, self.stream_chunks(run, ident, chat))
+        return await self.complete(request, run, ident, chat)
+
+    # ---- bodies ----------------------------------------------------------------------
+
+    def usage(self, run: Run, choices: list[Choice]) -> dict:
+        prompt = sum(map(len, run.plan.prompts))
+        completion = sum(c.completion_tokens for c in choices)
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+
+    def logprobs(self, choice_tokens, chat: bool, want_top: int, offset: int = 0):
+        if chat:
+            return {
+                "content": [
+                    {
+                        "token": self.token_text(t.token),
+                        "logprob": t.logprob,
+                        "bytes": list(token_bytes(self.scheduler.tokenizer)[t.token]),
+                        "top_logprobs": [
+                            {
+                                "token": self.token_text(i),
+                                "logprob": lp,
+                                "bytes": list(token_bytes(self.scheduler.tokenizer)[i]),
+                            }
+                            for i, lp in t.top
+                        ],
+                    }
+                    for t in choice_tokens
+                ],
+                "refusal": None,
+            }
+        texts = [self.token_text(t.token) for t in choice_tokens]
+        offsets = []
+        for text in texts:
+            offsets.append(offset)
+            offset += len(text)
+        return {
+            "tokens": texts,
+            "token_logprobs": [t.logprob for t in choice_tokens],
+            "top_logprobs": [{self.token_text(i): lp for i, lp in t.top} for t in choice_tokens]
+            if want_top
+            else None,
+            "text_offset": offsets,
+        }
+
+    async def complete(self, request: Request, run: Run, ident: str, chat: bool) -> Response:
+        plan = run.plan
+        choices = [Choice(chat) for _ in run.jobs]
+        watcher = asyncio.create_task(watch_disconnect(request.receive, run))
+        try:
+            async for index, event in run.events():
+                if isinstance(event, Failed):
+                    run.cancel()
+                    raise APIError(event.status, event.message)
+                if isinstance(event, Delta):
+                    choices[index].add(event)
+                else:
+                    choices[index].finish = event.reason
+                    choices[index].completion_tokens = event.completion_tokens
+        finally:
+            watcher.cancel()
+        if run.cancelled:  # the client is gone: nobody reads this
+            return Response(status_code=499)
+        self.metrics.duration.observe(time.monotonic() - run.started)
+        created = int(time.time())
+        out = []
+        for index, choice in enumerate(choices):
+            text = "".join(choice.text)
+            logprobs = None
+            if chat:
+                if plan.logprobs is not None:
+                    logprobs = self.logprobs(choice.tokens, True, plan.logprobs)
+                message = {"role": "assistant", "content": text.rstrip(), "refusal": None}
+                out.append(
+                    {
+                        "index": index,
+                        "message": message,
+                        "logprobs": logprobs,
+                        "finish_reason": choice.finish,
+                    }
+                )
+            else:
+                prompt_text = plan.prompt_texts[index // plan.n] if plan.echo else ""
+                if plan.logprobs is not None:
+                    logprobs = self.logprobs(choice.tokens, False, plan.logprobs, len(prompt_text))
+                out.append(
+                    {
+                        "index": index,
+                        "text": prompt_text + text,
+                        "logprobs": logprobs,
+                        "finish_reason": choice.finish,
+                    }
+                )
+        return JSONResponse(
+            {
+                "id": ident,
+                "object": "chat.completion" if chat else "text_completion",
+                "created": created,
+                "model": plan.model,
+                "choices": out,
+                "usage": self.usage(run, choices),
+            }
+        )
+
+    async def stream_chunks(self, run: Run, ident: str, chat: bool):
+        plan = run.plan
+        created = int(time.time())
+        choices = [Choice(chat) for _ in run.jobs]
+        offsets = [0] * len(choices)
+
+        def chunk(choice_list) -> dict:
+            body = {
+                "id": ident,
+                "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": created,
+                "model": plan.model,
+                "choices": choice_list,
+            }
+            if plan.include_usage:
+                body["usage"] = None
+            return body
+
+        for index in range(len(choices)):
+            if chat:
+                delta = {"role": "assistant", "content": ""}
+                yield chunk(
+                    [{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}]
+                )
+            elif plan.echo:
+                text = plan.prompt_texts[index // plan.n]
+                offsets[index] = len(text)
+                yield chunk(
+                    [{"index": index, "text": text, "logprobs": None, "finish_reason": None}]
+                )
+        async for index, event in run.events():
+            choice = choices[index]
+            if isinstance(event, Failed):
+                yield {"error": APIError(event.status, event.message).body()["error"]}
+                run.cancel()
+                break
+            if isinstance(event, Finish):
+                choice.finish = event.reason
+                choice.completion_tokens = event.completion_tokens
+                end = {"index": index, "logprobs": None, "finish_reason": event.reason}
+                end.update({"delta": {}} if chat else {"text": ""})
+                yield chunk([end])
+                continue
+            text = choice.add(event)
+            if not text and not (plan.logprobs is not None and event.tokens):
+                continue
+            logprobs = None
+            if plan.logprobs is not None:
+                logprobs = self.logprobs(event.tokens, chat, plan.logprobs, offsets[index])
+                offsets[index] += sum(len(self.token_text(t.token)) for t in event.tokens)
+            if chat:
+                part = {
+                    "index": index,
+                    "delta": {"content": text},
+                    "logprobs": logprobs,
+                    "finish_reason": None,
+                }
+            else:
+                part = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": None}
+            yield chunk([part])
+        else:
+            self.metrics.duration.observe(time.monotonic() - run.started)
+            if plan.include_usage:
+                body = chunk([])
+                body["usage"] = self.usage(run, choices)
+                yield body
+        yield "[DONE]"
+
+    async def page(self, request: Request) -> Response:
+        html = resources.files("gpt2cli.serve").joinpath("static/chat.html").read_text("utf-8")
+        return HTMLResponse(html.replace("{{MODEL}}", escape(self.model_name)))
+
+
+def error_response(exc: APIError) -> Response:
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.status == 503 else None
+    return JSONResponse(exc.body(), exc.status, headers=headers)
+
+
+def create_app(
+    scheduler: Scheduler,
+    *,
+    model_name: str,
+    api_key: str | None = None,
+    cors_origins: list[str] | None = None,
+    max_body: int = 1 << 20,
+) -> Starlette:
+    if scheduler.metrics is None:
+        scheduler.metrics = Metrics(scheduler)
+    server = Server(scheduler, model_name, api_key)
+
+    def counted(endpoint: str, handler):
+        async def route(request: Request) -> Response:
+            try:
+                response = await handler(request)
+            except APIError as exc:
+                response = error_response(exc)
+            status = getattr(response, "status_code", 200)
+            server.metrics.requests.inc(endpoint=endpoint, status=str(status))
+            return response
+
+        return route
+
+    routes = [
+        Route("/", server.page, methods=["GET"]),
+        Route("/health", server.health, methods=["GET"]),
+        Route("/metrics", counted("/metrics", server.metrics_text), methods=["GET"]),
+        Route("/v1/models", counted("/v1/models", server.models), methods=["GET"]),
+        Route("/v1/models/{model:path}", counted("/v1/models", server.model), methods=["GET"]),
+        Route("/v1/completions", counted("/v1/completions", server.completions), methods=["POST"]),
+        Route(
+            "/v1/chat/completions",
+            counted("/v1/chat/completions", server.chat_completions),
+            methods=["POST"],
+        ),
+        Route("/tokenize", counted("/tokenize", server.tokenize), methods=["POST"]),
+        Route("/detokenize", counted("/detokenize", server.detokenize), methods=["POST"]),
+    ]
+
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        message = {
+            404: f"no route {request.url.path}",
+            405: f"{request.method} is not allowed on {request.url.path}",
+        }
+        return error_response(
+            APIError(exc.status_code, message.get(exc.status_code, str(exc.detail)))
+        )
+
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        return error_response(
+            APIError(500, f"internal error: {type(exc).__name__}: {exc}", None, "internal_error")
+        )
+
+    middleware = []
+    if cors_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=cors_origins,
+                allow_methods=["GET", "POST", "OPTIONS"],
+                allow_headers=["authorization", "content-type"],
+            )
+        )
+    app = Starlette(
+        routes=routes,
+        middleware=middleware,
+        exception_handlers={HTTPException: http_error, Exception: internal_error},
+    )
+    app.state.max_body = max_body
+    app.state.server = server
+    return app

@@ -1,0 +1,433 @@
+"""OpenAI's request fields -> a `Plan` of jobs, and the response and stream-chunk bodies back.
+
+Every field is implemented or refused with a 400 that names it; nothing is silently ignored.
+Validation is ours (not a schema library's), so every error keeps OpenAI's shape:
+`{"error": {"message", "type", "param", "code"}}`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from gpt2cli import sampling
+from gpt2cli.chat import TEMPLATES, Template
+from gpt2cli.errors import UserError
+
+MAX_STOPS = 4  # OpenAI's limit
+COMPLETION_DEFAULT_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
+SEED_RANGE = 2**32  # seeds are used modulo this (gpt2 generate --seed takes 0 .. 2**32 - 1)
+
+COMMON_FIELDS = {
+    "model",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+    "stop",
+    "n",
+    "logprobs",
+    "logit_bias",
+    "stream",
+    "stream_options",
+    "user",
+}
+COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "echo"}
+CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs"}
+# OpenAI fields a base GPT-2 cannot honour: refused by name unless null.
+UNSUPPORTED = {
+    "suffix": "GPT-2 cannot fill in the middle",
+    "best_of": "generate n choices and rank them yourself",
+    "tools": "GPT-2 was not trained to call tools",
+    "tool_choice": "GPT-2 was not trained to call tools",
+    "functions": "GPT-2 was not trained to call functions",
+    "function_call": "GPT-2 was not trained to call functions",
+    "parallel_tool_calls": "GPT-2 was not trained to call tools",
+    "response_format": "structured output is not implemented",
+    "modalities": "only text is supported",
+    "audio": "only text is supported",
+    "prediction": "predicted outputs are not implemented",
+    "reasoning_effort": "GPT-2 does not reason",
+    "service_tier": "there is one tier",
+    "store": "completions are not stored",
+    "metadata": "completions are not stored",
+    "web_search_options": "there is no web search",
+}
+
+
+class APIError(Exception):
+    """An error response in OpenAI's shape."""
+
+    TYPES = {401: "authentication_error", 404: "not_found_error", 500: "server_error"}
+
+    def __init__(self, status: int, message: str, param: str | None = None, code=None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict:
+        kind = self.TYPES.get(self.status, "invalid_request_error")
+        if self.status in (502, 503):
+            kind = "server_error"
+        return {
+            "error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}
+        }
+
+
+def bad(param: str, message: str, code: str | None = None) -> APIError:
+    return APIError(400, message, param, code)
+
+
+@dataclass
+class Plan:
+    """A validated request: prompts as token ids, and how to generate from each."""
+
+    chat: bool
+    prompts: list[list[int]]
+    prompt_texts: list[str]
+    max_tokens: list[int]  # per prompt
+    n: int
+    settings: dict  # RowSettings values shared by every row of the request
+    seed: int
+    seeded: bool
+    stop: tuple[str, ...]
+    stream: bool
+    include_usage: bool
+    echo: bool
+    logprobs: int | None  # None: none; else how many top logprobs per token (0..20)
+    model: str
+    extra: dict = field(default_factory=dict)
+
+
+def _number(body: dict, name: str, default, *, integer: bool = False):
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise bad(name, f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
+    if integer and not (isinstance(value, int) or float(value).is_integer()):
+        raise bad(name, f"{name} must be an integer, got {value!r}")
+    if not math.isfinite(value):
+        raise bad(name, f"{name} must be a finite number, got {value!r}")
+    return int(value) if integer else float(value)
+
+
+def _flag(body: dict, name: str, default: bool = False) -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise bad(name, f"{name} must be true or false, got {value!r}")
+    return value
+
+
+def _sampling_setting(name: str, value) -> None:
+    try:
+        sampling.check_sampling(**{name: value})
+    except UserError as exc:
+        raise bad(name, str(exc)) from None
+
+
+def check_fields(body, allowed: set[str]) -> None:
+    if not isinstance(body, dict):
+        raise bad(None, "the request body must be a JSON object")
+    for name, value in body.items():
+        if name in allowed:
+            continue
+        if name in UNSUPPORTED:
+            if value is None:
+                continue
+            raise bad(
+                name, f"{name} is not supported: {UNSUPPORTED[name]}", "unsupported_parameter"
+            )
+        raise bad(name, f"unknown field {name!r}", "unknown_parameter")
+
+
+def parse_stop(body: dict) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise bad("stop", "stop must be a string or a list of strings")
+    if len(stops) > MAX_STOPS:
+        raise bad("stop", f"stop takes at most {MAX_STOPS} strings, got {len(stops)}")
+    return tuple(stops)
+
+
+def parse_settings(body: dict, vocab: int) -> dict:
+    """The sampling fields -> RowSettings values (see programs.py)."""
+    temperature = _number(body, "temperature", 1.0)
+    top_p = _number(body, "top_p", 1.0)
+    min_p = _number(body, "min_p", 0.0)
+    penalty = _number(body, "repetition_penalty", 1.0)
+    top_k = _number(body, "top_k", 0, integer=True)
+    if top_k == -1:  # vLLM's spelling of "off"
+        top_k = 0
+    for name, value in (
+        ("temperature", temperature),
+        ("top_p", top_p),
+        ("min_p", min_p),
+        ("repetition_penalty", penalty),
+        ("top_k", top_k),
+    ):
+        _sampling_setting(name, value)
+    settings = {
+        "temperature": temperature,
+        "top_k": min(top_k, vocab),
+        "top_p": top_p,
+        "log_min_p": math.log(min_p) if min_p > 0 else -math.inf,
+        "repetition_penalty": penalty,
+    }
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = _number(body, name, 0.0)
+        if not -2.0 <= value <= 2.0:
+            raise bad(name, f"{name} must be between -2 and 2, got {value:g}")
+        settings[name] = value
+    bias = body.get("logit_bias")
+    if bias is not None:
+        if not isinstance(bias, dict):
+            raise bad("logit_bias", "logit_bias must map token ids to numbers from -100 to 100")
+        table = {}
+        for key, value in bias.items():
+            try:
+                token = int(key)
+            except ValueError:
+                raise bad("logit_bias", f"logit_bias key {key!r} is not a token id") from None
+            if not 0 <= token < vocab:
+                raise bad("logit_bias", f"logit_bias token {token} is outside 0..{vocab - 1}")
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not -100 <= value <= 100
+            ):
+                raise bad(
+                    "logit_bias",
+                    f"logit_bias values must be numbers from -100 to 100, got {value!r}",
+                )
+            table[token] = float(value)
+        settings["logit_bias"] = table
+    return settings
+
+
+def parse_seed(body: dict) -> tuple[int, bool]:
+    seed = _number(body, "seed", None, integer=True)
+    if seed is None:
+        import secrets
+
+        return secrets.randbelow(SEED_RANGE), False
+    return seed % SEED_RANGE, True
+
+
+def parse_common(body: dict, models: set[str], vocab: int) -> dict:
+    model = body.get("model")
+    if model is not None and model not in models:
+        raise APIError(
+            404,
+            f"the model {model!r} does not exist; this server serves {', '.join(sorted(models))}",
+            "model",
+            "model_not_found",
+        )
+    n = _number(body, "n", 1, integer=True)
+    stream = _flag(body, "stream")
+    options = body.get("stream_options")
+    include_usage = False
+    if options is not None:
+        if not stream:
+            raise bad("stream_options", "stream_options is only allowed with stream: true")
+        if not isinstance(options, dict) or set(options) - {"include_usage"}:
+            raise bad("stream_options", "stream_options takes only include_usage")
+        include_usage = _flag(options, "include_usage")
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise bad("user", "user must be a string")
+    seed, seeded = parse_seed(body)
+    return dict(
+        model=model or sorted(models)[0],
+        n=n,
+        stream=stream,
+        include_usage=include_usage,
+        settings=parse_settings(body, vocab),
+        seed=seed,
+        seeded=seeded,
+        stop=parse_stop(body),
+    )
+
+
+def _max_tokens(body: dict, names: tuple[str, ...]) -> int | None:
+    given = [(name, _number(body, name, None, integer=True)) for name in names]
+    given = [(name, v) for name, v in given if v is not None]
+    if len({v for _, v in given}) > 1:
+        raise bad(given[1][0], f"{given[0][0]} and {given[1][0]} disagree: give one")
+    if not given:
+        return None
+    name, value = given[0]
+    if value < 1:
+        raise bad(name, f"{name} must be at least 1, got {value}")
+    return value
+
+
+def check_context(ids: list[int], max_tokens: int, n_positions: int, param: str) -> None:
+    if len(ids) + max_tokens > n_positions:
+        raise bad(
+            param,
+            f"this model's context window is {n_positions} tokens, but the prompt has "
+            f"{len(ids)} tokens and {max_tokens} were asked for: shorten the prompt or lower "
+            "max_tokens",
+            "context_length_exceeded",
+        )
+
+
+def _check_ids(ids, vocab: int, param: str) -> list[int]:
+    if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
+        raise bad(param, f"token ids must be integers from 0 to {vocab - 1}")
+    return list(ids)
+
+
+def parse_prompts(prompt, tokenizer, vocab: int) -> tuple[list[list[int]], list[str]]:
+    """A string, a list of strings, a list of token ids, or a list of lists of ids."""
+    if isinstance(prompt, str) or (
+        isinstance(prompt, list)
+        and prompt
+        and all(isinstance(p, int) and not isinstance(p, bool) for p in prompt)
+    ):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str | list) for p in prompt):
+        prompts = prompt
+    else:
+        raise bad("prompt", "prompt must be a string, a list of strings, or token ids")
+    ids, texts = [], []
+    for p in prompts:
+        if isinstance(p, str):
+            encoded = tokenizer.encode(p) or [tokenizer.eos_id]  # "" starts a new document
+            ids.append(_check_ids(encoded, vocab, "prompt"))
+            texts.append(p)
+        else:
+            if not p:
+                raise bad("prompt", "a token-id prompt must not be empty")
+            ids.append(_check_ids(p, vocab, "prompt"))
+            texts.append(tokenizer.decode(p))
+    return ids, texts
+
+
+def completion_plan(body: dict, *, models: set[str], tokenizer, config, max_batch: int) -> Plan:
+    check_fields(body, COMPLETION_FIELDS)
+    if "prompt" not in body:
+        raise bad("prompt", "prompt is required")
+    common = parse_common(body, models, config.vocab_size)
+    prompts, texts = parse_prompts(body["prompt"], tokenizer, config.vocab_size)
+    logprobs = _number(body, "logprobs", None, integer=True)
+    if logprobs is not None and not 0 <= logprobs <= 20:
+        raise bad("logprobs", f"logprobs must be from 0 to 20, got {logprobs}")
+    echo = _flag(body, "echo")
+    if echo and logprobs is not None:
+        raise bad("echo", "echo with logprobs is not supported (prompt logprobs are not computed)")
+    max_tokens = _max_tokens(body, ("max_tokens",))
+    max_tokens = COMPLETION_DEFAULT_TOKENS if max_tokens is None else max_tokens
+    for ids in prompts:
+        check_context(ids, max_tokens, config.n_positions, "prompt")
+    _check_n(common["n"] * len(prompts), max_batch)
+    return Plan(
+        chat=False,
+        prompts=prompts,
+        prompt_texts=texts,
+        max_tokens=[max_tokens] * len(prompts),
+        echo=echo,
+        logprobs=logprobs,
+        **common,
+    )
+
+
+def _check_n(choices: int, max_batch: int) -> None:
+    if not 1 <= choices <= max_batch:
+        raise bad(
+            "n",
+            f"n (times the number of prompts) must be from 1 to {max_batch} (the server's "
+            f"--max-batch), got {choices}",
+        )
+
+
+def _message_text(message: dict, index: int) -> str:
+    content = message.get("content")
+    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+        parts = []
+        for part in content:
+            if (
+                not isinstance(part, dict)
+                or part.get("type") != "text"
+                or not isinstance(part.get("text"), str)
+            ):
+                raise bad(f"messages[{index}].content", "only text content parts are supported")
+            parts.append(part["text"])
+        content = "".join(parts)
+    if not isinstance(content, str):
+        raise bad(f"messages[{index}].content", "content must be a string or a list of text parts")
+    return " ".join(content.split())  # one line per turn, as `gpt2 chat` writes it
+
+
+def chat_ids(messages, tokenizer, template: Template = TEMPLATES["chat"]) -> list[int]:
+    """The transcript `gpt2 chat` would send: preamble, then each turn, ending at the assistant's
+    name. System (or developer) messages replace the preamble."""
+    if not isinstance(messages, list) or not messages:
+        raise bad("messages", "messages must be a non-empty list")
+    system, turns = None, []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise bad(f"messages[{i}]", "each message must be an object with role and content")
+        role = message.get("role")
+        text = _message_text(message, i)
+        if role in ("system", "developer"):
+            system = text if system is None else f"{system} {text}"
+        elif role == "user":
+            turns.append(template.turn_prompt(text))
+        elif role == "assistant":
+            if not turns:
+                raise bad(f"messages[{i}]", "an assistant message must follow a user message")
+            turns.append(" " + text)
+        else:
+            raise bad(
+                f"messages[{i}].role", f"role must be system, user or assistant, got {role!r}"
+            )
+    if messages[-1].get("role") != "user":
+        raise bad("messages", "the last message must be the user's")
+    ids = tokenizer.encode(template.system if system is None else system)
+    for turn in turns:
+        ids += tokenizer.encode(turn)
+    return ids
+
+
+def chat_plan(body: dict, *, models: set[str], tokenizer, config, max_batch: int) -> Plan:
+    check_fields(body, CHAT_FIELDS)
+    if "messages" not in body:
+        raise bad("messages", "messages is required")
+    common = parse_common(body, models, config.vocab_size)
+    ids = _check_ids(chat_ids(body["messages"], tokenizer), config.vocab_size, "messages")
+    logprobs = _flag(body, "logprobs")
+    top = _number(body, "top_logprobs", None, integer=True)
+    if top is not None:
+        if not logprobs:
+            raise bad("top_logprobs", "top_logprobs needs logprobs: true")
+        if not 0 <= top <= 20:
+            raise bad("top_logprobs", f"top_logprobs must be from 0 to 20, got {top}")
+    max_tokens = _max_tokens(body, ("max_completion_tokens", "max_tokens"))
+    if max_tokens is None:  # the rest of the window, as vLLM does
+        max_tokens = max(config.n_positions - len(ids), 1)
+    check_context(ids, max_tokens, config.n_positions, "messages")
+    _check_n(common["n"], max_batch)
+    common["stop"] = TEMPLATES["chat"].stops + common["stop"]
+    return Plan(
+        chat=True,
+        prompts=[ids],
+        prompt_texts=[""],
+        max_tokens=[max_tokens],
+        echo=False,
+        logprobs=(top or 0) if logprobs else None,
+        **common,
+    )

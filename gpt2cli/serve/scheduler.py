@@ -1,0 +1,358 @@
+"""The engine thread: continuous batching of requests over a block of slots.
+
+One thread owns the device. Requests (one `Job` per choice) wait in a bounded queue; between
+decode chunks the thread admits waiting jobs into free rows, runs one prefill chunk of one
+prompt, then one decode chunk of every decoding row, and frees a row as soon as its job
+finishes, hits a stop, or is cancelled. Busy rows are kept first, and the block of rows is
+the smallest size in `row_buckets` that holds them (moving and resizing rows only when a job
+starts or ends), so one request alone pays for one row, not for `max_batch`.
+
+Text is made here too (`generate.RowText`: UTF-8-safe detokenizing, stop strings held back),
+so a stop frees its row at once; each job gets its output through `sink`, a thread-safe
+callback, one `Delta` per chunk and a last `Finish` or `Failed`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gpt2cli.generate import RowText
+
+QUEUE_FULL = "the server is busy: the request queue is full, retry shortly"
+
+
+class QueueFull(Exception):
+    """No room in the queue for this request."""
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """A generated token and, when asked, its logprob and the most likely alternatives."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class Delta:
+    text: str
+    tokens: tuple[TokenInfo, ...]
+
+
+@dataclass(frozen=True)
+class Finish:
+    reason: str  # "stop" (a stop string or <|endoftext|>) or "length"
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    status: int
+    message: str
+
+
+@dataclass(eq=False)
+class Job:
+    """One choice of one request: what to generate, and where its output goes."""
+
+    prompt: list[int]
+    max_tokens: int
+    settings: dict  # `programs.RowSettings` field values for this row (sampling, bias, logprobs)
+    seed: int  # 0 <= seed < 2**32
+    sample: int  # which random stream of the seed (the choice's index, as --num-samples)
+    stop: tuple[str, ...]
+    sink: Callable[[Delta | Finish | Failed], None]
+    cancelled: bool = False
+    queued_at: float = field(default_factory=time.monotonic)
+    # the engine thread's bookkeeping
+    row: int | None = None
+    prefilled: int = 0
+    generated: int = 0
+    text: RowText | None = None
+    first_token_at: float | None = None
+
+    @property
+    def decoding(self) -> bool:
+        return self.row is not None and self.prefilled == len(self.prompt)
+
+
+def row_buckets(max_batch: int) -> list[int]:
+    """Block sizes: powers of two below max_batch, then max_batch."""
+    sizes = [1]
+    while sizes[-1] * 2 < max_batch:
+        sizes.append(sizes[-1] * 2)
+    return sorted({*sizes, max_batch})
+
+
+class Scheduler:
+    """Owns the engine thread. `submit` and `cancel` may be called from any thread."""
+
+    def __init__(
+        self,
+        load: Callable[[], tuple],
+        *,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        queue_timeout: float = 60.0,
+        metrics=None,
+    ):
+        self._load = load  # () -> (SlotPrograms, tokenizer), run on the engine thread
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.queue_timeout = queue_timeout
+        self.metrics = metrics
+        self.buckets = row_buckets(max_batch)
+        self.ready = threading.Event()
+        self.load_error: str | None = None
+        self.programs = None
+        self.tokenizer = None
+        self._cond = threading.Condition()
+        self._waiting: deque[Job] = deque()
+        self._jobs: list[Job] = []  # job i runs in row i
+        self._slots_rows = 0  # rows in the block (0 until the model is loaded)
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="gpt2-engine", daemon=True)
+
+    # ---- any thread ------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, jobs: list[Job]) -> None:
+        """Queue a request's jobs together, or raise QueueFull (nothing queued)."""
+        with self._cond:
+            if self._stopping or len(self._waiting) + len(jobs) > self.max_queue:
+                raise QueueFull(QUEUE_FULL)
+            self._waiting.extend(jobs)
+            self._cond.notify()
+
+    def cancel(self, jobs: list[Job]) -> None:
+        """Stop these jobs: the engine frees their rows before its next chunk."""
+        with self._cond:
+            for job in jobs:
+                job.cancelled = True
+            self._cond.notify()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Cancel everything and end the engine thread."""
+        with self._cond:
+            self._stopping = True
+            for job in [*self._waiting, *self._jobs]:
+                job.cancelled = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def queue_length(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def busy_rows(self) -> int:
+        return len(self._jobs)
+
+    @property
+    def block_rows(self) -> int:
+        return self._slots_rows
+
+    # ---- the engine thread -----------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self.programs, self.tokenizer = self._load()
+            self._warm_up()
+        except Exception as exc:  # noqa: BLE001 - reported by /health and the CLI
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            self.ready.set()
+            return
+        self.ready.set()
+        while self._next_round():
+            self._prefill_one()
+            self._decode_chunk()
+
+    def _warm_up(self) -> None:
+        """Compile every program for every block size, so no request waits for a compile."""
+        from gpt2cli.serve.programs import resize, settings_arrays
+
+        p = self.programs
+        vocab = p.config.vocab_size
+        ids = np.zeros(p.prefill_chunk, np.int32)
+        seen = np.zeros(vocab, np.bool_)
+        for rows in self.buckets:
+            slots = p.empty(rows)
+            settings = settings_arrays([None] * rows, vocab)
+            slots, _ = p.prefill(
+                p.params(rows), slots, settings, 0, ids, 0, 1, seen, 0, 0, single=rows == 1
+            )
+            slots, picked = p.decode(p.params(rows), slots, settings, single=rows == 1)
+            if rows > 1:
+                slots = p.move(slots, rows - 1, 0)
+            for other in self.buckets:
+                if other != rows:
+                    resize(p.empty(rows), rows=other).token.block_until_ready()
+            picked.token.block_until_ready()
+        self._slots = p.empty(self.buckets[0])
+        self._slots_rows = self.buckets[0]
+        self._settings = None  # device copy of the rows' settings, rebuilt when rows change
+
+    def _next_round(self) -> bool:
+        """Wait for work; admit what fits; drop what was cancelled. False: stop the thread."""
+        with self._cond:
+            while not (self._stopping or self._waiting or self._jobs):
+                self._cond.wait()
+            if self._stopping:
+                for job in [*self._waiting, *self._jobs]:
+                    job.sink(Failed(503, "the server is shutting down"))
+                self._waiting.clear()
+                self._jobs.clear()
+                return False
+            now = time.monotonic()
+            admitted = []
+            kept = deque()
+            for job in self._waiting:
+                if job.cancelled:
+                    continue
+                if len(self._jobs) + len(admitted) < self.max_batch:
+                    admitted.append(job)
+                elif now - job.queued_at > self.queue_timeout:
+                    job.sink(Failed(503, QUEUE_FULL))
+                else:
+                    kept.append(job)
+            self._waiting = kept
+            finished = [job for job in self._jobs if job.cancelled]
+        for job in finished:
+            self._free(job)
+        if admitted:
+            self._admit(admitted)
+        self._fit_block()
+        return True
+
+    def _admit(self, jobs: list[Job]) -> None:
+        eos = self.programs.config.eos_token_id
+        for job in jobs:
+            job.row = len(self._jobs)
+            job.text = RowText(self.tokenizer, job.stop, job.max_tokens, eos)
+            self._jobs.append(job)
+            if self.metrics:
+                self.metrics.queue_wait.observe(time.monotonic() - job.queued_at)
+        self._settings = None
+
+    def _free(self, job: Job) -> None:
+        """Give the row back; the last busy row moves into it so busy rows stay first."""
+        last = len(self._jobs) - 1
+        if job.row != last:
+            moved = self._jobs[last]
+            self._slots = self.programs.move(self._slots, last, job.row)
+            self._jobs[job.row] = moved
+            moved.row = job.row
+        self._jobs.pop()
+        job.row = None
+        self._settings = None
+
+    def _fit_block(self) -> None:
+        """Resize the block to the smallest bucket holding every busy row."""
+        from gpt2cli.serve.programs import resize
+
+        want = next(b for b in self.buckets if b >= max(len(self._jobs), 1))
+        if want != self._slots_rows:
+            self._slots = resize(self._slots, rows=want)
+            self._slots_rows = want
+            self._settings = None
+
+    def _settings_now(self):
+        if self._settings is None:
+            from gpt2cli.serve.programs import settings_arrays
+
+            rows: list[dict | None] = [None] * self._slots_rows
+            for job in self._jobs:
+                rows[job.row] = {**job.settings, "active": job.decoding}
+            self._settings = settings_arrays(rows, self.programs.config.vocab_size)
+        return self._settings
+
+    def _prefill_one(self) -> None:
+        """One chunk of the oldest prompt still being read."""
+        job = next((j for j in self._jobs if not j.decoding), None)
+        if job is None:
+            return
+        p = self.programs
+        part = job.prompt[job.prefilled : job.prefilled + p.prefill_chunk]
+        ids = np.zeros(p.prefill_chunk, np.int32)
+        ids[: len(part)] = part
+        seen = np.zeros(p.config.vocab_size, np.bool_)
+        seen[job.prompt] = True
+        rows = self._slots_rows
+        self._slots, picked = p.prefill(
+            p.params(rows),
+            self._slots,
+            self._settings_now(),
+            np.int32(job.row),
+            ids,
+            np.int32(job.prefilled),
+            np.int32(len(part)),
+            seen,
+            np.uint32(job.seed),
+            np.int32(job.sample),
+            single=rows == 1,
+        )
+        job.prefilled += len(part)
+        if job.decoding:
+            self._settings = None  # the row turns active
+            picked = {k: np.asarray(v)[None] for k, v in vars(picked).items()}
+            self._deliver(job, picked)
+            if job.text.finish_reason:
+                self._free(job)
+
+    def _decode_chunk(self) -> None:
+        decoding = [job for job in self._jobs if job.decoding]
+        if not decoding:
+            return
+        p = self.programs
+        rows = self._slots_rows
+        self._slots, picked = p.decode(
+            p.params(rows), self._slots, self._settings_now(), single=rows == 1
+        )
+        picked = {k: np.asarray(v) for k, v in vars(picked).items()}
+        for job in decoding:
+            self._deliver(job, {k: v[job.row] for k, v in picked.items()})
+        for job in decoding:
+            if job.text.finish_reason:
+                self._free(job)
+
+    def _deliver(self, job: Job, picked: dict) -> None:
+        """Feed a row's new tokens ([k] arrays) to its text; send what it shows."""
+        if job.cancelled:
+            return
+        want_top = int(job.settings.get("top_logprobs", 0))
+        text, infos = [], []
+        eos = self.programs.config.eos_token_id
+        for i, token in enumerate(picked["token"].tolist()):
+            job.generated += 1
+            text.append(job.text.feed(token))
+            if token != eos:
+                top = ()
+                if want_top:
+                    ids = picked["top_ids"][i][:want_top].tolist()
+                    top = tuple(
+                        zip(ids, picked["top_logprobs"][i][:want_top].tolist(), strict=True)
+                    )
+                infos.append(TokenInfo(token, float(picked["logprob"][i]), top))
+            if job.text.finish_reason:
+                break
+        now = time.monotonic()
+        if job.first_token_at is None:
+            job.first_token_at = now
+            if self.metrics:
+                self.metrics.first_token.observe(now - job.queued_at)
+        if self.metrics:
+            self.metrics.generated_tokens.inc(len(text))
+        job.sink(Delta("".join(text), tuple(infos)))
+        if job.text.finish_reason:
+            reason = "length" if job.text.finish_reason == "length" else "stop"
+            job.sink(Finish(reason, job.generated))

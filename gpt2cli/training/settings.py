@@ -1,0 +1,303 @@
+"""Every `gpt2 train` setting, once: its type, default and help in one field (mlx-lm's
+`TrainingArgs`), grouped by concern.
+
+The command's flags, `--config run.toml`, `--print-config`, run.json and the resume check
+all read these fields. A default of None means "derived" (from the model, the step count or
+another setting); the help says from what, and `resolve` computes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from gpt2cli import precision
+from gpt2cli.config import GPT2Config
+from gpt2cli.errors import UserError
+
+VAL_FRACTION = 0.05  # the tail held out for validation, unless a prepared folder says otherwise
+FINE_TUNE_LR = 5e-5
+
+
+def setting(default: Any, help: str, *aliases: str, fixed: bool = True) -> Any:
+    """A field with its help; `fixed`: part of a run's identity, not changed on --resume.
+
+    A default that is a list is copied per instance (dataclasses need a factory for it).
+    """
+    meta = {"help": help, "aliases": aliases, "fixed": fixed}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+SEQ_LENGTH = 256  # tokens per sequence, unless the model's context is shorter
+WARMUP = 100  # warm-up steps, unless a tenth of the run is fewer
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Where the weights come from and the model's shape."""
+
+    model: str | None = setting(
+        None,
+        "Starting model: a .npz, a Hugging Face folder or a Hub repo id [default: gpt2, "
+        "unless --init].",
+        "-m",
+        "--model-name",
+    )
+    init: str | None = setting(
+        None,
+        "Train from scratch: a preset's shape (tiny, gpt2, gpt2-medium, ...) or a config.json "
+        "(its file or folder).",
+    )
+    n_layer: int | None = setting(None, "With --init: transformer blocks.")
+    n_head: int | None = setting(None, "With --init: attention heads (must divide --n-embd).")
+    n_embd: int | None = setting(None, "With --init: residual stream width.")
+    n_positions: int | None = setting(None, "With --init: context length (nanoGPT's block_size).")
+    tokenizer: str | None = setting(None, "Tokenizer folder or repo id [default: the model's].")
+    dropout: float | None = setting(None, "Dropout rate in training [default: the model's].")
+    dtype: str = setting("float32", precision.HELP + " Weights stay float32.")
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """What is read and how it is cut into batches."""
+
+    dataset: list[str] = setting(
+        [],
+        "Text file(s) or globs (relative names are read from $DATA_DIR), or a folder made by "
+        "gpt2 prepare.",
+        "-d",
+    )
+    val_dataset: list[str] = setting([], "Validation text file(s) instead of a split.")
+    val_fraction: float | None = setting(
+        None, f"Tail of the data held out [default: {VAL_FRACTION}, or the prepared folder's]."
+    )
+    errors: str = setting("strict", "Non-UTF-8 bytes: strict (stop) or replace.")
+    batch_size: int = setting(8, "Sequences per micro-batch.", "-b")
+    seq_length: int | None = setting(
+        None, f"Tokens per sequence [default: {SEQ_LENGTH}, or the context if shorter]."
+    )
+    grad_accum: int = setting(1, "Micro-batches per optimizer step.")
+    eval_batches: int = setting(8, "Validation batches per evaluation.")
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """AdamW and the learning-rate schedule."""
+
+    lr: float | None = setting(
+        None,
+        f"Peak learning rate [default: {FINE_TUNE_LR} to fine-tune; from scratch "
+        "6e-4 x 768 / n_embd, at most 1e-2].",
+    )
+    min_lr: float | None = setting(None, "Final learning rate [default: lr/10].")
+    warmup: int | None = setting(None, f"Linear warm-up steps [default: min({WARMUP}, steps/10)].")
+    decay_steps: int | None = setting(
+        None, "Step where the cosine reaches --min-lr [default: steps]."
+    )
+    weight_decay: float = setting(0.1, "AdamW decay of weight matrices.")
+    beta1: float = setting(0.9, "AdamW's first-moment decay.")
+    beta2: float = setting(0.95, "AdamW's second-moment decay.")
+    grad_clip: float = setting(1.0, "Global gradient-norm limit, 0 = off.")
+    seed: int = setting(0, "Data order, dropout and init.")
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """How long to run, how often to report and save, and where results go."""
+
+    steps: int = setting(1000, "Optimizer steps in total.", fixed=False)
+    log_every: int = setting(10, "Steps per log line.", fixed=False)
+    eval_every: int = setting(0, "Steps per validation, 0 = at the end.", fixed=False)
+    save_every: int = setting(1000, "Steps per checkpoint, 0 = at the end.", fixed=False)
+    keep: int = setting(3, "Checkpoints kept.", fixed=False)
+    out: str | None = setting(None, "Run folder (checkpoints, metrics) [default: runs/<time>].")
+    output: str | None = setting(
+        None,
+        "Trained model .npz [default: OUT/final.npz; gpt2_finetuned.npz without --out].",
+        "-o",
+    )
+    plot: bool = setting(False, "Write loss.png in the run folder at the end.", fixed=False)
+
+
+@dataclass(frozen=True)
+class ParallelSettings:
+    """Devices, processes and memory."""
+
+    data_parallel: bool = setting(False, "Split each batch over all devices.", fixed=False)
+    fsdp: bool = setting(
+        False, "Also shard params and optimizer state over the devices.", fixed=False
+    )
+    coordinator: str | None = setting(
+        None, "HOST:PORT of process 0, for multi-process runs.", fixed=False
+    )
+    num_processes: int = setting(1, "Processes in the run.", fixed=False)
+    process_id: int = setting(0, "This process's index.", fixed=False)
+    remat: bool = setting(
+        False, "Recompute each block in the backward pass: less memory, slower.", fixed=False
+    )
+
+
+GROUPS = {
+    "model": ModelSettings,
+    "data": DataSettings,
+    "optimizer": OptimizerSettings,
+    "loop": LoopSettings,
+    "parallel": ParallelSettings,
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All of a run's settings, one object per concern."""
+
+    model: ModelSettings = field(default_factory=ModelSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
+    loop: LoopSettings = field(default_factory=LoopSettings)
+    parallel: ParallelSettings = field(default_factory=ParallelSettings)
+
+    @classmethod
+    def from_flat(cls, values: dict[str, Any]) -> Settings:
+        """From field names to values (absent names keep their defaults)."""
+        unknown = set(values) - set(FIELDS)
+        if unknown:
+            raise ValueError(f"unknown settings {sorted(unknown)}")
+        groups = {}
+        for group, kind in GROUPS.items():
+            mine = {f.name: values[f.name] for f in dataclasses.fields(kind) if f.name in values}
+            groups[group] = kind(**mine)
+        return cls(**groups)
+
+    def flat(self) -> dict[str, Any]:
+        return {
+            f.name: getattr(getattr(self, group), f.name)
+            for group, kind in GROUPS.items()
+            for f in dataclasses.fields(kind)
+        }
+
+    def replace(self, **changes: Any) -> Settings:
+        return Settings.from_flat({**self.flat(), **changes})
+
+
+# name -> (group, dataclass field), in the order of the groups
+FIELDS: dict[str, tuple[str, dataclasses.Field]] = {
+    f.name: (group, f) for group, kind in GROUPS.items() for f in dataclasses.fields(kind)
+}
+
+
+def field_type(name: str) -> Any:
+    group, _ = FIELDS[name]
+    return typing.get_type_hints(GROUPS[group])[name]
+
+
+def flat_names(group: str) -> list[str]:
+    return [name for name, (owner, _) in FIELDS.items() if owner == group]
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def fixed_names() -> list[str]:
+    """Settings that make a run what it is: a resumed run refuses to change them."""
+    return [name for name, (_, f) in FIELDS.items() if f.metadata["fixed"]]
+
+
+def default_of(name: str) -> Any:
+    _, f = FIELDS[name]
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def check_value(name: str, value: Any, where: str) -> Any:
+    """`value` if it fits the field's type (ints pass as floats); else one line naming it."""
+    kind = field_type(name)
+    if _fits(value, kind):
+        return float(value) if kind in (float, float | None) and value is not None else value
+    raise UserError(f"{where}{name} must be {_describe(kind)}, got {value!r}")
+
+
+def _fits(value: Any, kind: Any) -> bool:
+    if value is None:
+        return type(None) in typing.get_args(kind)
+    base = _base(kind)
+    if typing.get_origin(base) is list:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if base is bool:
+        return isinstance(value, bool)
+    if base is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if base is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, base)
+
+
+def _base(kind: Any) -> Any:
+    """`int` of `int | None`; other types as they are."""
+    if isinstance(kind, types.UnionType):
+        return next(a for a in typing.get_args(kind) if a is not type(None))
+    return kind
+
+
+def _describe(kind: Any) -> str:
+    words = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    base = _base(kind)
+    if typing.get_origin(base) is list:
+        return "a list of strings"
+    return words.get(base, str(base))
+
+
+# ---- derived defaults ----------------------------------------------------------------------
+
+
+def scratch_lr(config: GPT2Config) -> float:
+    """Default peak learning rate of a model trained from scratch: 6e-4 at GPT-2's width (768,
+    nanoGPT's value), inversely proportional to the width (as muP scales Adam's rate), at most
+    1e-2. tiny (64 wide) gets 7.2e-3: 200 steps of 8 x 64 on Tiny Shakespeare reached
+    validation loss 6.08 at 5e-3 and 5.96 at 7.2e-3; gpt2-medium 4.5e-4, gpt2-xl 2.9e-4, near
+    the rates GPT-3's paper gives for those sizes."""
+    return min(6e-4 * 768 / config.n_embd, 1e-2)
+
+
+def resolve(s: Settings, config: GPT2Config | None, val_fraction: float | None = None) -> Settings:
+    """The derived settings filled in, as far as they can be known (`config`: the model's)."""
+    o, d, loop = s.optimizer, s.data, s.loop
+    lr = o.lr
+    if lr is None:
+        lr = (
+            scratch_lr(config)
+            if s.model.init and config
+            else None
+            if s.model.init
+            else FINE_TUNE_LR
+        )
+    changes: dict[str, Any] = {"lr": lr}
+    if o.min_lr is None and lr is not None:
+        changes["min_lr"] = lr / 10
+    if o.warmup is None:
+        changes["warmup"] = min(WARMUP, loop.steps // 10)
+    if o.decay_steps is None:
+        changes["decay_steps"] = loop.steps
+    if d.seq_length is None and config is not None:
+        changes["seq_length"] = min(SEQ_LENGTH, config.n_positions)
+    if d.val_fraction is None:
+        changes["val_fraction"] = val_fraction
+    return s.replace(**changes)
+
+
+def parallel_mode(p: ParallelSettings) -> str:
+    """One of sharding.MODES."""
+    if p.fsdp:
+        return "fsdp"
+    return "data-parallel" if (p.data_parallel or p.num_processes > 1) else "single"
+
+
+def train_config(s: Settings):
+    """The trainer's settings (every one that changes the numbers a step computes)."""
+    from gpt2cli.train import TrainConfig
+
+    return TrainConfig.from_dict({**s.flat(), "parallel": parallel_mode(s.parallel)})

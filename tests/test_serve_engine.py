@@ -1,0 +1,137 @@
+"""The serving engine thread alone (no HTTP): continuous batching gives every request the
+tokens `gpt2 generate` gives it, alone or batched; a cancelled request frees its row."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import pytest
+
+from gpt2cli.engine import Engine, SamplingParams
+from gpt2cli.generate import generate
+from gpt2cli.serve.programs import SlotPrograms
+from gpt2cli.serve.scheduler import Delta, Failed, Finish, Job, QueueFull, Scheduler, row_buckets
+from gpt2cli.tokenizer import bundled
+
+PROMPTS = [
+    "Hello there, my friend",
+    "The quick brown fox",
+    "Once upon a time in a land far away, there lived a king who",
+    "A",
+]
+SAMPLINGS = [
+    SamplingParams(),
+    SamplingParams(temperature=0.9, seed=3),
+    SamplingParams(temperature=1.0, top_k=20, top_p=0.9, seed=5),
+    SamplingParams(temperature=0.7, min_p=0.05, repetition_penalty=1.3, seed=7),
+]
+
+
+def settings_of(sp: SamplingParams) -> dict:
+    return {
+        "temperature": sp.temperature,
+        "top_k": sp.top_k,
+        "top_p": sp.top_p,
+        "log_min_p": math.log(sp.min_p) if sp.min_p > 0 else -math.inf,
+        "repetition_penalty": sp.repetition_penalty,
+    }
+
+
+class Collector:
+    """A job's sink: gathers its events, signals when it ends."""
+
+    def __init__(self):
+        self.events = []
+        self.done = threading.Event()
+
+    def __call__(self, event):
+        self.events.append(event)
+        if isinstance(event, Finish | Failed):
+            self.done.set()
+
+    @property
+    def text(self) -> str:
+        return "".join(e.text for e in self.events if isinstance(e, Delta))
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return bundled()
+
+
+@pytest.fixture(scope="module")
+def scheduler(tiny_a, tok):
+    config, params = tiny_a
+
+    def load():
+        one, many = Engine(config, params, out_in=True), Engine(config, params, out_in=False)
+        return SlotPrograms(one, many, chunk=4, prefill_chunk=16), tok
+
+    s = Scheduler(load, max_batch=4, max_queue=6)
+    s.start()
+    assert s.ready.wait(300) and s.load_error is None
+    yield s
+    s.stop()
+
+
+def run(scheduler, tok, specs, max_tokens=24):
+    jobs = [
+        Job(tok.encode(prompt), max_tokens, settings_of(sp), sp.seed, 0, (), Collector())
+        for prompt, sp in specs
+    ]
+    scheduler.submit(jobs)
+    for job in jobs:
+        assert job.sink.done.wait(120)
+    return jobs
+
+
+def test_row_buckets():
+    assert row_buckets(1) == [1]
+    assert row_buckets(8) == [1, 2, 4, 8]
+    assert row_buckets(6) == [1, 2, 4, 6]
+
+
+def test_batched_equals_alone_equals_generate(scheduler, tok, tiny_a):
+    """Greedy and seeded requests (a prompt longer than a prefill chunk among them) give the
+    same tokens together, one by one, and through `generate` (the `gpt2 generate` path)."""
+    specs = list(zip(PROMPTS, SAMPLINGS, strict=True))
+    together = [job.sink.text for job in run(scheduler, tok, specs)]
+    alone = [run(scheduler, tok, [spec])[0].sink.text for spec in specs]
+    engine = Engine(*tiny_a, out_in=True)
+    reference = [
+        generate(engine, tok, tok.encode(p), max_new_tokens=24, sampling=sp).text for p, sp in specs
+    ]
+    assert together == alone == reference
+    assert len(set(reference)) == 4
+
+
+def test_stop_string_frees_the_row_and_is_never_shown(scheduler, tok):
+    (job,) = run(scheduler, tok, [(PROMPTS[0], SAMPLINGS[0])])
+    full = job.sink.text
+    stop = full[5:9]
+    stopped = Job(tok.encode(PROMPTS[0]), 24, settings_of(SAMPLINGS[0]), 0, 0, (stop,), Collector())
+    scheduler.submit([stopped])
+    assert stopped.sink.done.wait(60)
+    assert stopped.sink.text == full[: full.index(stop)]
+    assert stopped.sink.events[-1].reason == "stop"
+    assert scheduler.busy_rows == 0
+
+
+def test_cancel_frees_the_row(scheduler, tok):
+    long = Job(tok.encode(PROMPTS[1]), 100, settings_of(SAMPLINGS[1]), 1, 0, (), Collector())
+    scheduler.submit([long])
+    while not long.sink.events:  # it is decoding
+        threading.Event().wait(0.01)
+    scheduler.cancel([long])
+    (after,) = run(scheduler, tok, [(PROMPTS[0], SAMPLINGS[0])], max_tokens=4)
+    assert after.sink.events[-1].reason == "length"
+    assert long.sink.events and not long.sink.done.is_set()  # no more output once cancelled
+    assert scheduler.busy_rows == 0
+
+
+def test_queue_full_is_refused_whole(scheduler, tok):
+    jobs = [Job([1, 2], 4, {}, 0, 0, (), Collector()) for _ in range(7)]
+    with pytest.raises(QueueFull):
+        scheduler.submit(jobs)
+    assert scheduler.queue_length == 0

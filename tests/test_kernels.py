@@ -30,7 +30,8 @@ def test_precision_table_and_its_one_check():
 @pytest.mark.parametrize("command", ["generate", "bench", "chat", "eval", "train"])
 def test_every_command_takes_tf32_and_refuses_other_dtypes_before_loading(command):
     result = CliRunner().invoke(app, [command, "--dtype", "int8", "--model", "/nonexistent"])
-    assert result.exit_code == 2
+    # a usage error; train's settings may also come from a TOML file, so it checks them itself
+    assert result.exit_code == (1 if command == "train" else 2)
     assert "float32, tf32, bfloat16" in result.output
     assert "tf32" in CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200"}).output
 

@@ -381,6 +381,7 @@ def stage_decode(run: Run) -> None:
 
 def stage_decode_variants(run: Run) -> None:
     for rows in (1, 64):
+        run.decode("bfloat16", rows, "one row not padded", pad_one_row=False)
         run.decode("bfloat16", rows, "cache written last", cache_write="last")
         run.decode(
             "bfloat16", rows, "graphs over loops", compile_options=COMMAND_BUFFERS_WITH_LOOPS

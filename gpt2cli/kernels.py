@@ -38,6 +38,7 @@ class Kernels:
     # The head's table padded to a multiple of this many rows for large products: GEMM tiles
     # fit a vocabulary of 50304 better than one of 50257 (nanoGPT pads its vocabulary so)
     vocab_multiple: int = 1
+    pad_one_row: bool = False  # a one-row product runs as two rows (see _in_out)
     # XLA compiler options of every program traced with these kernels, as (name, value) pairs
     compile_options: tuple[tuple[str, str], ...] = ()
 
@@ -90,16 +91,19 @@ class Kernels:
     def _in_out(self, rows: jax.Array, kernel: jax.Array) -> jax.Array:
         """[N, in] x [in, out] -> [N, out].
 
-        On XLA:CPU a bfloat16 product summed in float32 goes to its fast bfloat16 kernels
-        (YNNPACK). Those take matrices only, not a single row, so one row is padded to two:
-        the weights are still read once.
+        A single row is padded to two where a matrix product runs better than a vector's
+        (`pad_one_row`): XLA:CPU's fast bfloat16 kernels (YNNPACK) take matrices only, and
+        XLA:GPU turns a vector-matrix product into a multiply and a reduction, with the
+        products in memory between them. The weights are still read once.
         """
         dims = (((1,), (0,)), ((), ()))
-        if self.backend != "cpu" or kernel.dtype != jnp.bfloat16:
-            return jax.lax.dot_general(rows, kernel, dims, self._precision)
         n = rows.shape[0]
-        padded = jnp.pad(rows, ((0, 1), (0, 0))) if n == 1 else rows  # [max(N, 2), in]
-        y = jax.lax.dot_general(padded, kernel, dims, self._precision, jnp.float32)
+        if n == 1 and self.pad_one_row:
+            rows = jnp.pad(rows, ((0, 1), (0, 0)))  # [2, in]
+        if self.backend == "cpu" and kernel.dtype == jnp.bfloat16:  # sums in float32: YNNPACK
+            y = jax.lax.dot_general(rows, kernel, dims, self._precision, jnp.float32)
+        else:
+            y = jax.lax.dot_general(rows, kernel, dims, self._precision)
         return y[:n].astype(kernel.dtype)
 
     def _out_in(self, rows: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -250,6 +254,7 @@ def choose(
         attention_impl="cudnn" if fused else "einsum",
         cache_write="last" if cpu else "first",
         vocab_multiple=1 if cpu else 64,
+        pad_one_row=not cpu or precision.compute == "bfloat16",
     )
 
 

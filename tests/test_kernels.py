@@ -74,7 +74,9 @@ def test_choices_per_backend():
     assert not kernels.choose(bf16, batch=1, backend="cpu").out_in
     gpu = kernels.choose(bf16, batch=1, backend="gpu")
     assert gpu.attention_impl == "cudnn" and not gpu.out_in and gpu.backend == "gpu"
-    assert gpu.cache_write == "first" and gpu.vocab_multiple == 64
+    assert gpu.cache_write == "first" and gpu.vocab_multiple == 64 and gpu.pad_one_row
+    assert kernels.choose(bf16, backend="cpu").pad_one_row  # YNNPACK takes matrices only
+    assert not kernels.choose(f32, batch=8, backend="cpu").pad_one_row
     assert gpu.cache_dtype(jnp.bfloat16) == jnp.bfloat16
     assert kernels.choose(bf16, backend="cpu").cache_dtype(jnp.bfloat16) == jnp.float32
     assert kernels.choose(f32, backend="gpu").attention_impl == "einsum"
@@ -121,7 +123,7 @@ def test_gpu_kernels_run_the_cached_path_like_the_cpu_ones(tiny_b):
     variants = (
         Kernels(backend="cpu"),
         Kernels(backend="gpu"),
-        Kernels(backend="gpu", cache_write="first", vocab_multiple=64),
+        Kernels(backend="gpu", cache_write="first", vocab_multiple=64, pad_one_row=True),
     )
     for chosen in variants:
         with kernels.use(chosen):

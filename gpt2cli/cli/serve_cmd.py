@@ -110,8 +110,8 @@ def serve(
     name = model_name or Path(model).name.removesuffix(".npz") or model
 
     def load():
-        one = Engine(config, params, dtype, out_in=True)
-        many = Engine(config, params, dtype, out_in=False) if max_batch > 1 else one
+        one = Engine(config, params, dtype, batch=1)
+        many = Engine(config, params, dtype, batch=max_batch) if max_batch > 1 else one
         err.print(f"compiling for up to {max_batch} rows (/health answers 503 until done)")
         return SlotPrograms(one, many, decode_chunk, prefill_chunk), tok
 

@@ -147,7 +147,7 @@ def test_longer_and_unrolled_decode_chunks_keep_transformers_greedy_tokens(
     from gpt2cli.generate import TokenRun
     from tests.test_generate import check_continuation
 
-    monkeypatch.setitem(engine_module.DECODE_UNROLL, "cpu", unroll)
+    monkeypatch.setitem(engine_module.DECODE_UNROLL, kernels.choose().backend, unroll)
     engine_module._programs.cache_clear()
     try:
         engine = Engine(*tiny_a, chunk=chunk)

@@ -53,8 +53,7 @@ def logits(config: GPT2Config, params: Params, input_ids, *, dtype: str = "float
         raise UserError(
             f"input_ids must be integers shaped [batch, seq], got {ids.dtype} {ids.shape}"
         )
-    if ids.shape[1] > config.n_positions:
-        raise UserError(f"{ids.shape[1]} tokens exceed the context window of {config.n_positions}")
+    config.check_fits(ids.shape[1], "input_ids length")
     if ids.min() < 0 or ids.max() >= config.vocab_size:
         raise UserError(
             f"token ids must lie in [0, {config.vocab_size}), got {ids.min()}..{ids.max()}"

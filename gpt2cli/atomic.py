@@ -47,6 +47,21 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     _fsync_folder(path.parent)
 
 
+def write_npz(path: Path, arrays: dict, *, compressed: bool = False) -> None:
+    """Write arrays as a .npz at exactly `path`, atomically (checkpoints, run states)."""
+    import numpy as np
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object, so numpy does not append ".npz"
+            (np.savez_compressed if compressed else np.savez)(f, **arrays)
+
+    atomic_write(path, write)
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
 def remove_stale_temps(folder: Path, name: str | None = None) -> None:
     """Delete temporary files (of `name`, or of any file) whose writing process has died."""
     try:

@@ -218,6 +218,12 @@ class ChatSession:
     def _check_room(self, preamble: int, max_new_tokens: int) -> None:
         if max_new_tokens < 1:
             raise UserError(f"max-new-tokens must be at least 1, got {max_new_tokens}")
+        most = self.n_positions - MIN_TURN_ROOM - 1  # a one-token reply still needs a turn
+        if preamble > most:
+            raise UserError(
+                f"the preamble is {preamble} tokens: too long for the model's "
+                f"{self.n_positions}-token window (at most {most} tokens); shorten it"
+            )
         left = self.n_positions - preamble - max_new_tokens
         if left < MIN_TURN_ROOM:
             raise UserError(

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from gpt2cli.atomic import atomic_write
+from gpt2cli.atomic import write_npz
 from gpt2cli.config import GPT2Config
 from gpt2cli.errors import UserError
 from gpt2cli.weights import Params, check_arrays, name_map
@@ -41,11 +41,32 @@ def unflatten(flat: dict[str, Any]) -> Params:
     return params
 
 
+def nonfinite(params: Params) -> list[str]:
+    """Names of the arrays holding NaN or infinity (a diverged or corrupted model)."""
+    return [
+        name
+        for name, array in flatten(params).items()
+        if not np.isfinite(np.asarray(array, np.float32)).all()
+    ]
+
+
+def describe_nonfinite(names: list[str]) -> str:
+    shown = ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
+    return f"non-finite values in {len(names)} array{'s' * (len(names) != 1)} ({shown})"
+
+
 def expected_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
     return {"/".join(path): shape for path, shape in name_map(config).values()}
 
 
-def save_npz(path: str | Path, config: GPT2Config, params: Params, *, force: bool = False) -> Path:
+def save_npz(
+    path: str | Path,
+    config: GPT2Config,
+    params: Params,
+    *,
+    force: bool = False,
+    compressed: bool = False,
+) -> Path:
     """Write atomically to exactly `path` (no ".npz" appended); refuse to overwrite unless forced."""
     path = Path(path)
     if path.is_dir():
@@ -62,11 +83,7 @@ def save_npz(path: str | Path, config: GPT2Config, params: Params, *, force: boo
     header = {"format": FORMAT, "version": VERSION, "config": config.to_hf(), "dtypes": dtypes}
     arrays[HEADER_KEY] = np.array(json.dumps(header))
 
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:  # a file object, so numpy does not append ".npz"
-            np.savez(f, **arrays)
-
-    atomic_write(path, write)
+    write_npz(path, arrays, compressed=compressed)
     return path
 
 
@@ -97,7 +114,9 @@ def load_npz(path: str | Path) -> tuple[GPT2Config, Params]:
     try:
         with np.load(path, allow_pickle=False) as data:
             header = _read_header(data, path)
-            config = GPT2Config.from_hf(header.get("config", {}))
+            if not isinstance(header.get("config"), dict):
+                raise UserError(f"{path} has no model config in its header")
+            config = GPT2Config.from_hf(header["config"])
             names = [n for n in data.files if n != HEADER_KEY]
             flat = {name: data[name] for name in names}
     except (zipfile.BadZipFile, EOFError, OSError) as exc:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt2cli.errors import UserError
+from gpt2cli.fields import check_types
 
 # Activations we implement, by their Hugging Face names.
 ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu", "silu", "swish", "tanh")
@@ -60,6 +61,13 @@ class GPT2Config:
     def mlp_width(self) -> int:
         return self.n_inner if self.n_inner is not None else 4 * self.n_embd
 
+    def check_fits(self, length: int, what: str) -> None:
+        """The one context-length check: `what` (its caller's name for it) is `length` tokens."""
+        if length > self.n_positions:
+            raise UserError(
+                f"{what} {length} exceeds the model's context window of {self.n_positions} tokens"
+            )
+
     def replace(self, **changes: Any) -> GPT2Config:
         return dataclasses.replace(self, **changes)
 
@@ -95,6 +103,12 @@ class GPT2Config:
                     f"config field {field}={hf[field]!r} is not supported "
                     f"(only {harmless!r} is implemented)"
                 )
+        missing = [key for key in _SHAPE_KEYS if key not in hf]
+        if missing:
+            raise UserError(
+                f"config has no {missing[0]} (a GPT-2 config gives its shape: "
+                f"{', '.join(_SHAPE_KEYS)})"
+            )
         n_ctx = hf.get("n_ctx")
         if n_ctx is not None and "n_positions" in hf and n_ctx != hf["n_positions"]:
             raise UserError(f"config n_ctx={n_ctx} differs from n_positions={hf['n_positions']}")
@@ -105,6 +119,7 @@ class GPT2Config:
         for token in ("bos_token_id", "eos_token_id"):
             if values.get(token) is None:
                 values.pop(token, None)
+        check_types(cls, values, "config field ")
         return cls(**values)
 
     def to_hf(self) -> dict[str, Any]:
@@ -121,8 +136,13 @@ class GPT2Config:
             raise UserError(f"cannot read config {path}: {exc}") from exc
         if not isinstance(hf, dict):
             raise UserError(f"config {path} is not a JSON object")
-        return cls.from_hf(hf)
+        try:
+            return cls.from_hf(hf)
+        except UserError as exc:
+            raise UserError(f"{path}: {exc}") from None
 
+
+_SHAPE_KEYS = ("n_embd", "n_layer", "n_head")
 
 # HF fields that would change the computation, with the one value we implement.
 _MATH_CHANGING_FIELDS: dict[str, Any] = {

@@ -16,8 +16,8 @@ from flax import struct
 
 from gpt2cli import kernels, precision, sampling
 from gpt2cli.config import GPT2Config
-from gpt2cli.errors import UserError
 from gpt2cli.model import GPT2, KVCache
+from gpt2cli.sampling_checks import check_sampling, check_seed
 
 # Tokens per decode call. A CPU step is slow enough that 4 hide the call's cost; a GPU step is
 # so short that the launches between calls would leave it idle.
@@ -39,11 +39,10 @@ class SamplingParams:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        sampling.check_sampling(
+        check_sampling(
             self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty
         )
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise UserError(f"seed must be an integer >= 0, got {self.seed}")
+        check_seed(self.seed)
 
     @property
     def rule(self) -> tuple:

@@ -105,10 +105,7 @@ def evaluate(
     dtype: str = "float32",  # a precision (precision.py)
     progress: Callable[[int, int], None] | None = None,
 ) -> EvalResult:
-    if length > config.n_positions:
-        raise UserError(
-            f"--seq-length {length} exceeds the model's context of {config.n_positions} positions"
-        )
+    config.check_fits(length, "--seq-length")
     if batch_size <= 0:
         raise UserError(f"--batch-size must be a positive integer, got {batch_size}")
     wins = windows(len(tokens), length, stride)

@@ -17,11 +17,17 @@ def _looks_like_path(ref: str) -> bool:
     return ref.startswith((".", "/", "~")) or ref.endswith(".npz") or ref.count("/") > 1
 
 
+# Models that ship in the wheel, by name: they work offline, from the first minute.
+BUNDLED = {"shakespeare": Path(__file__).parent / "assets" / "shakespeare.npz"}
+
+
 def resolve(ref: str, patterns: list[str] | None = None) -> Path:
-    """A local file or folder for `ref`, downloading a Hub repo id when it is not local."""
+    """A local file or folder for `ref`, a bundled model by name, else a Hub repo id (fetched)."""
     path = Path(ref).expanduser()
     if path.exists():
         return path
+    if ref in BUNDLED:
+        return BUNDLED[ref]
     if _looks_like_path(ref):
         raise UserError(f"{ref} does not exist (expected a .npz file or a Hugging Face folder)")
     return download(ref, patterns or MODEL_FILES + TOKENIZER_FILES)
@@ -34,7 +40,10 @@ def download(repo_id: str, patterns: list[str]) -> Path:
 
     from gpt2cli.progress import hub_progress_class
 
-    hint = "; pass a local .npz file or Hugging Face folder instead"
+    hint = (
+        "; pass a local .npz file or Hugging Face folder instead, or try the bundled demo "
+        "model: -m shakespeare"
+    )
     try:
         folder = snapshot_download(
             repo_id, allow_patterns=patterns, tqdm_class=hub_progress_class()
@@ -59,15 +68,17 @@ def download(repo_id: str, patterns: list[str]) -> Path:
     return Path(folder)
 
 
-def load_model(ref: str) -> tuple[GPT2Config, Params]:
-    """(config, params as numpy) for any model reference."""
-    from gpt2cli.checkpoint import load_npz
+def load_model(ref: str, *, finite: bool = False) -> tuple[GPT2Config, Params]:
+    """(config, params as numpy) for any model reference; `finite`: refuse NaN/inf weights,
+    which would only ever generate garbage."""
+    from gpt2cli.checkpoint import describe_nonfinite, load_npz, nonfinite
     from gpt2cli.weights import load_hf_folder
 
     path = resolve(ref)
-    if path.is_dir():
-        return load_hf_folder(path)
-    return load_npz(path)
+    config, params = load_hf_folder(path) if path.is_dir() else load_npz(path)
+    if finite and (bad := nonfinite(params)):
+        raise UserError(f"model {ref} is broken: {describe_nonfinite(bad)}; load another model")
+    return config, params
 
 
 def load_tokenizer(tokenizer_ref: str | None = None, model_ref: str | None = None) -> GPT2Tokenizer:

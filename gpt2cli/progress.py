@@ -15,28 +15,31 @@ from rich.progress import (
 _console = Console(stderr=True)
 
 
+def _bar(console: Console, *columns) -> Progress:
+    """Drawn on a terminal only: in a log it would leave blank lines (and nothing else)."""
+    return Progress(*columns, console=console, transient=True, disable=not console.is_terminal)
+
+
 def task_progress() -> Progress:
     """A bar for counted work (tensors, steps)."""
-    return Progress(
+    return _bar(
+        _console,
         TextColumn("{task.description}"),
         BarColumn(),
         TextColumn("{task.completed}/{task.total}"),
         TimeRemainingColumn(),
-        console=_console,
-        transient=True,
     )
 
 
 def bytes_progress(console: Console = _console) -> Progress:
     """A bar for bytes (downloads, files read): size done, MB/s and the time left."""
-    return Progress(
+    return _bar(
+        console,
         TextColumn("{task.description}"),
         BarColumn(),
         DownloadColumn(),
         TransferSpeedColumn(),
         TimeRemainingColumn(),
-        console=console,
-        transient=True,
     )
 
 

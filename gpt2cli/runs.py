@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from gpt2cli.atomic import atomic_write, remove_stale_temps
+from gpt2cli.atomic import atomic_write, remove_stale_temps, write_npz, write_text
 from gpt2cli.checkpoint import flatten, unflatten
 from gpt2cli.config import GPT2Config
 from gpt2cli.errors import UserError
@@ -95,7 +95,7 @@ class RunFolder:
     def write_spec(self, spec: dict[str, Any]) -> None:
         spec = {"format": RUN_FORMAT, "version": VERSION, **spec}
         text = json.dumps(spec, indent=2, allow_nan=False) + "\n"
-        atomic_write(self.path / RUN_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        write_text(self.path / RUN_FILE, text)
 
     def spec(self) -> dict[str, Any]:
         file = self.path / RUN_FILE
@@ -127,7 +127,7 @@ class RunFolder:
         """Drop records after `step`: a resumed run logs those steps again."""
         kept = [r for r in self.metrics() if r.get("step", 0) <= step]
         text = "".join(json.dumps(r) + "\n" for r in kept)
-        atomic_write(self.path / METRICS_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        write_text(self.path / METRICS_FILE, text)
 
     def plot(self) -> Path:
         """Draw the training and validation loss curves into loss.png (needs matplotlib)."""
@@ -188,11 +188,7 @@ class RunFolder:
         arrays[_HEADER] = np.array(json.dumps(header))
         path = self.path / f"ckpt-{step:07d}.npz"
 
-        def write(tmp: Path) -> None:
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
-
-        atomic_write(path, write)
+        write_npz(path, arrays)
         for _, old in self.checkpoints()[:-keep] if keep > 0 else []:
             old.unlink(missing_ok=True)
         return path

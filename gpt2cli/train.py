@@ -29,6 +29,7 @@ from gpt2cli.config import GPT2Config
 from gpt2cli.data import Blocks, Sampler, batch_for_step, val_batches
 from gpt2cli.errors import UserError
 from gpt2cli.model import GPT2
+from gpt2cli.sampling_checks import check_seed
 from gpt2cli.training.settings import (
     SEQ_LENGTH,
     WARMUP,
@@ -72,6 +73,7 @@ class TrainConfig:
                 raise UserError(
                     f"--{f.name.replace('_', '-')} must be a finite number, got {value}"
                 )
+        check_seed(self.seed)
         positive = ("batch_size", "seq_length", "grad_accum")
         for name in positive:
             if getattr(self, name) <= 0:

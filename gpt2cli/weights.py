@@ -141,6 +141,13 @@ def read_safetensors(folder: Path) -> dict[str, np.ndarray]:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise UserError(f"{index} is not a valid safetensors index: {exc}") from exc
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) for v in weight_map.values()
+        ):
+            raise UserError(
+                f"{index} is not a valid safetensors index: weight_map must map tensor names "
+                f"to shard file names, got {weight_map!r:.60}"
+            )
         tensors: dict[str, np.ndarray] = {}
         for shard in sorted(set(weight_map.values())):
             if not (folder / shard).is_file():

@@ -66,13 +66,15 @@ def gpt2_exe() -> str:
     return str(launcher)
 
 
-def run_gpt2(*args: str, env: dict | None = None, input: str | None = None, cwd=None):
-    """Run the real `gpt2` console script in a subprocess."""
+def run_gpt2(
+    *args: str | bytes, env: dict | None = None, input: str | bytes | None = None, cwd=None
+):
+    """Run the real `gpt2` console script in a subprocess (bytes input: bytes output)."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run(
         [gpt2_exe(), *args],
         capture_output=True,
-        text=True,
+        text=not isinstance(input, bytes),
         env=full_env,
         input=input,
         cwd=cwd,

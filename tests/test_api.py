@@ -27,7 +27,9 @@ def test_logits_accepts_one_sequence_and_rejects_bad_ids():
     assert gpt2cli.logits(config, params, [1, 2, 3]).shape == (1, 3, 512)
     with pytest.raises(UserError, match=r"token ids must lie in \[0, 512\)"):
         gpt2cli.logits(config, params, [[1, 600]])
-    with pytest.raises(UserError, match="exceed the context window of 64"):
+    with pytest.raises(
+        UserError, match="input_ids length 65 exceeds the model.s context window of 64 tokens"
+    ):
         gpt2cli.logits(config, params, np.ones((1, 65), int))
 
 

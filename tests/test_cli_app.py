@@ -4,7 +4,7 @@ import pytest
 
 from gpt2cli import __version__
 from scripts.make_completions import SHELLS, completion_script
-from tests.conftest import FIXTURES, run_gpt2
+from tests.conftest import FIXTURES, cli, run_gpt2
 
 COMPLETIONS = FIXTURES.parent.parent / "completions"
 
@@ -36,17 +36,14 @@ def test_completion_scripts_are_current(shell):
 
 
 def _invoke_with_failing_load(monkeypatch, error):
-    from typer.testing import CliRunner
-
     import gpt2cli.hub
-    from gpt2cli.cli.app import app
 
     def fail(*args):
         raise error
 
     monkeypatch.setattr(gpt2cli.hub, "resolve", fail)
     monkeypatch.delenv("GPT2_DEBUG", raising=False)
-    return CliRunner().invoke(app, ["inspect", "whatever.npz"])
+    return cli("inspect", "whatever.npz")
 
 
 def test_ctrl_c_exits_130_without_a_traceback(monkeypatch):

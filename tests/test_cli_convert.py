@@ -6,12 +6,8 @@ import shutil
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
-from typer.testing import CliRunner
 
-from gpt2cli.cli.app import app
-from tests.conftest import TINY_A, TINY_B, run_gpt2
-
-runner = CliRunner()
+from tests.conftest import TINY_A, TINY_B, cli, run_gpt2
 
 
 def test_convert_inspect_and_export_through_the_console_script(tmp_path):
@@ -46,11 +42,9 @@ def test_inspect_prints_a_table_and_tree(tmp_path):
 
 
 def test_convert_to_bfloat16(tmp_path):
-    result = runner.invoke(
-        app, ["convert", str(TINY_B), str(tmp_path / "b.npz"), "--dtype", "bfloat16"]
-    )
+    result = cli(*["convert", str(TINY_B), str(tmp_path / "b.npz"), "--dtype", "bfloat16"])
     assert result.exit_code == 0, result.output
-    report = runner.invoke(app, ["inspect", str(tmp_path / "b.npz"), "--json"])
+    report = cli(*["inspect", str(tmp_path / "b.npz"), "--json"])
     assert json.loads(report.stdout)["params"]["wte/embedding"]["dtype"] == "bfloat16"
 
 
@@ -75,7 +69,7 @@ def _folder_with(tmp_path, config=True, weights=None, config_patch=None):
 
 
 def _npz_variant(tmp_path, change):
-    runner.invoke(app, ["convert", str(TINY_B), str(tmp_path / "good.npz")])
+    cli(*["convert", str(TINY_B), str(tmp_path / "good.npz")])
     with np.load(tmp_path / "good.npz", allow_pickle=False) as data:
         arrays = {k: data[k] for k in data.files}
     change(arrays)
@@ -129,7 +123,7 @@ def test_bad_sources_fail_with_one_line(tmp_path, case):
     make, message = BAD_SOURCES[case]
     source = make(tmp_path)
     out = tmp_path / "out.npz"
-    result = runner.invoke(app, ["convert", str(source), str(out)])
+    result = cli(*["convert", str(source), str(out)])
     assert message in _one_error_line(result)
     assert not out.exists()
 
@@ -137,13 +131,13 @@ def test_bad_sources_fail_with_one_line(tmp_path, case):
 def test_existing_output_is_kept_without_force(tmp_path):
     out = tmp_path / "out.npz"
     out.write_bytes(b"keep me")
-    result = runner.invoke(app, ["convert", str(TINY_B), str(out)])
+    result = cli(*["convert", str(TINY_B), str(out)])
     assert "already exists (use --force" in _one_error_line(result)
     assert out.read_bytes() == b"keep me"
     hf_out = tmp_path / "hf"
     hf_out.mkdir()
     (hf_out / "config.json").write_text("{}")
-    result = runner.invoke(app, ["convert", str(TINY_B), str(hf_out), "--to", "hf"])
+    result = cli(*["convert", str(TINY_B), str(hf_out), "--to", "hf"])
     assert "already exists" in _one_error_line(result)
     assert (hf_out / "config.json").read_text() == "{}"
 
@@ -151,7 +145,7 @@ def test_existing_output_is_kept_without_force(tmp_path):
 def test_unwritable_output_folder(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("a file, not a folder")
-    result = runner.invoke(app, ["convert", str(TINY_B), str(blocker / "out.npz")])
+    result = cli(*["convert", str(TINY_B), str(blocker / "out.npz")])
     assert "cannot write" in _one_error_line(result)
 
 
@@ -165,11 +159,8 @@ def test_offline_hub_id_is_one_line_without_network(tmp_path):
 
 
 def test_usage_errors_exit_2(tmp_path):
-    assert runner.invoke(app, ["convert", str(TINY_B)]).exit_code == 2
-    assert (
-        runner.invoke(app, ["convert", str(TINY_B), str(tmp_path / "x"), "--to", "onnx"]).exit_code
-        == 2
-    )
+    assert cli(*["convert", str(TINY_B)]).exit_code == 2
+    assert cli(*["convert", str(TINY_B), str(tmp_path / "x"), "--to", "onnx"]).exit_code == 2
 
 
 def test_debug_shows_the_traceback(tmp_path):
@@ -179,5 +170,5 @@ def test_debug_shows_the_traceback(tmp_path):
 
 def test_hub_layout_copy_converts(tmp_path):
     shutil.copytree(TINY_B, tmp_path / "copy")
-    result = runner.invoke(app, ["convert", str(tmp_path / "copy"), str(tmp_path / "o.npz")])
+    result = cli(*["convert", str(tmp_path / "copy"), str(tmp_path / "o.npz")])
     assert result.exit_code == 0, result.output

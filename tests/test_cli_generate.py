@@ -4,10 +4,9 @@ import json
 import subprocess
 
 import pytest
-from typer.testing import CliRunner
 
-from gpt2cli.cli.app import app
 from tests.conftest import TINY_A, gpt2_exe, run_gpt2
+from tests.conftest import cli as gpt2
 
 MODEL = ["-m", str(TINY_A)]
 
@@ -17,16 +16,36 @@ def no_compile_cache(monkeypatch):
     monkeypatch.setenv("GPT2_NO_COMPILE_CACHE", "1")
 
 
-def gpt2(*args, input=None):
-    return CliRunner().invoke(app, list(args), input=input)
-
-
 def one_line_error(result, *words):
     assert result.exit_code == 1, result.stdout
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
     for word in words:
         assert word in lines[0]
+
+
+def usage_error(result, *words):
+    """A value refused while the flags are parsed: the usage line, one error line, exit 2."""
+    assert result.exit_code == 2, result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("Usage: "), result.stderr
+    assert lines[1].startswith("error: "), result.stderr
+    for word in words:
+        assert word in lines[1]
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["generate", "hi", *MODEL, "--temperature", "-1"], ["temperature", "between 0 and 100"]),
+        (["generate", "hi", *MODEL, "--top-p", "7"], ["top_p", "(0, 1]"]),
+        (["generate", "hi", *MODEL, "--repetition-penalty", "0"], ["repetition_penalty"]),
+        (["generate", "hi", *MODEL, "--max-new-tokens", "0"], ["--max-new-tokens", "at least 1"]),
+        (["bench", *MODEL, "--top-p", "0"], ["top_p must be in (0, 1]"]),
+    ],
+)
+def test_bad_sampling_values_are_usage_errors(args, words):
+    usage_error(gpt2(*args), *words)
 
 
 def test_greedy_stream_prints_prompt_then_continuation(golden):
@@ -122,10 +141,6 @@ def test_truncate_keeps_the_end_of_a_long_prompt():
     "args, words",
     [
         (["generate", "", *MODEL], ["prompt is empty"]),
-        (["generate", "hi", *MODEL, "--temperature", "-1"], ["temperature", "between 0 and 100"]),
-        (["generate", "hi", *MODEL, "--top-p", "7"], ["top_p", "(0, 1]"]),
-        (["generate", "hi", *MODEL, "--repetition-penalty", "0"], ["repetition_penalty"]),
-        (["generate", "hi", *MODEL, "--max-new-tokens", "0"], ["--max-new-tokens", "at least 1"]),
         (["generate", "hi", *MODEL, "-n", "5", "--max-length", "9"], ["not both"]),
         (["generate", "--prompts-file", "/nonexistent/p.txt", *MODEL], ["cannot read prompts"]),
         (["generate", *MODEL], ["no prompt"]),
@@ -155,7 +170,3 @@ def test_bench_samples_when_asked_and_says_how():
 
 def test_bench_refuses_lengths_over_the_window():
     one_line_error(gpt2("bench", *MODEL, "--prompt-tokens", "100", "--new-tokens", "50"), "128")
-
-
-def test_bench_refuses_bad_sampling_values():
-    one_line_error(gpt2("bench", *MODEL, "--top-p", "0"), "top_p must be in (0, 1]")

@@ -6,11 +6,10 @@ import json
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from gpt2cli.cli.app import app
 from gpt2cli.errors import UserError
 from gpt2cli.evaluate import evaluate, windows
+from tests.conftest import cli
 from tests.helpers_train import FIXTURES, TINY_A
 
 
@@ -43,10 +42,8 @@ def test_windows_follow_the_hf_guide():
 
 @pytest.mark.parametrize("stride", [32, 16])
 def test_perplexity_equals_hf(stride, golden_ppl, eval_file):
-    runner = CliRunner()
-    done = runner.invoke(
-        app,
-        [
+    done = cli(
+        *[
             "eval",
             "-m",
             str(TINY_A),

@@ -61,14 +61,11 @@ def test_streamed_emoji_and_cjk_equal_the_joined_text(scripted, tok, tiny_a):
 
 
 def test_cli_stream_equals_no_stream_with_emoji(scripted, monkeypatch):
-    from typer.testing import CliRunner
-
-    from gpt2cli.cli.app import app
-    from tests.conftest import TINY_A
+    from tests.conftest import TINY_A, cli
 
     monkeypatch.setenv("GPT2_NO_COMPILE_CACHE", "1")
     base = ["generate", "Say it:", "-m", str(TINY_A), "-n", str(len(scripted))]
-    streamed = CliRunner().invoke(app, base)
-    printed = CliRunner().invoke(app, [*base, "--no-stream"])
+    streamed = cli(*base)
+    printed = cli(*base, "--no-stream")
     assert streamed.exit_code == 0 and printed.exit_code == 0
     assert streamed.stdout == printed.stdout == "Say it:" + TEXT + "\n"

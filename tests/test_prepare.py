@@ -163,8 +163,8 @@ def test_each_process_reads_only_its_rows():
 
 
 def test_prepared_and_plain_runs_get_the_same_batches(tmp_path, tok):
-    from gpt2cli import train_run
     from gpt2cli.config import preset
+    from gpt2cli.training import plan as train_run
     from gpt2cli.training.settings import Settings
 
     text = tmp_path / "corpus.txt"

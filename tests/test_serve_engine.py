@@ -17,7 +17,7 @@ from gpt2cli.tokenizer import bundled
 PROMPTS = [
     "Hello there, my friend",
     "The quick brown fox",
-    "Once upon a time in a land far away, there lived a king who",
+    "Once upon a time in a land far away, there lived a king who " * 4,  # > one prefill chunk
     "A",
 ]
 SAMPLINGS = [
@@ -66,7 +66,7 @@ def scheduler(tiny_a, tok):
 
     def load():
         one, many = Engine(config, params, batch=1), Engine(config, params, batch=8)
-        return SlotPrograms(one, many, chunk=4, prefill_chunk=16), tok
+        return SlotPrograms(one, many, chunk=4, prefill_chunk=48), tok
 
     s = Scheduler(load, max_batch=4, max_queue=6)
     s.start()
@@ -93,7 +93,7 @@ def test_row_buckets():
 
 
 def test_batched_equals_alone_equals_generate(scheduler, tok, tiny_a):
-    """Greedy and seeded requests (a prompt longer than a prefill chunk among them) give the
+    """Greedy and seeded requests (a prompt read in a 48 then a 32 wide chunk among them) give the
     same tokens together, one by one, and through `generate` (the `gpt2 generate` path)."""
     specs = list(zip(PROMPTS, SAMPLINGS, strict=True))
     together = [job.sink.text for job in run(scheduler, tok, specs)]
@@ -104,6 +104,7 @@ def test_batched_equals_alone_equals_generate(scheduler, tok, tiny_a):
     ]
     assert together == alone == reference
     assert len(set(reference)) == 4
+    assert scheduler.programs.traces == scheduler.compiled_traces  # all compiled at start
 
 
 def test_stop_string_frees_the_row_and_is_never_shown(scheduler, tok):

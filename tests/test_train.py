@@ -8,16 +8,11 @@ import math
 import jax
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 from gpt2cli.checkpoint import load_npz
-from gpt2cli.cli.app import app
 from gpt2cli.train import TrainConfig, decay_mask, learning_rate
+from tests.conftest import cli as gpt2
 from tests.helpers_train import TINY_A, Recorder, losses, write_corpus
-
-
-def gpt2(*args: str, env: dict | None = None):
-    return CliRunner().invoke(app, list(args), env=env)
 
 
 @pytest.fixture(autouse=True)
@@ -208,7 +203,7 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path, corpus):
     [
         (["--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
         (["--dataset", "missing/*.txt"], "'missing/*.txt' matches no file"),
-        (["--seq-length", "4096"], "--seq-length 4096 exceeds the model's context of 128"),
+        (["--seq-length", "4096"], "--seq-length 4096 exceeds the model's context window of 128"),
         (["--init", "tiny"], "give either --model (fine-tune) or --init (from scratch)"),
         (["--dataset", "latin1.txt"], "latin1.txt is not UTF-8 text: byte 0xe9 at offset 3"),
         (["--dataset", "empty.txt"], "empty.txt is empty"),
@@ -280,13 +275,23 @@ def test_resume_extends_a_finished_run(finished_run):
     assert spec["loop"]["steps"] == 5 and spec["train"]["decay_steps"] == 3
 
 
-def test_plot_needs_matplotlib_or_writes_loss_png(finished_run, monkeypatch):
+def test_plot_writes_loss_png(finished_run):
+    done = gpt2("train", "--resume", str(finished_run), "--steps", "6", "--plot")
+    assert done.exit_code == 0, done.output
+    assert (finished_run / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plot_without_matplotlib_says_how_to_install_it(finished_run, monkeypatch):
     import importlib.util
 
-    if importlib.util.find_spec("matplotlib") is None:
-        done = gpt2("train", "--resume", str(finished_run), "--plot")
-        assert done.exit_code == 1 and "--plot needs matplotlib" in done.output
-    else:
-        done = gpt2("train", "--resume", str(finished_run), "--steps", "6", "--plot")
-        assert done.exit_code == 0, done.output
-        assert (finished_run / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "matplotlib" else real(name, *a),
+    )
+    done = gpt2("train", "--resume", str(finished_run), "--plot")
+    assert done.exit_code == 1
+    assert (
+        "--plot needs matplotlib, in the plot extra: uv pip install 'gpt2cli[plot]'" in done.output
+    )

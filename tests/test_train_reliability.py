@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from gpt2cli.runs import RunFolder
-from tests.conftest import cli
+from tests.conftest import cli, gpt2_exe
 from tests.helpers_train import TINY_A, write_corpus
 
 SMALL = ("-m", str(TINY_A), "--batch-size", "2", "--seq-length", "16", "--dtype", "bfloat16")
@@ -140,8 +140,7 @@ def test_run_json_is_strict_json(tmp_path, corpus):
 @pytest.mark.slow
 def test_sigterm_saves_like_ctrl_c(tmp_path, corpus):
     env = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0"}
-    command = [sys.executable, "-c", "from gpt2cli.cli.app import main; main()"]
-    proc = subprocess.Popen([*command, "train", "--dataset", str(corpus), *SMALL, "--steps",
+    proc = subprocess.Popen([gpt2_exe(), "train", "--dataset", str(corpus), *SMALL, "--steps",
                              "100000", "--log-every", "1", "--out", "run"],
                             cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)  # fmt: skip
     metrics = tmp_path / "run/metrics.jsonl"

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from gpt2cli.runs import RunFolder, load_checkpoint
+from tests.conftest import gpt2_exe
 from tests.helpers_train import TINY_A, losses, write_corpus
 
 pytestmark = pytest.mark.slow
@@ -25,10 +26,6 @@ COMMON = (
 )  # fmt: skip
 
 
-def gpt2_command() -> list[str]:
-    return [sys.executable, "-c", "from gpt2cli.cli.app import main; main()"]
-
-
 def wait_for(predicate, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -40,7 +37,7 @@ def test_sigint_saves_and_resume_repeats_the_uninterrupted_losses(tmp_path):
     corpus = write_corpus(tmp_path / "corpus.txt")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GPT2_CACHE_DIR": str(tmp_path / "cache"),
            "XLA_FLAGS": FAST_COMPILE, "GPT2_NO_COMPILE_CACHE": "1"}  # fmt: skip
-    train = [*gpt2_command(), "train", "--dataset", str(corpus), *COMMON]
+    train = [gpt2_exe(), "train", "--dataset", str(corpus), *COMMON]
     # the uninterrupted run, in the same environment, alongside
     whole = subprocess.Popen([*train, "--steps", str(STEPS), "--out", "whole"], cwd=tmp_path,
                              env=env, stderr=subprocess.PIPE, text=True)  # fmt: skip
@@ -57,7 +54,7 @@ def test_sigint_saves_and_resume_repeats_the_uninterrupted_losses(tmp_path):
     assert "gpt2 train --resume stopped" in stderr
     assert RunFolder(tmp_path / "stopped").latest()[0] == stopped_at
 
-    resume = [*gpt2_command(), "train", "--resume", "stopped", "--steps", str(STEPS)]
+    resume = [gpt2_exe(), "train", "--resume", "stopped", "--steps", str(STEPS)]
     resumed = subprocess.run(resume, cwd=tmp_path, env=env, capture_output=True, text=True,
                              timeout=300)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr

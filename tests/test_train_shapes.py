@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -32,6 +33,8 @@ def shaped_run(tmp_path_factory):
     done = gpt2("train", "-d", str(corpus), *SHAPE, *SMALL, "--out", str(folder / "run"))
     assert done.exit_code == 0, done.output
     assert "3 layers, 2 heads, width 32, context 48" in done.output
+    assert "compiled the training step in" in done.output
+    assert re.search(r"(^|\n)memory: 0\.", done.output), done.output
     return folder / "run"
 
 

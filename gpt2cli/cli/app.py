@@ -8,7 +8,6 @@ import os
 import sys
 
 import typer
-from rich.markup import escape
 from typer._click import exceptions as click_errors  # Typer vendors its own Click
 from typer.core import TyperGroup
 
@@ -25,16 +24,7 @@ from gpt2cli.cli import (
     serve_cmd,
     train_cmd,
 )
-from gpt2cli.cli.console import err, stdout_gone
-from gpt2cli.errors import UserError
-
-
-def _debug() -> bool:
-    return os.environ.get("GPT2_DEBUG", "") not in ("", "0")
-
-
-def _error(message: str) -> None:
-    err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+from gpt2cli.cli.console import debugging, err, error_line, print_error, stdout_gone
 
 
 def _finite_floats(callback, params):
@@ -76,10 +66,10 @@ class _ErrorBoundary(TyperGroup):
         except click_errors.UsageError as exc:
             if exc.ctx is not None:
                 err.print(exc.ctx.get_usage(), markup=False, soft_wrap=True)
-            _error(exc.format_message())
+            print_error(exc.format_message())
             code = 2
         except click_errors.ClickException as exc:
-            _error(exc.format_message())
+            print_error(exc.format_message())
             code = exc.exit_code
         except typer.Abort:  # end of input where Click asked for one
             code = 1
@@ -106,11 +96,6 @@ class _ErrorBoundary(TyperGroup):
             return super().invoke(ctx)
         except (typer.Exit, typer.Abort, click_errors.ClickException):  # usage errors: main()
             raise
-        except UserError as exc:
-            if _debug():
-                raise
-            _error(str(exc))
-            raise typer.Exit(1) from None
         except BrokenPipeError:  # the reader of stdout left; that is fine
             stdout_gone()
             raise typer.Exit(0) from None
@@ -118,9 +103,9 @@ class _ErrorBoundary(TyperGroup):
             err.print("interrupted")
             raise typer.Exit(interrupts.exit_code(exc)) from None
         except Exception as exc:  # noqa: BLE001 - the boundary: one line unless debugging
-            if _debug():
+            if debugging():
                 raise
-            _error(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)")
+            print_error(error_line(exc, ctx.invoked_subcommand))
             raise typer.Exit(1) from None
 
 

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from gpt2cli.cli.options import DEFAULT_MODEL, Dtype, JsonOutput, ModelRef
+from gpt2cli.cli.options import DEFAULT_MODEL, Dtype, JsonOutput, ModelRef, Temperature, TopK, TopP
 from gpt2cli.errors import UserError
 
 
@@ -57,9 +57,9 @@ def bench(
     batch: Annotated[int, typer.Option(help="Rows decoded together.")] = 1,
     repeats: Annotated[int, typer.Option(help="Timed runs after the first (best is kept).")] = 3,
     dtype: Dtype = "float32",
-    temperature: Annotated[float, typer.Option(help="0 = greedy; above 0 samples.")] = 0.0,
-    top_k: Annotated[int, typer.Option(help="Sample from the k most likely tokens (0 = off).")] = 0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass in (0, 1] (1 = off).")] = 1.0,
+    temperature: Temperature = 0.0,
+    top_k: TopK = 0,
+    top_p: TopP = 1.0,
     json_output: JsonOutput = False,
 ) -> None:
     """Measure generation speed: prefill and decode tokens/s, first-token latency, compile time.
@@ -69,10 +69,9 @@ def bench(
 
     Examples:
 
+    \b
       gpt2 bench -m gpt2.npz --prompt-tokens 32 --new-tokens 128 --batch 1
-
       gpt2 bench -m ./hf-folder --dtype bfloat16 --batch 8 --json
-
       gpt2 bench -m gpt2.npz --temperature 0.8 --top-p 0.95
     """
     for name, value in (
@@ -92,12 +91,8 @@ def bench(
     sampling = SamplingParams(temperature, top_k, top_p)  # checks the ranges
     compile_cache.enable()
     with err.status(f"loading {model}"):
-        config, params = load_model(model)
-    if prompt_tokens + new_tokens > config.n_positions:
-        raise UserError(
-            f"--prompt-tokens {prompt_tokens} + --new-tokens {new_tokens} exceeds the model's "
-            f"context window of {config.n_positions}"
-        )
+        config, params = load_model(model, finite=True)
+    config.check_fits(prompt_tokens + new_tokens, "--prompt-tokens + --new-tokens =")
     engine = Engine(config, params, dtype, batch=batch)
     with err.status("measuring"):
         result = {

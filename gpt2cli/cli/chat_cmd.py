@@ -12,8 +12,7 @@ nothing else goes to stdout.
 from __future__ import annotations
 
 import json
-import os
-import signal
+import math
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -21,8 +20,25 @@ from typing import Annotated
 
 import typer
 
-from gpt2cli.cli.console import err
-from gpt2cli.cli.options import DEFAULT_MODEL, Dtype, JsonOutput, ModelRef, TokenizerRef
+from gpt2cli.cli.console import debugging, err, error_line, print_error
+from gpt2cli.cli.interrupts import StopRequest
+from gpt2cli.cli.options import (
+    DEFAULT_MODEL,
+    Dtype,
+    JsonOutput,
+    MaxNewTokens,
+    MinP,
+    ModelRef,
+    RepetitionPenalty,
+    Seed,
+    Stop,
+    Temperature,
+    TokenizerRef,
+    TopK,
+    TopP,
+)
+from gpt2cli.cli.text import check as check_utf8
+from gpt2cli.cli.text import decode
 from gpt2cli.errors import UserError
 
 PROMPT = ">>> "
@@ -50,21 +66,6 @@ SETTINGS = {
 }
 
 
-class _StopOnInterrupt:
-    """While active, Ctrl-C sets `hit` instead of raising, so a reply can end cleanly."""
-
-    def __enter__(self):
-        self.hit = False
-        self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.hit = True
-
-    def __exit__(self, *exc) -> None:
-        signal.signal(signal.SIGINT, self._previous)
-
-
 class Repl:
     """Reads lines, runs commands, streams replies. `interactive` means stdin is a terminal."""
 
@@ -73,6 +74,7 @@ class Repl:
         self.interactive = interactive
         self.json_lines = json_lines
         self.banner = banner
+        self.lines_read = 0
 
     def run(self) -> None:
         if self.interactive:
@@ -80,32 +82,42 @@ class Repl:
 
             err.print(self.banner)
         while True:
-            line = self._read()
-            if line is None:
-                return
-            line = line.strip()
-            if not line:
-                continue
             try:
+                line = self._read()
+                if line is None:
+                    return
+                line = line.strip()
+                if not line:
+                    continue
                 if line.startswith("/"):
                     if self.command(line) == "quit":
                         return
                 else:
                     self.reply(line)
-            except UserError as exc:
-                err.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+            except BrokenPipeError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - one line, and the chat goes on
+                if debugging():
+                    raise
+                print_error(error_line(exc, "chat"))
 
     def _read(self) -> str | None:
-        """The next line, or None at the end (Ctrl-D, end of input, Ctrl-C on an empty line)."""
+        """The next line, or None at the end (Ctrl-D, end of input, Ctrl-C on an empty line).
+        A line that is not UTF-8 raises UserError (the loop says so and reads the next)."""
         if not self.interactive:
-            line = sys.stdin.readline()
-            return line if line else None
+            data = sys.stdin.buffer.readline()
+            if not data:
+                return None
+            self.lines_read += 1
+            return decode(data, f"line {self.lines_read} of stdin", "; skipped")
         while True:
             try:
-                return input(PROMPT)
+                return check_utf8(input(PROMPT), "the line", "; skipped")
             except EOFError:
                 sys.stdout.write("\n")
                 return None
+            except UnicodeDecodeError:
+                raise UserError("the line is not UTF-8 text; skipped") from None
             except KeyboardInterrupt:
                 import readline
 
@@ -118,7 +130,7 @@ class Repl:
 
     def reply(self, message: str) -> None:
         out = sys.stdout
-        with _StopOnInterrupt() as interrupt:
+        with StopRequest() as interrupt:
             stream = self.session.send(message)
             try:
                 for piece in stream:
@@ -190,6 +202,8 @@ class Repl:
         except ValueError:
             kind = "a whole number" if SETTINGS[name] is int else "a number"
             raise UserError(f"/set {name}: {value!r} is not {kind}") from None
+        if isinstance(parsed, float) and not math.isfinite(parsed):
+            raise UserError(f"/set {name}: {value!r} is not a finite number")
         if name == "max_new_tokens":
             self.session.set_max_new_tokens(parsed)
         else:
@@ -221,12 +235,14 @@ class Repl:
 
 def save_transcript(session, path: Path, *, force: bool) -> Path:
     """Write the transcript atomically (JSON for .json, else Markdown); never overwrite silently."""
-    from gpt2cli.atomic import atomic_write
+    from gpt2cli.atomic import write_text
 
+    if path.is_dir():
+        raise UserError(f"{path} is a folder: give a file name such as {path / 'chat.md'}")
     if path.exists() and not force:
         raise UserError(f"{path} exists: choose another name or add --force to overwrite it")
     text = session.to_json() if path.suffix.lower() == ".json" else session.to_markdown()
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    write_text(path, text)
     return path
 
 
@@ -249,33 +265,30 @@ def chat(
             help="Transcript format: 'chat' (User:/Assistant: lines, the default) or 'qa' (Q:/A:).",
         ),
     ] = "chat",
-    max_new_tokens: Annotated[
-        int | None,
-        typer.Option(
-            "--max-new-tokens",
-            help=f"Most tokens in one reply [default: {DEFAULT_NEW_TOKENS}, or a quarter of a "
-            "smaller model's window].",
-        ),
-    ] = None,
-    temperature: Annotated[
-        float, typer.Option("--temperature", help="0 is greedy (deterministic).")
-    ] = 0.7,
-    top_k: Annotated[
-        int, typer.Option("--top-k", help="Keep the k likeliest tokens; 0 is off.")
-    ] = 0,
-    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling; 1 is off.")] = 0.9,
-    min_p: Annotated[float, typer.Option("--min-p", help="Min-p sampling; 0 is off.")] = 0.0,
-    repetition_penalty: Annotated[
-        float, typer.Option("--repetition-penalty", help="Hugging Face semantics; 1 is off.")
-    ] = 1.1,
-    seed: Annotated[int, typer.Option("--seed", help="Random seed of the sampler.")] = 0,
-    stop: Annotated[
-        list[str] | None,
-        typer.Option("--stop", help="Another string that ends a reply (repeatable)."),
-    ] = None,
+    max_new_tokens: MaxNewTokens = None,
+    temperature: Temperature = 0.7,
+    top_k: TopK = 0,
+    top_p: TopP = 0.9,
+    min_p: MinP = 0.0,
+    repetition_penalty: RepetitionPenalty = 1.1,
+    seed: Seed = 0,
+    stop: Stop = None,
     json_output: JsonOutput = False,
 ) -> None:
-    """Chat with a model: streamed replies, slash commands (/help), Ctrl-D to quit."""
+    """Chat with a model: streamed replies, slash commands (/help), Ctrl-D to quit.
+
+    With stdin not a terminal, every line is a message (or a slash command) and every reply
+    is printed followed by an empty line (or as one JSON object per line with --json).
+
+    Examples:
+
+    \b
+      gpt2 chat -m shakespeare
+      gpt2 chat -m gpt2.npz --system "A helpful assistant." --temperature 0
+      printf 'Hello\\nHow are you?\\n' | gpt2 chat -m shakespeare --json
+    """
+    if system is not None:
+        check_utf8(system, "--system")
     from gpt2cli import chat as chat_core
     from gpt2cli import compile_cache
     from gpt2cli.generate import Engine, SamplingParams
@@ -293,7 +306,7 @@ def chat(
     compile_cache.enable()
     interactive = sys.stdin.isatty()
     with err.status("loading the model", spinner="dots") if interactive else nullcontext():
-        config, params = load_model(model)
+        config, params = load_model(model, finite=True)
         tok = load_tokenizer(tokenizer, model)
         engine = Engine(config, params, dtype=dtype)
     session = chat_core.ChatSession(
@@ -310,9 +323,4 @@ def chat(
         f"window {config.n_positions} tokens\n[dim]{settings_line(session)}\n"
         "/help for commands, Ctrl-D or /quit to leave[/]"
     )
-    try:
-        Repl(session, interactive=interactive, json_lines=json_output, banner=banner).run()
-    except BrokenPipeError:  # `gpt2 chat < lines | head`: the reader left, that is fine
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        raise typer.Exit(0) from None
+    Repl(session, interactive=interactive, json_lines=json_output, banner=banner).run()

@@ -26,10 +26,9 @@ def convert(
 
     Examples:
 
+    \b
       gpt2 convert gpt2 gpt2.npz
-
       gpt2 convert ./my-hf-folder out.npz --dtype bfloat16
-
       gpt2 convert out.npz ./hf-export --to hf
     """
     if to not in ("npz", "hf"):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -11,7 +10,22 @@ from typing import Annotated
 
 import typer
 
-from gpt2cli.cli.options import DEFAULT_MODEL, Dtype, JsonOutput, TokenizerRef
+from gpt2cli.cli.options import (
+    DEFAULT_MODEL,
+    Dtype,
+    JsonOutput,
+    MaxNewTokens,
+    MinP,
+    RepetitionPenalty,
+    Seed,
+    Stop,
+    Temperature,
+    TokenizerRef,
+    TopK,
+    TopP,
+)
+from gpt2cli.cli.text import check as check_utf8
+from gpt2cli.cli.text import decode
 from gpt2cli.errors import UserError
 
 DEFAULT_NEW_TOKENS = 100
@@ -56,8 +70,9 @@ def _read_prompts(
         return prompts
     text = prompt if prompt is not None else prompt_option
     if text == "-":
-        text = sys.stdin.read()
+        text = decode(sys.stdin.buffer.read(), "stdin")
         text = text[:-1] if text.endswith("\n") else text
+    check_utf8(text, "the prompt")
     if not text:
         raise UserError("the prompt is empty: give some text to continue")
     return [text]
@@ -74,13 +89,6 @@ def _new_tokens(max_new_tokens: int | None, max_length: int | None, longest_prom
             f"{longest_prompt} tokens; raise it or use --max-new-tokens"
         )
     return max_length - longest_prompt
-
-
-def _quit_quietly_on_broken_pipe() -> None:
-    """The reader (`| head`) left: stop writing, exit 0, and let no flush fail at exit."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    raise typer.Exit(0)
 
 
 def _record(prompt: str, sample: int, completion) -> dict:
@@ -104,30 +112,21 @@ def generate(
         str | None, typer.Argument(help="Text to continue; '-' reads it from stdin.")
     ] = None,
     model: ModelOrCheckpoint = DEFAULT_MODEL,
-    max_new_tokens: Annotated[
-        int | None,
-        typer.Option(
-            "--max-new-tokens", "-n", help=f"Tokens to generate [default: {DEFAULT_NEW_TOKENS}]."
-        ),
-    ] = None,
+    max_new_tokens: MaxNewTokens = None,
     max_length: Annotated[
         int | None,
         typer.Option("--max-length", help="Total length, prompt included (the seed's flag)."),
     ] = None,
-    temperature: Annotated[float, typer.Option(help="0 = greedy; higher = more random.")] = 0.0,
-    top_k: Annotated[int, typer.Option(help="Sample from the k most likely tokens (0 = off).")] = 0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass in (0, 1] (1 = off).")] = 1.0,
-    min_p: Annotated[
-        float, typer.Option(help="Drop tokens below min_p x the top probability (0 = off).")
-    ] = 0.0,
-    repetition_penalty: Annotated[
-        float, typer.Option(help="Penalise tokens already present, HF style (1 = off).")
-    ] = 1.0,
-    seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same text.")] = 0,
-    stop: Annotated[
-        list[str] | None, typer.Option("--stop", help="Stop before this string (repeatable).")
-    ] = None,
-    num_samples: Annotated[int, typer.Option(help="Samples per prompt, decoded in one batch.")] = 1,
+    temperature: Temperature = 0.0,
+    top_k: TopK = 0,
+    top_p: TopP = 1.0,
+    min_p: MinP = 0.0,
+    repetition_penalty: RepetitionPenalty = 1.0,
+    seed: Seed = 0,
+    stop: Stop = None,
+    num_samples: Annotated[
+        int, typer.Option(help="Samples per prompt, decoded in one batch.", min=1)
+    ] = 1,
     prompts_file: Annotated[
         Path | None, typer.Option(help="One prompt per line, all decoded in one batch.")
     ] = None,
@@ -147,35 +146,33 @@ def generate(
 
     Examples:
 
+    \b
       gpt2 generate "Once upon a time"
-
       gpt2 generate "Once upon a time" -m gpt2.npz --max-new-tokens 200 --temperature 0.8 --top-p 0.95 --seed 1
-
       echo "The meaning of life is" | gpt2 generate - -m ./hf-folder --num-samples 3 --json
     """
     from gpt2cli.cli.console import err
-    from gpt2cli.generate import SamplingParams
 
     texts = _read_prompts(prompt, prompt_option, prompts_file)
-    sampling = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
-    if num_samples < 1:
-        raise UserError(f"--num-samples must be at least 1, got {num_samples}")
-    if max_new_tokens is not None and max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
 
     from gpt2cli import compile_cache
-    from gpt2cli.generate import Engine, batch_generate, fit_prompt, stream_generate
+    from gpt2cli.generate import (
+        Engine,
+        SamplingParams,
+        batch_generate,
+        fit_prompt,
+        stream_generate,
+    )
     from gpt2cli.hub import load_model, load_tokenizer
 
+    sampling = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
     compile_cache.enable()
     started = time.perf_counter()
     with err.status(f"loading {model}"):
-        config, params = load_model(model)
+        config, params = load_model(model, finite=True)
         tok = load_tokenizer(tokenizer, model)
     prompts = [tok.encode(text) for text in texts]
     for text, ids in zip(texts, prompts, strict=True):
-        if not ids:
-            raise UserError("the prompt is empty: give some text to continue")
         if max(ids) >= config.vocab_size:
             raise UserError(
                 f"the prompt {text[:30]!r} has token id {max(ids)} but the model's vocabulary has "
@@ -187,32 +184,29 @@ def generate(
     loaded = time.perf_counter() - started
     stops = stop or []
 
-    try:
-        if len(prompts) == 1 and num_samples == 1 and not no_stream and not json_output:
-            sys.stdout.write(texts[0])
+    if len(prompts) == 1 and num_samples == 1 and not no_stream and not json_output:
+        sys.stdout.write(texts[0])
+        sys.stdout.flush()
+        last = None
+        for last in stream_generate(
+            engine, tok, prompts[0], max_new_tokens=new_tokens, sampling=sampling, stop=stops
+        ):
+            sys.stdout.write(last.text)
             sys.stdout.flush()
-            last = None
-            for last in stream_generate(
-                engine, tok, prompts[0], max_new_tokens=new_tokens, sampling=sampling, stop=stops
-            ):
-                sys.stdout.write(last.text)
-                sys.stdout.flush()
-            sys.stdout.write("\n")
-            sys.stdout.flush()
-            completions = [last]
-        else:
-            completions = batch_generate(
-                engine,
-                tok,
-                prompts,
-                num_samples=num_samples,
-                max_new_tokens=new_tokens,
-                sampling=sampling,
-                stop=stops,
-            )
-            _print_all(texts, num_samples, completions, json_output)
-    except BrokenPipeError:
-        _quit_quietly_on_broken_pipe()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        completions = [last]
+    else:
+        completions = batch_generate(
+            engine,
+            tok,
+            prompts,
+            num_samples=num_samples,
+            max_new_tokens=new_tokens,
+            sampling=sampling,
+            stop=stops,
+        )
+        _print_all(texts, num_samples, completions, json_output)
 
     if verbose:
         done = completions[-1]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
+import shutil
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -19,11 +22,11 @@ def inspect(
 
     Examples:
 
+    \b
       gpt2 inspect out.npz
-
       gpt2 inspect gpt2-medium --json
     """
-    from gpt2cli.checkpoint import flatten
+    from gpt2cli.checkpoint import describe_nonfinite, flatten, nonfinite
     from gpt2cli.cli.console import err
     from gpt2cli.hub import load_model, resolve
 
@@ -42,7 +45,10 @@ def inspect(
         "params": leaves,
         "total_params": sum(leaf["count"] for leaf in leaves.values()),
         "size_bytes": _size_on_disk(path),
+        "nonfinite": nonfinite(params),
     }
+    if report["nonfinite"]:
+        err.print(f"warning: {describe_nonfinite(report['nonfinite'])}", markup=False)
     if json_output:
         typer.echo(json.dumps(report, indent=2))
     else:
@@ -60,7 +66,13 @@ def _print_report(report: dict) -> None:
     from rich.table import Table
     from rich.tree import Tree
 
-    out = Console(highlight=False)
+    # Rendered to a string, then written: a reader that left (`| head`) raises BrokenPipeError
+    # for the error boundary to end quietly (rich itself would exit 1). A file or a pipe is
+    # not cut to a terminal's width.
+    terminal = sys.stdout.isatty()
+    buffer = io.StringIO()
+    width = shutil.get_terminal_size().columns if terminal else 10_000
+    out = Console(file=buffer, highlight=False, force_terminal=terminal, width=width)
     table = Table(title=f"config of {report['source']}", show_header=False)
     for key, value in report["config"].items():
         table.add_row(key, str(value))
@@ -81,3 +93,4 @@ def _print_report(report: dict) -> None:
     out.print(tree)
     mib = report["size_bytes"] / 2**20
     out.print(f"total parameters: {report['total_params']:,}   size on disk: {mib:,.1f} MiB")
+    sys.stdout.write(buffer.getvalue())

@@ -1,14 +1,56 @@
-"""Options shared by several commands, spelled once."""
+"""Options shared by several commands, spelled once. A command gives its own default where it
+differs (chat samples with temperature 0.7; generate is greedy).
+
+A value outside its range is a usage error (exit 2) caught while the flags are parsed, before
+anything loads: the callbacks run the core's own checks (`sampling_checks`), so each range is
+written in one place.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import typer
 
 from gpt2cli import precision
+from gpt2cli.errors import UserError
+from gpt2cli.sampling_checks import check_sampling, check_seed
 
 DEFAULT_MODEL = "gpt2"
+
+
+def _checked(check: Callable[[Any], None]) -> Callable[[Any], Any]:
+    """A callback that runs `check` on the given value and turns its UserError into a usage error."""
+
+    def callback(value):
+        if value is not None:
+            try:
+                check(value)
+            except UserError as exc:
+                raise typer.BadParameter(str(exc)) from None
+        return value
+
+    return callback
+
+
+seed_callback = _checked(check_seed)  # also for train's --seed, whose help differs
+
+
+def _positive(value: int) -> None:
+    if value < 1:
+        raise UserError(f"must be at least 1, got {value}")
+
+
+def _no_empty_stop(values: list[str]) -> None:
+    if any(value == "" for value in values):
+        raise UserError("an empty stop string would end every reply before it starts")
+
+
+def _text_errors(value: str) -> None:
+    if value not in ("strict", "replace"):
+        raise UserError(f"must be strict or replace, got {value!r}")
+
 
 ModelRef = Annotated[
     str,
@@ -16,7 +58,8 @@ ModelRef = Annotated[
         "--model",
         "-m",
         "--model-name",
-        help="A .npz checkpoint, a Hugging Face folder, or a Hub repo id.",
+        help="A .npz checkpoint, a Hugging Face folder, a Hub repo id, or the bundled demo "
+        "model 'shakespeare'.",
     ),
 ]
 TokenizerRef = Annotated[
@@ -37,4 +80,102 @@ def _check_dtype(value: str | None) -> str | None:
 Dtype = Annotated[str, typer.Option("--dtype", help=precision.HELP, callback=_check_dtype)]
 JsonOutput = Annotated[
     bool, typer.Option("--json", help="Print a machine-readable JSON result on stdout.")
+]
+
+# ---- sampling (generate, chat, bench) ----------------------------------------------------
+
+Temperature = Annotated[
+    float,
+    typer.Option(
+        "--temperature",
+        help="0 = greedy (deterministic); higher = more random.",
+        callback=_checked(lambda v: check_sampling(temperature=v)),
+    ),
+]
+TopK = Annotated[
+    int,
+    typer.Option(
+        "--top-k",
+        help="Sample from the k likeliest tokens only (0 = off).",
+        callback=_checked(lambda v: check_sampling(top_k=v)),
+    ),
+]
+TopP = Annotated[
+    float,
+    typer.Option(
+        "--top-p",
+        help="Nucleus sampling: the likeliest tokens up to this probability mass, in (0, 1] "
+        "(1 = off).",
+        callback=_checked(lambda v: check_sampling(top_p=v)),
+    ),
+]
+MinP = Annotated[
+    float,
+    typer.Option(
+        "--min-p",
+        help="Drop tokens below min_p x the likeliest token's probability (0 = off).",
+        callback=_checked(lambda v: check_sampling(min_p=v)),
+    ),
+]
+RepetitionPenalty = Annotated[
+    float,
+    typer.Option(
+        "--repetition-penalty",
+        help="Penalise tokens already present, Hugging Face style (1 = off).",
+        callback=_checked(lambda v: check_sampling(repetition_penalty=v)),
+    ),
+]
+Seed = Annotated[
+    int,
+    typer.Option(
+        "--seed",
+        help="Random seed, 0 to 2^32-1: the same seed gives the same text.",
+        callback=seed_callback,
+    ),
+]
+Stop = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--stop",
+        help="Stop before this string (repeatable).",
+        callback=_checked(_no_empty_stop),
+    ),
+]
+MaxNewTokens = Annotated[
+    int | None,
+    typer.Option(
+        "--max-new-tokens",
+        "-n",
+        help="Most tokens to generate (chat: per reply) [default: 100; chat: at most a "
+        "quarter of the model's window].",
+        callback=_checked(_positive),
+    ),
+]
+
+# ---- text files (train, eval) --------------------------------------------------------
+
+Dataset = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--dataset",
+        "-d",
+        help="Text file(s), globs, or a folder made by gpt2 prepare; relative names are read "
+        "from $DATA_DIR.",
+    ),
+]
+MoreFiles = Annotated[
+    list[str] | None,
+    typer.Argument(
+        metavar="FILES",
+        help="More dataset files (what a shell makes of --dataset corpus/*.txt).",
+        show_default=False,
+    ),
+]
+TextErrors = Annotated[
+    str | None,
+    typer.Option(
+        "--errors",
+        help="Non-UTF-8 bytes: strict (stop) or replace [default: strict].",
+        callback=_checked(_text_errors),
+    ),
 ]

@@ -29,7 +29,7 @@ def prepare(
         str, Opt("--text-field", help="The JSON-lines field holding each document's text.")
     ] = "text",
     workers: Annotated[
-        int | None, Opt("--workers", "-j", help="Tokenizing processes \\[default: all cores].")
+        int | None, Opt("--workers", "-j", help="Tokenizing processes [default: all cores].")
     ] = None,
     shard_tokens: Annotated[
         int, Opt("--shard-tokens", help="Tokens per shard file (2 bytes each).")
@@ -51,10 +51,9 @@ def prepare(
 
     Examples:
 
+    \b
       gpt2 prepare 'corpus/*.txt' --out data/corpus
-
       gpt2 prepare web-*.jsonl.gz --text-field text --out data/web --workers 8
-
       gpt2 train --dataset data/corpus --init tiny --steps 1000
     """
     from gpt2cli.data import resolve_files

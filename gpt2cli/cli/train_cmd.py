@@ -6,6 +6,7 @@ import importlib.util
 import inspect
 import signal
 import typing
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -26,16 +27,12 @@ def train(**given) -> None:
 
     Examples:
 
+    \b
       gpt2 train --dataset train.txt --steps 10
-
       gpt2 train --dataset 'corpus/*.txt' --model gpt2.npz --steps 2000 --out runs/ft
-
       gpt2 train --dataset tiny.txt --init tiny --n-layer 4 --n-embd 128 --steps 300 --out runs/scratch
-
       gpt2 prepare 'corpus/*.txt' --out data/corpus && gpt2 train --dataset data/corpus --init tiny
-
       gpt2 train --init tiny --dataset tiny.txt --print-config > run.toml; gpt2 train --config run.toml
-
       gpt2 train --resume runs/ft --steps 4000
     """
     from gpt2cli.training import config_file
@@ -53,7 +50,8 @@ def train(**given) -> None:
         values["dataset"] = [*values.get("dataset", []), *more_files]
     if values.get("plot") and importlib.util.find_spec("matplotlib") is None:
         raise UserError(
-            "--plot needs matplotlib: install it (uv pip install matplotlib) or drop --plot"
+            "--plot needs matplotlib, in the plot extra: uv pip install 'gpt2cli[plot]' "
+            "(or: uv tool install '.[plot]', pipx inject gpt2cli matplotlib); or drop --plot"
         )
     if resume:
         plan = _resume(resume, values, force)
@@ -74,7 +72,7 @@ def train(**given) -> None:
 
 
 def _close(plan) -> None:
-    from gpt2cli import train_run
+    from gpt2cli.training import plan as train_run
 
     train_run.close(plan)
 
@@ -84,7 +82,7 @@ def _command_parameters() -> list[inspect.Parameter]:
     from gpt2cli.training import settings as S
 
     def option(name: str, kind, default, *names: str, help: str) -> inspect.Parameter:
-        info = Opt(default, *names, help=help.replace("[", "\\["), show_default=False)
+        info = Opt(default, *names, help=help, show_default=False)  # plain help: no markup
         return inspect.Parameter(
             name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=kind
         )
@@ -206,10 +204,10 @@ def _start_processes(parallel) -> None:
 
 
 def _new(s, force: bool):
-    from gpt2cli import train_run
     from gpt2cli.cli.options import DEFAULT_MODEL
     from gpt2cli.config import SHAPE_FIELDS
     from gpt2cli.hub import load_model
+    from gpt2cli.training import plan as train_run
 
     _start_processes(s.parallel)
     if not s.model.init and not s.model.model:
@@ -225,7 +223,7 @@ def _new(s, force: bool):
 
 def _resume(path: str, values: dict, force: bool):
     """The run in `path`; only the settings that do not change its numbers may be given."""
-    from gpt2cli import train_run
+    from gpt2cli.training import plan as train_run
     from gpt2cli.training import settings as S
 
     recorded = train_run.recorded_settings(path)
@@ -253,93 +251,19 @@ def _is_main() -> bool:
 
 
 def _run(plan, force: bool, plot: bool) -> None:
-    import jax
+    from gpt2cli.training.run import run
 
-    from gpt2cli import compile_cache, train_run
-    from gpt2cli.checkpoint import save_npz
-    from gpt2cli.hub import load_model, load_tokenizer
-    from gpt2cli.sharding import any_process, to_host
-    from gpt2cli.train import Diverged, Trainer, train_loop
-
-    compile_cache.enable()
-    main_process = jax.process_index() == 0
-    source = plan.spec["model"]
-    tokenizer = load_tokenizer(plan.spec["tokenizer"], source["source"])
-    with _progress_bar("tokenizing") as (progress, task):
-        data = train_run.load_data(
-            plan, tokenizer, lambda done, total: progress.update(task, completed=done, total=total)
-        )
-    trainer = Trainer.cached(plan.model_config, plan.train_config)
-    if plan.start_params is not None:
-        state = trainer.create_state(plan.start_params)
-        plan.start_params = None  # the device holds them now; free the host copy
-    else:
-        state = train_run.initial_weights(plan, trainer, load_model)
-    start = int(jax.device_get(state.step))
-    if plan.loop.steps < start:
-        raise UserError(f"--steps {plan.loop.steps} is below the run's step {start}; give more")
-    if main_process:
-        train_run.start_folder(plan)
-        if plan.resumed:
-            plan.folder.truncate_metrics(start)
-            plan.folder.remove_partial()
-    folder, loop = plan.folder, plan.loop
-    config = trainer.model_config
-
-    def save(state, step) -> Path | None:
-        params, opt_state = to_host((state.params, state.opt_state))  # all processes take part
-        if main_process:
-            return folder.save(step, config, params, opt_state, plan.keep)
-        return None
-
-    stop = StopRequest(_say_stopping, second_aborts=True)
-    reporter = _Reporter(folder, loop.steps, start, main_process, save)
-    steps_done = 0
-
-    def should_stop() -> bool:
-        """Processes agree at each log step, so all of them stop after the same step."""
-        nonlocal steps_done
-        steps_done += 1
-        if jax.process_count() == 1:
-            return stop.hit
-        return steps_done % loop.log_every == 0 and any_process(stop.hit)
-
-    what = "resuming" if plan.resumed else "training"
-    err.print(
-        f"{what} {source['source'] or 'a fresh ' + source['init']} ({config.n_layer} layers, "
-        f"{config.n_head} heads, width {config.n_embd}, context {config.n_positions}: "
-        f"{config.num_params() / 1e6:.1f}M params) in {folder.path} from step {start} "
-        f"to {loop.steps}; {len(data.train)} train blocks of {data.train.seq} tokens"
-    )
-    try:
-        with stop, reporter:
-            state, step = train_loop(trainer, state, data, loop, reporter, should_stop)
-    except Diverged as exc:
-        last = folder.latest()
-        kept = (
-            f"the last good checkpoint is {last[1]} (step {last[0]})"
-            if last
-            else "no checkpoint was saved"
-        )
-        raise UserError(f"{exc}; stopped: {kept}. Try a lower --lr in a new run.") from None
-
-    if step > start or not folder.latest():
-        path = save(state, step)
-        if path:
-            err.print(f"saved checkpoint {path}")
-    if step < loop.steps:  # stopped early by Ctrl-C
+    view = _View()
+    outcome = run(plan, view, force=force, plot=plot)
+    if not outcome.finished:
         err.print(
-            f"stopped at step {step} of {loop.steps}. Continue with: gpt2 train --resume {folder.path}"
+            f"stopped at step {outcome.step} of {outcome.steps}. "
+            f"Continue with: gpt2 train --resume {outcome.folder}"
         )
-        raise typer.Exit(stop.exit_code)
-    if main_process:
-        params = to_host(state.params)
-        written = save_npz(plan.output, config, params, force=force)
-        err.print(f"wrote {written}")
-        if plot:
-            err.print(f"wrote {folder.plot()}")
-    else:
-        to_host(state.params)
+        raise typer.Exit(view.stop.exit_code)
+    for path in (outcome.written, outcome.plot):
+        if path:
+            err.print(f"wrote {path}")
 
 
 def _say_stopping(signum: int) -> None:
@@ -349,36 +273,60 @@ def _say_stopping(signum: int) -> None:
     )
 
 
-class _Reporter:
-    """Loop hooks: a progress bar with the latest figures, metrics.jsonl, and checkpoints."""
+class _View:
+    """How a run looks on stderr: bars for tokenizing and steps, a status while compiling."""
 
-    def __init__(self, folder, steps: int, start: int, main_process: bool, save) -> None:
+    def __init__(self) -> None:
+        self.stop = StopRequest(_say_stopping, second_aborts=True)
+
+    def say(self, line: str) -> None:
+        err.print(line, soft_wrap=True)
+
+    @contextmanager
+    def stopping(self):
+        with self.stop:
+            yield lambda: self.stop.hit
+
+    @contextmanager
+    def tokenizing(self):
+        from gpt2cli.progress import bytes_progress
+
+        with bytes_progress(err) as progress:
+            task = progress.add_task("tokenizing", total=None)
+            yield lambda done, total: progress.update(task, completed=done, total=total)
+
+    def compiling(self, what: str):
+        return err.status(f"compiling the {what} (XLA, once per shape; cached for next time)")
+
+    def steps(self, total: int, start: int):
+        return _Steps(total, start)
+
+
+class _Steps:
+    """A progress bar with the latest figures; plain lines where stderr is not a terminal."""
+
+    def __init__(self, steps: int, start: int) -> None:
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self.folder, self.main, self._save = folder, main_process, save
         self.progress = Progress(
             TextColumn("step {task.completed}/{task.total}"),
             BarColumn(),
             TextColumn("{task.fields[fields]}"),
             TimeRemainingColumn(),
             console=err,
-            transient=not err.is_terminal,  # logs get the plain lines printed by on_log
+            disable=not err.is_terminal,  # logs get the plain lines printed by log()
         )
         self.task = self.progress.add_task("train", total=steps, completed=start, fields="")
         self.val = None
 
     def __enter__(self):
-        if self.main:
-            self.progress.start()
+        self.progress.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self.progress.stop()
 
-    def on_log(self, record: dict) -> None:
-        if not self.main:
-            return
-        self.folder.append_metrics(record)
+    def log(self, record: dict) -> None:
         self.val = record.get("val_loss", self.val)
         parts = []
         if "loss" in record:
@@ -394,26 +342,5 @@ class _Reporter:
         if not err.is_terminal:
             err.print(f"step {record['step']}  {line}")
 
-    def on_save(self, state, step: int) -> None:
-        path = self._save(state, step)
-        if path:
-            self.progress.console.print(f"saved checkpoint {path}")
-
-
-class _progress_bar:
-    """A transient bar for tokenizing; yields (progress, task)."""
-
-    def __init__(self, description: str) -> None:
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
-
-        self.progress = Progress(
-            TextColumn(description), BarColumn(), DownloadColumn(), console=err, transient=True
-        )
-        self.task = self.progress.add_task(description, total=None)
-
-    def __enter__(self):
-        self.progress.start()
-        return self.progress, self.task
-
-    def __exit__(self, *exc) -> None:
-        self.progress.stop()
+    def saved(self, path: Path) -> None:
+        self.progress.console.print(f"saved checkpoint {path}")

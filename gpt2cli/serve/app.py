@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import secrets
 import time
 from html import escape
@@ -31,6 +32,7 @@ from gpt2cli.serve.protocol import APIError, Plan
 from gpt2cli.serve.scheduler import Delta, Failed, Finish, Job, QueueFull, Scheduler
 
 RETRY_AFTER_S = 1
+log = logging.getLogger("uvicorn.error")
 
 
 class Run:
@@ -474,6 +476,11 @@ def error_response(exc: APIError) -> Response:
     return JSONResponse(exc.body(), exc.status, headers=headers)
 
 
+def internal_error(exc: Exception) -> Response:
+    message = f"internal error: {type(exc).__name__}: {exc}"
+    return error_response(APIError(500, message, None, "internal_error"))
+
+
 def create_app(
     scheduler: Scheduler,
     *,
@@ -492,6 +499,9 @@ def create_app(
                 response = await handler(request)
             except APIError as exc:
                 response = error_response(exc)
+            except Exception as exc:  # noqa: BLE001 - one request fails, the server goes on
+                log.exception("internal error on %s", endpoint)
+                response = internal_error(exc)
             status = getattr(response, "status_code", 200)
             server.metrics.requests.inc(endpoint=endpoint, status=str(status))
             return response
@@ -523,10 +533,8 @@ def create_app(
             APIError(exc.status_code, message.get(exc.status_code, str(exc.detail)))
         )
 
-    async def internal_error(request: Request, exc: Exception) -> Response:
-        return error_response(
-            APIError(500, f"internal error: {type(exc).__name__}: {exc}", None, "internal_error")
-        )
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        return internal_error(exc)
 
     middleware = []
     if cors_origins:
@@ -541,7 +549,7 @@ def create_app(
     app = Starlette(
         routes=routes,
         middleware=middleware,
-        exception_handlers={HTTPException: http_error, Exception: internal_error},
+        exception_handlers={HTTPException: http_error, Exception: unexpected},
     )
     app.state.max_body = max_body
     app.state.server = server

@@ -25,6 +25,7 @@ from gpt2cli.engine import Engine
 from gpt2cli.model import KVCache
 
 TOP_LOGPROBS = 20  # the most `top_logprobs` a request may ask for (OpenAI's limit)
+SHORT_PREFILL = 32  # the narrower prefill block, for short prompts and prompts' last chunks
 
 
 @struct.dataclass
@@ -160,6 +161,34 @@ class SlotPrograms:
         self.decode = jax.jit(self._decode, static_argnames="single", donate_argnames="slots")
         self.move = jax.jit(_move, donate_argnames="slots")
         self.traces = 0
+
+    @property
+    def widths(self) -> list[int]:
+        """Prefill block widths: a short prompt need not pay for a whole chunk."""
+        return sorted({min(SHORT_PREFILL, self.prefill_chunk), self.prefill_chunk})
+
+    def prefill_row(self, slots, settings, row, part, start, prompt, seed, sample):
+        """Host side of `prefill`: arrays of fixed dtypes (a Python int where an int32 was
+        traced would compile again), the narrowest width that holds `part`."""
+        width = next(w for w in self.widths if w >= len(part))
+        ids = np.zeros(width, np.int32)
+        ids[: len(part)] = part
+        seen = np.zeros(self.config.vocab_size, np.bool_)
+        seen[prompt] = True
+        rows = slots.token.shape[0]
+        return self.prefill(
+            self.params(rows),
+            slots,
+            settings,
+            np.int32(row),
+            ids,
+            np.int32(start),
+            np.int32(len(part)),
+            seen,
+            np.uint32(seed),
+            np.int32(sample),
+            single=rows == 1,
+        )
 
     def params(self, rows: int):
         return (self.one if rows == 1 else self.many).params

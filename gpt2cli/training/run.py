@@ -1,0 +1,237 @@
+"""The run driver: a planned run from its data to its trained model file.
+
+It loads the data, builds the trainer and the state (fresh, loaded or resumed), checks that
+the run fits in memory, runs the loop with checkpoints and metrics, turns a diverged loss into
+one line, and writes the final file. It draws nothing: the command renders through a `View`.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from gpt2cli.errors import UserError
+from gpt2cli.training import memory
+from gpt2cli.training import plan as plans
+
+
+class StepView(Protocol):
+    def log(self, record: dict) -> None: ...
+    def saved(self, path: Path) -> None: ...
+
+
+class View(Protocol):
+    """How the command shows a run (all on the main process only)."""
+
+    def say(self, line: str) -> None: ...
+    def tokenizing(self) -> AbstractContextManager[Any]: ...  # yields progress(done, total)
+    def compiling(self, what: str) -> AbstractContextManager[None]: ...
+    def steps(self, total: int, start: int) -> AbstractContextManager[StepView]: ...
+    def stopping(self) -> AbstractContextManager[Any]: ...  # yields stop_requested() -> bool
+
+
+@dataclass(frozen=True)
+class Outcome:
+    start: int
+    step: int  # the step the run stopped at
+    steps: int  # the step it was asked to reach
+    folder: Path
+    written: Path | None = None  # the final model file (main process)
+    plot: Path | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.steps
+
+
+def run(plan: plans.Plan, view: View, *, force: bool, plot: bool) -> Outcome:
+    """Train until the plan's step count, or until the view's stop request says so."""
+    import jax
+
+    from gpt2cli import compile_cache
+    from gpt2cli.checkpoint import save_npz
+    from gpt2cli.hub import load_model, load_tokenizer
+    from gpt2cli.sharding import any_process, to_host
+    from gpt2cli.train import Diverged, Trainer, train_loop
+
+    compile_cache.enable()
+    main = jax.process_index() == 0
+    view = view if main else _Silent(view)
+    source = plan.spec["model"]
+    tokenizer = load_tokenizer(plan.spec["tokenizer"], source["source"])
+    with view.tokenizing() as progress:
+        data = plans.load_data(plan, tokenizer, progress)
+    fits = check_fits(plan)  # before any weights reach the device
+    trainer = Trainer.cached(plan.model_config, plan.train_config)
+    if plan.start_params is not None:
+        state = trainer.create_state(plan.start_params)
+        plan.start_params = None  # the device holds them now; free the host copy
+    else:
+        state = plans.initial_weights(plan, trainer, load_model)
+    start = int(jax.device_get(state.step))
+    loop = plan.loop
+    if loop.steps < start:
+        raise UserError(f"--steps {loop.steps} is below the run's step {start}; give more")
+    if main:
+        plans.start_folder(plan)
+        if plan.resumed:
+            plan.folder.truncate_metrics(start)
+            plan.folder.remove_partial()
+    view.say(fits)
+    folder, config = plan.folder, trainer.model_config
+
+    def save(state, step) -> Path | None:
+        params, opt_state = to_host((state.params, state.opt_state))  # all processes take part
+        return folder.save(step, config, params, opt_state, plan.keep) if main else None
+
+    steps_done, stop_requested = 0, None
+
+    def should_stop() -> bool:
+        """Processes agree at each log step, so all of them stop after the same step."""
+        nonlocal steps_done
+        steps_done += 1
+        if jax.process_count() == 1:
+            return stop_requested()
+        return steps_done % loop.log_every == 0 and any_process(stop_requested())
+
+    what = "resuming" if plan.resumed else "training"
+    view.say(
+        f"{what} {source['source'] or 'a fresh ' + source['init']} ({config.n_layer} layers, "
+        f"{config.n_head} heads, width {config.n_embd}, context {config.n_positions}: "
+        f"{config.num_params() / 1e6:.1f}M params) in {folder.path} from step {start} "
+        f"to {loop.steps}; {len(data.train)} train blocks of {data.train.seq} tokens"
+    )
+    try:
+        with view.stopping() as stop_requested, view.steps(loop.steps, start) as steps:
+            hooks = _Hooks(folder, steps, save, main)
+            announcing = _Announcing(trainer, view)
+            state, step = train_loop(announcing, state, data, loop, hooks, should_stop)
+    except Diverged as exc:
+        last = folder.latest()
+        kept = (
+            f"the last good checkpoint is {last[1]} (step {last[0]})"
+            if last
+            else "no checkpoint was saved"
+        )
+        raise UserError(f"{exc}; stopped: {kept}. Try a lower --lr in a new run.") from None
+
+    if step > start or not folder.latest():
+        path = save(state, step)
+        if path:
+            view.say(f"saved checkpoint {path}")
+    outcome = Outcome(start, step, loop.steps, folder.path)
+    if step < loop.steps:  # stopped early: the caller says how to go on
+        return outcome
+    params = to_host(state.params)  # all processes take part
+    if not main:
+        return outcome
+    written = save_npz(plan.output, config, params, force=force)
+    return Outcome(start, step, loop.steps, folder.path, written, folder.plot() if plot else None)
+
+
+def check_fits(plan: plans.Plan) -> str:
+    """The line that says what the run will hold against what the device has; a UserError,
+    with what to change, when it cannot fit."""
+    import jax
+
+    tc = plan.train_config
+    parallel = tc.parallel != "single"
+    devices = jax.device_count() if parallel else 1
+    need = memory.footprint(
+        plan.model_config,
+        rows=max(1, tc.batch_size // devices),
+        seq=tc.seq_length,
+        compute_bytes=2 if tc.dtype == "bfloat16" else 4,
+        grad_accum=tc.grad_accum,
+        remat=getattr(tc, "remat", False),
+        shards=devices if tc.parallel == "fsdp" else 1,
+    )
+    have, what = memory.device_capacity()
+    if have is None:
+        return f"memory: {need.describe()}"
+    if need.total > have:
+        remedies = [f"a smaller --batch-size (now {tc.batch_size}) with more --grad-accum"]
+        if hasattr(tc, "remat") and not tc.remat:
+            remedies.append("--remat")
+        if tc.dtype == "float32":
+            remedies.append("--dtype bfloat16")
+        raise UserError(
+            f"this run needs at least {need.describe()} but has {have / memory.GB:.1f} GB "
+            f"({what}): try {', or '.join(remedies)}"
+        )
+    return f"memory: {need.describe()} of {have / memory.GB:.1f} GB {what}"
+
+
+class _Hooks:
+    """The loop's hooks: metrics.jsonl and checkpoints, shown through the view."""
+
+    def __init__(self, folder, steps: StepView, save, main: bool) -> None:
+        self.folder, self.steps, self._save, self.main = folder, steps, save, main
+
+    def on_log(self, record: dict) -> None:
+        if self.main:
+            self.folder.append_metrics(record)
+            self.steps.log(record)
+
+    def on_save(self, state, step: int) -> None:
+        path = self._save(state, step)
+        if path:
+            self.steps.saved(path)
+
+
+class _Announcing:
+    """The trainer, with a status line while XLA compiles its first step and evaluation."""
+
+    def __init__(self, trainer, view: View) -> None:
+        self._trainer, self._view = trainer, view
+        self._compiled: set[str] = set()
+
+    def __getattr__(self, name: str):
+        return getattr(self._trainer, name)
+
+    def _first(self, what: str, call):
+        if what in self._compiled:
+            return call()
+        started = time.perf_counter()
+        with self._view.compiling(what):
+            result = call()
+        self._compiled.add(what)
+        self._view.say(f"compiled the {what} in {time.perf_counter() - started:.1f} s")
+        return result
+
+    def step(self, state, batch):
+        return self._first("training step", lambda: self._trainer.step(state, batch))
+
+    def eval_loss(self, params, batches):
+        return self._first("evaluation", lambda: self._trainer.eval_loss(params, batches))
+
+
+class _Silent:
+    """The view of the processes other than the main one: they show nothing."""
+
+    def __init__(self, view: View) -> None:
+        self._stop = view.stopping()  # every process stops on a signal
+
+    def say(self, line: str) -> None:
+        pass
+
+    def tokenizing(self):
+        return nullcontext(lambda done, total: None)
+
+    def compiling(self, what: str):
+        return nullcontext()
+
+    def steps(self, total: int, start: int):
+        return nullcontext(self)
+
+    def stopping(self):
+        return self._stop
+
+    def log(self, record: dict) -> None:
+        pass
+
+    def saved(self, path: Path) -> None:
+        pass

@@ -27,7 +27,7 @@ def test_precision_table_and_its_one_check():
         precision.get("int8")
 
 
-@pytest.mark.parametrize("command", ["generate", "bench", "chat", "eval", "train"])
+@pytest.mark.parametrize("command", ["generate", "bench", "chat", "eval", "train", "serve"])
 def test_every_command_takes_tf32_and_refuses_other_dtypes_before_loading(command):
     result = CliRunner().invoke(app, [command, "--dtype", "int8", "--model", "/nonexistent"])
     # a usage error; train's settings may also come from a TOML file, so it checks them itself

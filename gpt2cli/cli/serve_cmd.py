@@ -83,8 +83,6 @@ def serve(
     for name, value in (("--grace", grace), ("--queue-timeout", queue_timeout)):
         if not value >= 0:
             raise UserError(f"{name} must be 0 or more seconds, got {value}")
-    if dtype not in ("float32", "bfloat16"):
-        raise UserError(f"--dtype must be float32 or bfloat16, got {dtype!r}")
     if api_key is not None and not api_key.strip():
         raise UserError("--api-key is empty: give a key or leave the option out")
     origins = [o.strip() for o in cors_origins.split(",") if o.strip()] if cors_origins else None

@@ -23,8 +23,6 @@ from gpt2cli.sampling_checks import check_sampling, check_seed
 # so short that the launches between calls would leave it idle.
 DECODE_CHUNK = {"cpu": 4}
 DEFAULT_DECODE_CHUNK = 32
-# Decode steps per iteration of the device-side loop: fewer iterations, fewer loop launches.
-DECODE_UNROLL: dict[str, int] = {}
 
 
 @dataclass(frozen=True)
@@ -131,7 +129,6 @@ class _Programs:
         self.config = config
         self.chunk = chunk
         self.kernels = chosen
-        self.unroll = DECODE_UNROLL.get(chosen.backend, 1)
         self.model = GPT2(config, dtype=jnp.dtype(compute), param_dtype=jnp.dtype(compute))
         self.traces = 0  # how many programs were traced: tests check nothing retraces
         self.prefill = chosen.jit(self._prefill, static_argnames="rule", donate_argnames="cache")
@@ -187,4 +184,4 @@ class _Programs:
         out = jnp.zeros((state.token.shape[0], self.chunk), jnp.int32)  # [B, chunk]
         if self.chunk == 1:  # straight-line code: XLA copies a cache that enters a while loop
             return one_step(0, (state, out))
-        return jax.lax.fori_loop(0, self.chunk, one_step, (state, out), unroll=self.unroll)
+        return jax.lax.fori_loop(0, self.chunk, one_step, (state, out))

@@ -6,7 +6,8 @@ import pytest
 
 from gpt2cli.config import preset
 from gpt2cli.training.memory import footprint
-from tests.helpers_train import gpt2_in_process, isolate, write_corpus
+from tests.conftest import cli as gpt2_in_process
+from tests.helpers_train import isolate, write_corpus
 
 
 @pytest.fixture(autouse=True)

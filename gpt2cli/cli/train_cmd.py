@@ -295,8 +295,8 @@ class _View:
             task = progress.add_task("tokenizing", total=None)
             yield lambda done, total: progress.update(task, completed=done, total=total)
 
-    def compiling(self, what: str):
-        return err.status(f"compiling the {what} (XLA, once per shape; cached for next time)")
+    def busy(self, what: str):
+        return err.status(what)
 
     def steps(self, total: int, start: int):
         return _Steps(total, start)

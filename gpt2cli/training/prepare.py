@@ -12,6 +12,7 @@ records where the last complete shard ended, so an interrupted run continues fro
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -84,8 +85,7 @@ def _request(files: list[Path], settings: PrepareSettings) -> dict[str, Any]:
     return {
         "sources": sources,
         "tokenizer": tokenizer_fingerprint(),
-        **{k: v for k, v in settings.__dict__.items() if k != "val_fraction"},
-        "val_fraction": settings.val_fraction,
+        **dataclasses.asdict(settings),
     }
 
 

@@ -28,7 +28,7 @@ class View(Protocol):
 
     def say(self, line: str) -> None: ...
     def tokenizing(self) -> AbstractContextManager[Any]: ...  # yields progress(done, total)
-    def compiling(self, what: str) -> AbstractContextManager[None]: ...
+    def busy(self, what: str) -> AbstractContextManager[None]: ...  # a status line meanwhile
     def steps(self, total: int, start: int) -> AbstractContextManager[StepView]: ...
     def stopping(self) -> AbstractContextManager[Any]: ...  # yields stop_requested() -> bool
 
@@ -66,11 +66,14 @@ def run(plan: plans.Plan, view: View, *, force: bool, plot: bool) -> Outcome:
         data = plans.load_data(plan, tokenizer, progress)
     fits = check_fits(plan)  # before any weights reach the device
     trainer = Trainer.cached(plan.model_config, plan.train_config)
-    if plan.start_params is not None:
-        state = trainer.create_state(plan.start_params)
-        plan.start_params = None  # the device holds them now; free the host copy
-    else:
-        state = plans.initial_weights(plan, trainer, load_model)
+    with view.busy(
+        f"placing {plan.model_config.num_params() / 1e6:.1f}M parameters and the optimizer state"
+    ):
+        if plan.start_params is not None:
+            state = trainer.create_state(plan.start_params)
+            plan.start_params = None  # the device holds them now; free the host copy
+        else:
+            state = plans.initial_weights(plan, trainer, load_model)
     start = int(jax.device_get(state.step))
     loop = plan.loop
     if loop.steps < start:
@@ -196,7 +199,7 @@ class _Announcing:
         if what in self._compiled:
             return call()
         started = time.perf_counter()
-        with self._view.compiling(what):
+        with self._view.busy(f"compiling the {what} (XLA, once per shape; cached for next time)"):
             result = call()
         self._compiled.add(what)
         self._view.say(f"compiled the {what} in {time.perf_counter() - started:.1f} s")
@@ -221,7 +224,7 @@ class _Silent:
     def tokenizing(self):
         return nullcontext(lambda done, total: None)
 
-    def compiling(self, what: str):
+    def busy(self, what: str):
         return nullcontext()
 
     def steps(self, total: int, start: int):

@@ -32,7 +32,12 @@ def prepare(
         int | None, Opt("--workers", "-j", help="Tokenizing processes [default: all cores].")
     ] = None,
     shard_tokens: Annotated[
-        int, Opt("--shard-tokens", help="Tokens per shard file (2 bytes each).")
+        int,
+        Opt(
+            "--shard-tokens",
+            help="Tokens per shard file (2 bytes each), at least: a shard ends with the "
+            "~1 MB piece of text that reaches it.",
+        ),
     ] = 100_000_000,
     val_fraction: Annotated[
         float, Opt("--val-fraction", help="Tail of the tokens held out for validation.")
@@ -78,14 +83,18 @@ def prepare(
     except FolderInUse as exc:
         raise UserError(f"{exc}: use --force to replace them, or another --out") from None
     except KeyboardInterrupt as exc:
-        err.print(f"interrupted: finished shards are kept in {out}; run the same command to go on")
+        err.print(
+            f"interrupted: finished shards are kept in {out}; run the same command to go on",
+            soft_wrap=True,
+        )
         raise typer.Exit(interrupts.exit_code(exc)) from None
     index = result.index
     what = "already prepared" if result.resumed_at is None else "prepared"
     docs, shards = index["documents"], len(index["shards"])
     err.print(
         f"{what}: {index['tokens']:,} tokens of {docs:,} document{'s' * (docs != 1)} in "
-        f"{shards} shard{'s' * (shards != 1)} under {out}"
+        f"{shards} shard{'s' * (shards != 1)} under {out}",
+        soft_wrap=True,
     )
 
 

@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.slow
 def test_wheel_installs_and_tokenizes_offline(tmp_path):
     uv = shutil.which("uv")
-    if uv is None:
-        pytest.fail("uv is needed to build and install the wheel")
+    if uv is None:  # CI installs it; a GPU machine running the checkout has none
+        pytest.skip("uv is needed to build and install the wheel")
     subprocess.run(
         [uv, "build", "--wheel", "-o", str(tmp_path / "dist"), str(ROOT)],
         check=True,

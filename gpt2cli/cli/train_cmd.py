@@ -153,10 +153,13 @@ train.__signature__ = inspect.Signature(_command_parameters())
 
 def _check(s) -> object:
     """Conflicting or missing flags, before any work starts."""
+    from gpt2cli import precision
     from gpt2cli.config import SHAPE_FIELDS
     from gpt2cli.training.settings import flag
 
     m, p = s.model, s.parallel
+    if m.dtype not in precision.NAMES:
+        raise UserError(f"--dtype must be one of {', '.join(precision.NAMES)}, got {m.dtype!r}")
     if s.data.errors not in ("strict", "replace"):
         raise UserError(f"--errors must be strict or replace, got {s.data.errors!r}")
     if m.model and m.init:

@@ -14,6 +14,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from gpt2cli import precision
 from gpt2cli.config import GPT2Config
 from gpt2cli.errors import UserError
 
@@ -58,7 +59,7 @@ class ModelSettings:
     n_positions: int | None = setting(None, "With --init: context length (nanoGPT's block_size).")
     tokenizer: str | None = setting(None, "Tokenizer folder or repo id [default: the model's].")
     dropout: float | None = setting(None, "Dropout rate in training [default: the model's].")
-    dtype: str = setting("float32", "Compute dtype: float32 or bfloat16 (weights stay fp32).")
+    dtype: str = setting("float32", precision.HELP + " Weights stay float32.")
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,7 @@ class LoopSettings:
 
 @dataclass(frozen=True)
 class ParallelSettings:
-    """Devices and processes."""
+    """Devices, processes and memory."""
 
     data_parallel: bool = setting(False, "Split each batch over all devices.", fixed=False)
     fsdp: bool = setting(
@@ -136,6 +137,9 @@ class ParallelSettings:
     )
     num_processes: int = setting(1, "Processes in the run.", fixed=False)
     process_id: int = setting(0, "This process's index.", fixed=False)
+    remat: bool = setting(
+        False, "Recompute each block in the backward pass: less memory, slower.", fixed=False
+    )
 
 
 GROUPS = {

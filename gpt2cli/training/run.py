@@ -64,8 +64,8 @@ def run(plan: plans.Plan, view: View, *, force: bool, plot: bool) -> Outcome:
     tokenizer = load_tokenizer(plan.spec["tokenizer"], source["source"])
     with view.tokenizing() as progress:
         data = plans.load_data(plan, tokenizer, progress)
-    fits = check_fits(plan)  # before any weights reach the device
     trainer = Trainer.cached(plan.model_config, plan.train_config)
+    fits = check_fits(plan, trainer.loss_chunks)  # before any weights reach the device
     with view.busy(
         f"placing {plan.model_config.num_params() / 1e6:.1f}M parameters and the optimizer state"
     ):
@@ -135,10 +135,13 @@ def run(plan: plans.Plan, view: View, *, force: bool, plot: bool) -> Outcome:
     return Outcome(start, step, loop.steps, folder.path, written, folder.plot() if plot else None)
 
 
-def check_fits(plan: plans.Plan) -> str:
+def check_fits(plan: plans.Plan, loss_chunks: int = 1) -> str:
     """The line that says what the run will hold against what the device has; a UserError,
     with what to change, when it cannot fit."""
     import jax
+    import jax.numpy as jnp
+
+    from gpt2cli import precision
 
     tc = plan.train_config
     parallel = tc.parallel != "single"
@@ -147,17 +150,18 @@ def check_fits(plan: plans.Plan) -> str:
         plan.model_config,
         rows=max(1, tc.batch_size // devices),
         seq=tc.seq_length,
-        compute_bytes=2 if tc.dtype == "bfloat16" else 4,
+        compute_bytes=jnp.dtype(precision.get(tc.dtype).compute).itemsize,
         grad_accum=tc.grad_accum,
-        remat=getattr(tc, "remat", False),
+        remat=tc.remat,
         shards=devices if tc.parallel == "fsdp" else 1,
+        loss_chunks=loss_chunks,
     )
     have, what = memory.device_capacity()
     if have is None:
         return f"memory: {need.describe()}"
     if need.total > have:
         remedies = [f"a smaller --batch-size (now {tc.batch_size}) with more --grad-accum"]
-        if hasattr(tc, "remat") and not tc.remat:
+        if not tc.remat:
             remedies.append("--remat")
         if tc.dtype == "float32":
             remedies.append("--dtype bfloat16")

@@ -87,13 +87,13 @@ def _init_worker() -> None:
 def encode_piece(piece: Piece, text_field: str, errors: str, eos: int):
     """(uint16 ids, documents begun in it) of one piece; documents joined by eos."""
     texts = piece_texts(piece, text_field, errors)
-    ids: list[int] = []
+    parts: list[np.ndarray] = []
     for i, text in enumerate(texts):
         if i:
-            ids.append(eos)
-        ids.extend(_encoder.encode(text, allowed_special="all"))
+            parts.append(np.asarray([eos], DTYPE))
+        parts.append(_encoder.encode_to_numpy(text, allowed_special="all").astype(DTYPE))
     docs = int(piece.starts_doc) if piece.kind == "text" else len(texts)
-    return np.asarray(ids, DTYPE), docs
+    return (np.concatenate(parts) if parts else np.empty(0, DTYPE)), docs
 
 
 # ---- state ---------------------------------------------------------------------------------

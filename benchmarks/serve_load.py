@@ -171,7 +171,7 @@ def overload(
                     if len(done) % 50 == 0:
                         memory.append(rss_mib(proc.pid))
                 if out["status"] == 503:
-                    time.sleep(0.2)  # what Retry-After asks, shortened
+                    time.sleep(1.0)  # what Retry-After asks
 
         threads = [threading.Thread(target=client) for _ in range(clients)]
         for t in threads:

@@ -264,7 +264,7 @@ class Server:
         vocab = self.scheduler.programs.config.vocab_size
         if not isinstance(tokens, list):
             raise protocol.bad("tokens", "tokens must be a list of token ids")
-        ids = protocol._check_ids(tokens, vocab, "tokens")
+        ids = protocol.check_ids(tokens, vocab, "tokens")
         return JSONResponse({"prompt": self.scheduler.tokenizer.decode(ids)})
 
     async def completions(self, request: Request) -> Response:

@@ -55,7 +55,7 @@ def ours_worker(folder: str, dtype: str, batch: int, prompt_len: int, new: int, 
     from gpt2cli.hub import load_model
 
     config, params = load_model(folder)
-    engine = Engine(config, params, dtype, out_in=batch == 1)
+    engine = Engine(config, params, dtype, batch=batch)
     result = measure(engine, batch, prompt_len, new, repeats)
     return {
         "decode_tps": result["decode_tokens_per_s"],

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gpt2cli import kernels, precision
 from gpt2cli.checkpoint import save_npz
 from gpt2cli.config import GPT2Config
 from gpt2cli.errors import UserError
@@ -28,13 +29,23 @@ def save(path: str | Path, config: GPT2Config, params: Params, *, force: bool = 
 
 
 @functools.lru_cache(maxsize=8)
-def _forward(config: GPT2Config):
-    model = GPT2(config)
-    return jax.jit(lambda params, ids: model.apply({"params": params}, ids)[0])
+def _forward(config: GPT2Config, dtype: str):
+    policy = precision.get(dtype)
+    model = GPT2(config, dtype=jnp.dtype(policy.compute))
+    chosen = kernels.choose(policy)
+
+    def forward(params, ids):
+        with kernels.use(chosen):
+            return model.apply({"params": params}, ids)[0]
+
+    return chosen.jit(forward)
 
 
-def logits(config: GPT2Config, params: Params, input_ids) -> jax.Array:
-    """Next-token logits, float32 [batch, seq, vocab], for int ids [batch, seq] (or [seq])."""
+def logits(config: GPT2Config, params: Params, input_ids, *, dtype: str = "float32") -> jax.Array:
+    """Next-token logits, float32 [batch, seq, vocab], for int ids [batch, seq] (or [seq]).
+
+    `dtype` is a precision (float32, tf32 or bfloat16; see precision.py).
+    """
     ids = np.asarray(input_ids)
     if ids.ndim == 1:
         ids = ids[None, :]
@@ -47,4 +58,4 @@ def logits(config: GPT2Config, params: Params, input_ids) -> jax.Array:
         raise UserError(
             f"token ids must lie in [0, {config.vocab_size}), got {ids.min()}..{ids.max()}"
         )
-    return _forward(config)(params, jnp.asarray(ids, jnp.int32))
+    return _forward(config, dtype)(params, jnp.asarray(ids, jnp.int32))

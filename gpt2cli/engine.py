@@ -14,13 +14,15 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from gpt2cli import sampling
+from gpt2cli import kernels, precision, sampling
 from gpt2cli.config import GPT2Config
-from gpt2cli.errors import UserError
 from gpt2cli.model import GPT2, KVCache
 from gpt2cli.sampling_checks import check_sampling, check_seed
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Tokens per decode call. A CPU step is slow enough that 4 hide the call's cost; a GPU step is
+# so short that the launches between calls would leave it idle.
+DECODE_CHUNK = {"cpu": 4}
+DEFAULT_DECODE_CHUNK = 32
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,9 @@ def _mark_seen(seen, token):
 class Engine:
     """A model ready to generate: params in the compute dtype and the jitted programs.
 
-    Engines of the same config, dtype and chunk share their compiled programs.
+    `dtype` is a precision's name (precision.py); `batch`, the rows it will mostly decode, picks
+    the weight layout (kernels.py). Engines of the same config, kernels and chunk share their
+    compiled programs.
     """
 
     def __init__(
@@ -86,25 +90,24 @@ class Engine:
         config: GPT2Config,
         params: dict,
         dtype: str = "float32",
-        chunk: int = 4,
-        out_in: bool = True,
+        chunk: int | None = None,
+        batch: int = 1,
+        chosen: kernels.Kernels | None = None,  # instead of the kernels.choose() of this batch
     ):
-        if dtype not in DTYPES:
-            raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        policy = precision.get(dtype)
         self.config = config
         self.dtype = dtype
-        self.chunk = chunk  # tokens per decode call
-        out_in = out_in and dtype == "float32"  # bfloat16 products want (in, out): see model.py
-        self.params = _prepare(params, DTYPES[dtype], out_in)
-        self.programs = _programs(config, dtype, chunk, out_in)
+        self.kernels = chosen or kernels.choose(policy, batch=batch)
+        self.chunk = chunk or DECODE_CHUNK.get(self.kernels.backend, DEFAULT_DECODE_CHUNK)
+        self.params = _prepare(params, policy.compute, self.kernels.out_in)
+        self.programs = _programs(config, policy.compute, self.kernels, self.chunk)
 
     def new_cache(self, batch: int, length: int) -> KVCache:
-        # float32 in every dtype: XLA:CPU would widen a bfloat16 cache to a float32 copy for the
-        # attention products at every step, which costs more than the cache's reads save.
-        return KVCache.empty(self.config, batch, length, jnp.float32)
+        dtype = self.kernels.cache_dtype(self.params["wte"]["embedding"].dtype)
+        return KVCache.empty(self.config, batch, length, dtype)
 
 
-def _prepare(params: dict, dtype, out_in: bool) -> dict:
+def _prepare(params: dict, dtype: str, out_in: bool) -> dict:
     """Params in the compute dtype, Dense kernels transposed to (out, in) if asked."""
 
     def leaf(path, a):
@@ -115,21 +118,21 @@ def _prepare(params: dict, dtype, out_in: bool) -> dict:
 
 
 @functools.lru_cache(maxsize=8)
-def _programs(config: GPT2Config, dtype: str, chunk: int, out_in: bool) -> _Programs:
-    return _Programs(config, dtype, chunk, out_in)
+def _programs(config: GPT2Config, compute: str, chosen: kernels.Kernels, chunk: int):
+    return _Programs(config, compute, chosen, chunk)
 
 
 class _Programs:
-    """The jitted prefill and decode of one (config, dtype, chunk)."""
+    """The jitted prefill and decode of one (config, compute dtype, kernels, chunk)."""
 
-    def __init__(self, config: GPT2Config, dtype: str, chunk: int, out_in: bool):
-        compute = DTYPES[dtype]
+    def __init__(self, config: GPT2Config, compute: str, chosen: kernels.Kernels, chunk: int):
         self.config = config
         self.chunk = chunk
-        self.model = GPT2(config, dtype=compute, param_dtype=compute, out_in=out_in)
+        self.kernels = chosen
+        self.model = GPT2(config, dtype=jnp.dtype(compute), param_dtype=jnp.dtype(compute))
         self.traces = 0  # how many programs were traced: tests check nothing retraces
-        self.prefill = jax.jit(self._prefill, static_argnames="rule", donate_argnames="cache")
-        self.decode = jax.jit(self._decode, static_argnames="rule", donate_argnames="state")
+        self.prefill = chosen.jit(self._prefill, static_argnames="rule", donate_argnames="cache")
+        self.decode = chosen.jit(self._decode, static_argnames="rule", donate_argnames="state")
 
     def _prefill(
         self, params, cache, ids, positions, mask, last, advance, seen, seed, rows, *, rule
@@ -138,9 +141,10 @@ class _Programs:
         # advance: how many slots the cache keeps (T when left-padded, the real count if not).
         self.traces += 1
         start = cache.index
-        logits, cache = self.model.apply(
-            {"params": params}, ids, positions, mask, cache=cache, logits_at=last
-        )  # [B, 1, V]
+        with kernels.use(self.kernels):
+            logits, cache = self.model.apply(
+                {"params": params}, ids, positions, mask, cache=cache, logits_at=last
+            )  # [B, 1, V]
         cache = cache.replace(index=start + advance)
         batch = jnp.arange(ids.shape[0])
         keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.key(seed), r))(rows)  # [B]
@@ -163,9 +167,10 @@ class _Programs:
         def one_step(i, carry):
             state, out = carry
             position = jnp.minimum(state.position, top_position)  # steps past the end are junk
-            logits, cache = self.model.apply(
-                {"params": params}, state.token[:, None], position[:, None], cache=state.cache
-            )
+            with kernels.use(self.kernels):
+                logits, cache = self.model.apply(
+                    {"params": params}, state.token[:, None], position[:, None], cache=state.cache
+                )
             token = _pick(rule, logits[:, 0], state.seen, state.keys, state.step)  # [B]
             state = state.replace(
                 cache=cache,

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from gpt2cli import kernels, precision
 from gpt2cli.config import GPT2Config
 from gpt2cli.errors import UserError
 from gpt2cli.model import GPT2
@@ -77,13 +78,16 @@ def window_arrays(tokens: np.ndarray, wins: list[Window], length: int):
     return inputs, targets, mask
 
 
-def make_scorer(config: GPT2Config, dtype: Any) -> Callable:
+def make_scorer(config: GPT2Config, dtype: str) -> Callable:
     """A jitted (params, inputs, targets, mask) -> per-row sum of scored NLLs."""
-    model = GPT2(config, dtype=dtype)
+    policy = precision.get(dtype)
+    model = GPT2(config, dtype=jnp.dtype(policy.compute))
+    chosen = kernels.choose(policy)
 
-    @jax.jit
+    @chosen.jit
     def score(params, inputs, targets, mask):
-        logits, _ = model.apply({"params": params}, inputs)  # [B, L, V] float32
+        with kernels.use(chosen):
+            logits, _ = model.apply({"params": params}, inputs)  # [B, L, V] float32
         nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # [B, L]
         return jnp.sum(nll * mask, axis=-1)
 
@@ -98,7 +102,7 @@ def evaluate(
     length: int,
     stride: int,
     batch_size: int = 8,
-    dtype: Any = jnp.float32,
+    dtype: str = "float32",  # a precision (precision.py)
     progress: Callable[[int, int], None] | None = None,
 ) -> EvalResult:
     config.check_fits(length, "--seq-length")

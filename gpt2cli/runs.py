@@ -121,7 +121,7 @@ class RunFolder:
         file = self.path / METRICS_FILE
         if not file.is_file():
             return []
-        return [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line]
+        return [r for r in map(_record, file.read_text(encoding="utf-8").splitlines()) if r]
 
     def truncate_metrics(self, step: int) -> None:
         """Drop records after `step`: a resumed run logs those steps again."""
@@ -227,6 +227,15 @@ def load_checkpoint(path: Path, params_like: Any, opt_like: Any) -> tuple[int, A
             f"checkpoint {path}: its optimizer state does not match this run's optimizer settings"
         )
     return int(header["step"]), unflatten(flat), jax.tree.unflatten(treedef, opt)
+
+
+def _record(line: str) -> dict[str, Any] | None:
+    """One metrics line; None for a line a crash cut short (kill -9 during an append)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 class RunLock:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import queue
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,21 +24,25 @@ import numpy as np
 import optax
 from flax import struct
 
-from gpt2cli import sharding
+from gpt2cli import kernels, precision, sharding
 from gpt2cli.config import GPT2Config
 from gpt2cli.data import Blocks, Sampler, batch_for_step, val_batches
 from gpt2cli.errors import UserError
 from gpt2cli.model import GPT2
 from gpt2cli.sampling_checks import check_seed
+from gpt2cli.training import settings
 from gpt2cli.training.settings import (
     SEQ_LENGTH,
     WARMUP,
     DataSettings,
     ModelSettings,
     OptimizerSettings,
+    ParallelSettings,
 )
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Backends whose loss runs in slices of the sequence (see token_loss); measured with
+# benchmarks/gpu.py.
+LOSS_CHUNKS: dict[str, int] = {}
 
 
 @dataclass(frozen=True)
@@ -56,7 +62,8 @@ class TrainConfig:
     beta2: float = OptimizerSettings.beta2
     grad_clip: float = OptimizerSettings.grad_clip  # global-norm clipping; 0 turns it off
     dropout: float | None = None  # overrides the model's three dropout rates when set
-    dtype: str = ModelSettings.dtype  # compute dtype; master weights stay float32
+    dtype: str = ModelSettings.dtype  # a precision (precision.py); master weights stay float32
+    remat: bool = ParallelSettings.remat  # recompute each block backwards: less memory, slower
     seed: int = OptimizerSettings.seed  # init (with --init), data order and dropout
     parallel: str = "single"  # one of sharding.MODES
 
@@ -82,8 +89,10 @@ class TrainConfig:
                 )
         if self.warmup < 0:
             raise UserError(f"--warmup must be >= 0, got {self.warmup}")
-        if self.dtype not in DTYPES:
-            raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in precision.NAMES:
+            raise UserError(
+                f"--dtype must be one of {', '.join(precision.NAMES)}, got {self.dtype!r}"
+            )
         if self.parallel not in sharding.MODES:
             raise UserError(f"parallel mode must be one of {sharding.MODES}, got {self.parallel!r}")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
@@ -149,21 +158,48 @@ class TrainState:
     opt_state: Any
 
 
-def token_loss(model: GPT2, params, tokens, rng, deterministic: bool) -> jax.Array:
-    """Mean next-token cross-entropy of [B, T+1] tokens."""
+def token_loss(
+    model: GPT2, params, tokens, rng, deterministic: bool, loss_chunks: int = 1
+) -> jax.Array:
+    """Mean next-token cross-entropy of [B, T+1] tokens.
+
+    With `loss_chunks` > 1 the LM head and the loss run over that many slices of the sequence,
+    each recomputed in the backward pass: the [B, T, V] float32 logits never exist at once.
+    """
     inputs, targets = tokens[:, :-1], tokens[:, 1:]  # [B, T] each
     rngs = None if deterministic else {"dropout": rng}
-    logits, _ = model.apply({"params": params}, inputs, deterministic=deterministic, rngs=rngs)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+    run = functools.partial(model.apply, {"params": params}, inputs, deterministic=deterministic)
+    if loss_chunks <= 1:
+        logits, _ = run(rngs=rngs)  # [B, T, V]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+    hidden, _ = run(rngs=rngs, head=False)  # [B, T, D]
+    table = params["wte"]["embedding"].astype(model.dtype)  # [V, D]
+    B, T, D = hidden.shape
+    slices = (hidden.reshape(B, loss_chunks, -1, D), targets.reshape(B, loss_chunks, -1))
+
+    @jax.checkpoint
+    def chunk_loss(total, xs):
+        x, y = xs  # [B, T/c, D], [B, T/c]
+        logits = kernels.active().head(x, table)  # [B, T/c, V] float32
+        return total + optax.softmax_cross_entropy_with_integer_labels(logits, y).sum(), None
+
+    total, _ = jax.lax.scan(chunk_loss, 0.0, jax.tree.map(lambda a: jnp.moveaxis(a, 1, 0), slices))
+    return total / (B * T)
 
 
 class Trainer:
     """The model, optimizer, mesh and jitted steps of one training configuration."""
 
-    def __init__(self, model_config: GPT2Config, tc: TrainConfig):
+    def __init__(self, model_config: GPT2Config, tc: TrainConfig, loss_chunks: int | None = None):
         self.tc = tc
         self.model_config = training_config(model_config, tc)
-        self.model = GPT2(self.model_config, dtype=DTYPES[tc.dtype], param_dtype=jnp.float32)
+        policy = precision.get(tc.dtype)
+        self.kernels = kernels.choose(policy)
+        self.loss_chunks = loss_chunks or LOSS_CHUNKS.get(self.kernels.backend, 1)
+        if tc.seq_length % self.loss_chunks:
+            self.loss_chunks = 1
+        compute = jnp.dtype(policy.compute)
+        self.model = GPT2(self.model_config, compute, param_dtype=jnp.float32, remat=tc.remat)
         self.tx = make_optimizer(tc)
         self.schedule = jax.jit(learning_rate(tc))  # one compile, not one per operation
         self.mesh = sharding.make_mesh(tc.parallel)
@@ -222,7 +258,9 @@ class Trainer:
     # ---- jitted steps ------------------------------------------------------------------
 
     def _loss_and_grads(self, params, tokens, rng):
-        return jax.value_and_grad(token_loss, argnums=1)(self.model, params, tokens, rng, False)
+        loss = functools.partial(token_loss, self.model, deterministic=False)
+        with kernels.use(self.kernels):
+            return jax.value_and_grad(loss)(params, tokens, rng, loss_chunks=self.loss_chunks)
 
     def _train_step(self, state: TrainState, batch: jax.Array):
         """One optimizer step over [accum, rows, T+1] tokens."""
@@ -247,17 +285,22 @@ class Trainer:
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, {"loss": loss}
 
-    def step(self, state: TrainState, local_batch: np.ndarray) -> tuple[TrainState, dict]:
-        """Run one step on this process's rows; returns device values (no host sync)."""
+    def place(self, local_batch: np.ndarray) -> jax.Array:
+        """This process's rows of a batch, sent to the devices that train on them."""
+        return sharding.put_batch(local_batch, self.batch_sharding)
+
+    def step(self, state: TrainState, batch: np.ndarray | jax.Array) -> tuple[TrainState, dict]:
+        """Run one step on this process's rows (placed or not); returns device values."""
         if self._step is None:
             shardings = self._state_shardings
-            self._step = jax.jit(
+            self._step = self.kernels.jit(
                 self._train_step,
                 in_shardings=(shardings, self.batch_sharding),
                 out_shardings=(shardings, sharding.replicated(self.mesh)),
                 donate_argnums=0,
             )
-        batch = sharding.put_batch(local_batch, self.batch_sharding)
+        if not isinstance(batch, jax.Array):
+            batch = self.place(batch)
         # The classic threefry layout draws dropout masks ~2.5x faster on CPU than the
         # partitionable one, and its numbers do not depend on the sharding either.
         with jax.threefry_partitionable(False):
@@ -266,8 +309,8 @@ class Trainer:
     def eval_loss(self, params: Any, local_batches: list[np.ndarray]) -> float:
         """Mean loss over validation batches (each [1, rows, T+1], this process's rows)."""
         if self._eval is None:
-            self._eval = jax.jit(
-                lambda p, b: token_loss(self.model, p, b[0], None, deterministic=True),
+            self._eval = self.kernels.jit(
+                self._eval_loss,
                 in_shardings=(self._state_shardings.params, self.batch_sharding),
                 out_shardings=sharding.replicated(self.mesh),
             )
@@ -275,6 +318,10 @@ class Trainer:
             self._eval(params, sharding.put_batch(b, self.batch_sharding)) for b in local_batches
         ]
         return float(np.mean(jax.device_get(losses)))
+
+    def _eval_loss(self, params, batch):
+        with kernels.use(self.kernels):
+            return token_loss(self.model, params, batch[0], None, True, self.loss_chunks)
 
     def lr_at(self, step: int) -> float:
         return float(self.schedule(step))
@@ -292,7 +339,7 @@ class TrainData:
     sampler: Sampler
     rows: int
     accum: int
-    eval_batches: int = 8
+    eval_batches: int = DataSettings.eval_batches
 
     @property
     def tokens_per_step(self) -> int:
@@ -315,6 +362,45 @@ class TrainData:
 # ---- the loop ----------------------------------------------------------------------------
 
 
+class Prefetcher:
+    """Makes the batches of steps first..last-1 on a background thread, `depth` ahead.
+
+    So the host's slicing and copying of step n+1's batch overlaps the device's step n.
+    """
+
+    def __init__(self, make: Callable[[int], Any], first: int, last: int, depth: int = 2):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._fill, args=(make, first, last), daemon=True)
+        self._thread.start()
+
+    def _fill(self, make, first, last) -> None:
+        for step in range(first, last):
+            try:
+                item = (step, make(step), None)
+            except Exception as error:  # raised again in the loop's thread, by get()
+                item = (step, None, error)
+            while not self._closed.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if item[2] is not None or self._closed.is_set():
+                return
+
+    def get(self, step: int) -> Any:
+        made, batch, error = self._queue.get()
+        if error is not None:
+            raise error
+        assert made == step, f"prefetched step {made}, wanted {step}"
+        return batch
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join()
+
+
 class Diverged(UserError):
     """The loss became NaN or infinite."""
 
@@ -331,9 +417,9 @@ class Hooks(Protocol):
 @dataclass
 class LoopSettings:
     steps: int
-    log_every: int = 10
-    eval_every: int = 0  # 0: only at the end
-    save_every: int = 0  # 0: only at the end (the caller saves)
+    log_every: int = settings.LoopSettings.log_every
+    eval_every: int = settings.LoopSettings.eval_every  # 0: only at the end
+    save_every: int = 0  # 0: only at the end (the caller saves; the command's default differs)
 
 
 def train_loop(
@@ -350,6 +436,14 @@ def train_loop(
     each log, evaluation and save.
     """
     step = int(jax.device_get(state.step))
+    batches = Prefetcher(lambda s: trainer.place(data.batch(s)), step, settings.steps)
+    try:
+        return _steps(trainer, state, step, batches, data, settings, hooks, should_stop)
+    finally:
+        batches.close()
+
+
+def _steps(trainer, state, step, batches, data, settings, hooks, should_stop):
     pending: list[tuple[int, jax.Array]] = []
     since, tokens_since = time.perf_counter(), 0
     validation = data.validation()
@@ -373,7 +467,7 @@ def train_loop(
         since, tokens_since = now, 0
 
     while step < settings.steps:
-        state, metrics = trainer.step(state, data.batch(step))
+        state, metrics = trainer.step(state, batches.get(step))
         pending.append((step + 1, metrics["loss"]))
         step += 1
         tokens_since += data.tokens_per_step

@@ -59,15 +59,6 @@ class Recorder:
         pass
 
 
-def gpt2_in_process(*args: str):
-    """The gpt2 command run in this process (Typer's runner): output holds stdout and stderr."""
-    from typer.testing import CliRunner
-
-    from gpt2cli.cli.app import app
-
-    return CliRunner().invoke(app, list(args))
-
-
 def isolate(tmp_path, monkeypatch) -> None:
     """A test's own token cache and working folder; no compiled programs in ~/.cache."""
     monkeypatch.setenv("GPT2_CACHE_DIR", str(tmp_path / "cache"))

@@ -7,13 +7,14 @@ import os
 import subprocess
 
 import numpy as np
-import pexpect
 import pytest
 
 from gpt2cli.cli.chat_cmd import PROMPT, save_transcript
 from gpt2cli.errors import UserError
 from tests.conftest import TINY_A, gpt2_exe, run_gpt2
 from tests.helpers_chat import greedy_session
+
+pexpect = pytest.importorskip("pexpect", reason="pexpect drives the terminal (a dev dependency)")
 
 # Greedy, and nothing else that changes the logits: the replies can be predicted in-process.
 # A repetition penalty keeps tiny-a from repeating one token; temperature 0 stays deterministic.

@@ -144,7 +144,6 @@ def test_truncate_keeps_the_end_of_a_long_prompt():
         (["generate", "hi", *MODEL, "-n", "5", "--max-length", "9"], ["not both"]),
         (["generate", "--prompts-file", "/nonexistent/p.txt", *MODEL], ["cannot read prompts"]),
         (["generate", *MODEL], ["no prompt"]),
-        (["generate", "hi", *MODEL, "--dtype", "float64"], ["--dtype"]),
     ],
 )
 def test_bad_inputs_are_one_line(args, words):

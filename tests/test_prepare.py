@@ -121,7 +121,8 @@ def test_rerun_finishes_only_what_is_missing(tmp_path, tok, monkeypatch):
     assert names == [prep.PROGRESS, "shard-00000.bin", "shard-00001.bin"]  # no half shard
     monkeypatch.setattr(prep._ShardWriter, "close", close)
     again = prep.prepare(files, tmp_path / "out", settings, workers=2)
-    assert again.resumed_at == 2 * 700 or again.resumed_at >= 1400
+    kept = again.index["shards"][:2]  # a shard closes at the first piece boundary past 700
+    assert again.resumed_at == sum(s["tokens"] for s in kept) >= 1400
     assert np.asarray(open_prepared(tmp_path / "out").tokens).tolist() == _expected(tok, docs)
     assert not (tmp_path / "out" / prep.PROGRESS).exists()
     done = prep.prepare(files, tmp_path / "out", settings)
@@ -213,3 +214,40 @@ def test_eval_scores_the_prepared_validation_split(tmp_path):
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)  # a window's first token is context, not scored
     assert result["tokens_scored"] == val - result["windows"] > 100
+
+
+@pytest.mark.slow
+def test_ctrl_c_keeps_whole_shards_and_the_same_command_finishes(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from tests.conftest import gpt2_exe
+
+    corpus = tmp_path / "big.txt"
+    base = _text(4000, 3)
+    corpus.write_text(
+        "".join(f"Part {i}. {base}" for i in range(400))
+    )  # 6 MB, 1 MB pieces: 7 shards
+    command = [gpt2_exe(), "prepare", str(corpus), "--out", str(tmp_path / "p"),
+               "--shard-tokens", "20000", "--workers", "1"]  # fmt: skip
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "p").glob("shard-00001.bin")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "run the same command to go on" in stderr
+    left = sorted(os.listdir(tmp_path / "p"))
+    assert prep.INDEX not in left and not [n for n in left if n.endswith(".tmp")], left
+    kept = [n for n in left if n.startswith("shard-")]
+    done = run_gpt2(*command[1:])
+    assert done.returncode == 0, done.stderr
+    index = json.loads((tmp_path / "p" / prep.INDEX).read_text())
+    assert len(index["shards"]) > len(kept) >= 2
+    whole = prep.prepare([corpus], tmp_path / "q", prep.PrepareSettings(shard_tokens=20000))
+    assert index["tokens"] == whole.index["tokens"]  # (ids equal the tokenizer's: tests above)
+    tokens = [np.asarray(open_prepared(tmp_path / f).tokens) for f in ("p", "q")]
+    assert np.array_equal(*tokens)

@@ -180,6 +180,10 @@ def test_running_out_of_memory_says_what_to_lower(monkeypatch):
         ["generate", "hi", "-n", "0"],
         ["generate", "hi", "--top-p", "1.5"],
         ["chat", "--repetition-penalty", "0"],
+        ["bench", "--batch", "0"],
+        ["generate", "hi", "--num-samples", "0"],
+        ["eval", "--dataset", "x.txt", "--batch-size", "99999999999999999999"],
+        ["train", "--dataset", "x.txt", "--steps", "99999999999999999999"],
     ],
 )
 def test_bad_values_are_usage_errors_caught_before_loading(args):
@@ -226,6 +230,24 @@ def test_a_config_json_without_a_shape_key_names_it(tmp_path, key):
     del config[key]
     (tmp_path / "m/config.json").write_text(json.dumps(config))
     one_error_line(cli("inspect", "m"), f"has no {key}")
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("n_embd", "big", "config field n_embd must be a whole number, got 'big'"),
+        ("layer_norm_epsilon", "1e-5", "config field layer_norm_epsilon must be a finite number"),
+        ("n_inner", 2.5, "config field n_inner must be a whole number or null, got 2.5"),
+    ],
+)
+def test_a_config_json_with_a_mistyped_field_names_it(tmp_path, key, value, message):
+    import shutil
+
+    shutil.copytree(TINY_A, tmp_path / "m")
+    config = json.loads((tmp_path / "m/config.json").read_text())
+    config[key] = value
+    (tmp_path / "m/config.json").write_text(json.dumps(config))
+    one_error_line(cli("inspect", "m"), "config.json", message)
 
 
 def test_a_preamble_too_long_for_the_window_says_so():

@@ -65,7 +65,7 @@ def scheduler(tiny_a, tok):
     config, params = tiny_a
 
     def load():
-        one, many = Engine(config, params, out_in=True), Engine(config, params, out_in=False)
+        one, many = Engine(config, params, batch=1), Engine(config, params, batch=8)
         return SlotPrograms(one, many, chunk=4, prefill_chunk=48), tok
 
     s = Scheduler(load, max_batch=4, max_queue=6)
@@ -98,7 +98,7 @@ def test_batched_equals_alone_equals_generate(scheduler, tok, tiny_a):
     specs = list(zip(PROMPTS, SAMPLINGS, strict=True))
     together = [job.sink.text for job in run(scheduler, tok, specs)]
     alone = [run(scheduler, tok, [spec])[0].sink.text for spec in specs]
-    engine = Engine(*tiny_a, out_in=True)
+    engine = Engine(*tiny_a, batch=1)
     reference = [
         generate(engine, tok, tok.encode(p), max_new_tokens=24, sampling=sp).text for p, sp in specs
     ]

@@ -34,7 +34,7 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def engine(tiny_a):
-    return Engine(*tiny_a, out_in=True)
+    return Engine(*tiny_a, batch=1)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -130,6 +131,17 @@ def test_a_start_that_dies_before_its_first_checkpoint_does_not_block_its_retry(
     assert [json.loads(line)["step"] for line in (tmp_path / "run/metrics.jsonl").open()] == [1]
 
 
+def test_a_metrics_line_cut_short_by_a_crash_is_dropped_on_resume(tmp_path, corpus):
+    done = train(corpus, "--steps", "2", "--log-every", "1", "--out", "run")
+    assert done.exit_code == 0, done.output
+    with open(tmp_path / "run/metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')  # kill -9 in the middle of an append
+    done = cli("train", "--resume", "run", "--steps", "3", "--log-every", "1")
+    assert done.exit_code == 0, done.output
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run/metrics.jsonl").open()]
+    assert steps == [1, 2, 3]
+
+
 def test_run_json_is_strict_json(tmp_path, corpus):
     done = train(corpus, "--steps", "1", "--out", "run", "--grad-clip", "0.5")
     assert done.exit_code == 0, done.output
@@ -146,6 +158,7 @@ def test_sigterm_saves_like_ctrl_c(tmp_path, corpus):
     metrics = tmp_path / "run/metrics.jsonl"
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
         assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr

@@ -6,7 +6,8 @@ import pytest
 
 from gpt2cli.config import preset
 from gpt2cli.training.memory import footprint
-from tests.helpers_train import gpt2_in_process, isolate, write_corpus
+from tests.conftest import cli as gpt2_in_process
+from tests.helpers_train import isolate, write_corpus
 
 
 @pytest.fixture(autouse=True)
@@ -36,5 +37,6 @@ def test_a_run_that_cannot_fit_ends_in_one_line_before_any_work(tmp_path, monkey
     assert done.exit_code == 1
     assert len(done.output.strip().splitlines()) == 1, done.output
     assert "this run needs at least" in done.output and "--batch-size (now 64)" in done.output
-    assert "--dtype bfloat16" in done.output and "0.1 GB (available host memory)" in done.output
+    assert "--dtype bfloat16" in done.output and "--remat" in done.output
+    assert "0.1 GB (available host memory)" in done.output
     assert not (tmp_path / "big").exists()

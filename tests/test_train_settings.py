@@ -14,7 +14,8 @@ from gpt2cli.cli.app import app
 from gpt2cli.train import TrainConfig
 from gpt2cli.training import config_file
 from gpt2cli.training import settings as S
-from tests.helpers_train import gpt2_in_process, isolate, write_corpus
+from tests.conftest import cli as gpt2_in_process
+from tests.helpers_train import isolate, write_corpus
 
 gpt2 = gpt2_in_process
 

@@ -12,7 +12,8 @@ from gpt2cli.checkpoint import load_npz
 from gpt2cli.config import GPT2Config, new_model_config, preset
 from gpt2cli.errors import UserError
 from gpt2cli.training.settings import scratch_lr
-from tests.helpers_train import gpt2_in_process, isolate, write_corpus
+from tests.conftest import cli as gpt2_in_process
+from tests.helpers_train import isolate, write_corpus
 
 SHAPE = ("--init", "tiny", "--n-layer", "3", "--n-head", "2", "--n-embd", "32")
 SMALL = ("--steps", "2", "--batch-size", "2", "--seq-length", "16", "--n-positions", "48")

@@ -26,9 +26,12 @@ from gpt2cli.cli import (
 )
 from gpt2cli.cli.console import debugging, err, error_line, print_error, stdout_gone
 
+_INT_LIMIT = 2**31 - 1  # JAX computes steps, lengths and counts in int32
+
 
 def _finite_floats(callback, params):
-    """Every float option of every command refuses nan and inf, as a usage error."""
+    """Every float option of every command refuses nan and inf, and every whole-number option
+    a value beyond int32 (seeds have their own, wider range), as usage errors."""
     if getattr(callback, "finite_floats", False):
         return callback
     flags = {p.name: p.opts[0] if p.opts else p.name for p in params}
@@ -38,6 +41,11 @@ def _finite_floats(callback, params):
         for name, value in kwargs.items():
             if isinstance(value, float) and not math.isfinite(value):
                 raise typer.BadParameter(f"{value} is not a finite number", param_hint=flags[name])
+            too_big = isinstance(value, int) and not isinstance(value, bool)
+            if too_big and name != "seed" and abs(value) > _INT_LIMIT:
+                raise typer.BadParameter(
+                    f"{value} is too large (at most {_INT_LIMIT})", param_hint=flags[name]
+                )
         return callback(**kwargs)
 
     checked.finite_floats = True

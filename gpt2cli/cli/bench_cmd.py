@@ -11,7 +11,6 @@ from typing import Annotated
 import typer
 
 from gpt2cli.cli.options import DEFAULT_MODEL, Dtype, JsonOutput, ModelRef, Temperature, TopK, TopP
-from gpt2cli.errors import UserError
 
 
 def measure(
@@ -52,10 +51,12 @@ def measure(
 
 def bench(
     model: ModelRef = DEFAULT_MODEL,
-    prompt_tokens: Annotated[int, typer.Option(help="Prompt length in tokens.")] = 32,
-    new_tokens: Annotated[int, typer.Option(help="Tokens to generate per row.")] = 128,
-    batch: Annotated[int, typer.Option(help="Rows decoded together.")] = 1,
-    repeats: Annotated[int, typer.Option(help="Timed runs after the first (best is kept).")] = 3,
+    prompt_tokens: Annotated[int, typer.Option(help="Prompt length in tokens.", min=1)] = 32,
+    new_tokens: Annotated[int, typer.Option(help="Tokens to generate per row.", min=1)] = 128,
+    batch: Annotated[int, typer.Option(help="Rows decoded together.", min=1)] = 1,
+    repeats: Annotated[
+        int, typer.Option(help="Timed runs after the first (best is kept).", min=1)
+    ] = 3,
     dtype: Dtype = "float32",
     temperature: Temperature = 0.0,
     top_k: TopK = 0,
@@ -74,16 +75,6 @@ def bench(
       gpt2 bench -m ./hf-folder --dtype bfloat16 --batch 8 --json
       gpt2 bench -m gpt2.npz --temperature 0.8 --top-p 0.95
     """
-    for name, value in (
-        ("--prompt-tokens", prompt_tokens),
-        ("--new-tokens", new_tokens),
-        ("--batch", batch),
-        ("--repeats", repeats),
-    ):
-        if value < 1:
-            raise UserError(f"{name} must be at least 1, got {value}")
-    if dtype not in ("float32", "bfloat16"):
-        raise UserError(f"--dtype must be float32 or bfloat16, got {dtype!r}")
 
     from gpt2cli import compile_cache
     from gpt2cli.cli.console import err
@@ -95,7 +86,7 @@ def bench(
     with err.status(f"loading {model}"):
         config, params = load_model(model, finite=True)
     config.check_fits(prompt_tokens + new_tokens, "--prompt-tokens + --new-tokens =")
-    engine = Engine(config, params, dtype, out_in=batch == 1)
+    engine = Engine(config, params, dtype, batch=batch)
     with err.status("measuring"):
         result = {
             "model": model,

@@ -11,6 +11,7 @@ import typer
 from gpt2cli.cli.options import (
     DEFAULT_MODEL,
     Dataset,
+    Dtype,
     JsonOutput,
     ModelRef,
     MoreFiles,
@@ -43,7 +44,7 @@ def evaluate(
     batch_size: Annotated[
         int, Opt("--batch-size", "-b", min=1, help="Windows per forward pass.")
     ] = 4,
-    dtype: Annotated[str, Opt("--dtype", help="Compute dtype: float32 or bfloat16.")] = "float32",
+    dtype: Dtype = "float32",
     errors: TextErrors = None,
     as_json: JsonOutput = False,
 ) -> None:
@@ -60,11 +61,8 @@ def evaluate(
 
     if not (dataset or more_files):
         raise UserError("give the text to score with --dataset FILE")
-    if dtype not in ("float32", "bfloat16"):
-        raise UserError(f"--dtype must be float32 or bfloat16, got {dtype!r}")
     errors = errors or "strict"
 
-    import jax.numpy as jnp
     import numpy as np
 
     from gpt2cli import compile_cache, data
@@ -92,7 +90,7 @@ def evaluate(
             length=length,
             stride=stride or length,
             batch_size=batch_size,
-            dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32,
+            dtype=dtype,
             progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
     figures = {

@@ -154,8 +154,6 @@ def generate(
     from gpt2cli.cli.console import err
 
     texts = _read_prompts(prompt, prompt_option, prompts_file)
-    if dtype not in ("float32", "bfloat16"):
-        raise UserError(f"--dtype must be float32 or bfloat16, got {dtype!r}")
 
     from gpt2cli import compile_cache
     from gpt2cli.generate import (
@@ -182,8 +180,7 @@ def generate(
             )
     new_tokens = _new_tokens(max_new_tokens, max_length, max(map(len, prompts)))
     prompts = [fit_prompt(ids, new_tokens, config.n_positions, truncate) for ids in prompts]
-    # float32 (out, in) kernels are faster for one row, HF's (in, out) otherwise: see model.Dense
-    engine = Engine(config, params, dtype, out_in=len(prompts) * num_samples == 1)
+    engine = Engine(config, params, dtype, batch=len(prompts) * num_samples)
     loaded = time.perf_counter() - started
     stops = stop or []
 

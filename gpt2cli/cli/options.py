@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
+from gpt2cli import precision
 from gpt2cli.errors import UserError
 from gpt2cli.sampling_checks import check_sampling, check_seed
 
@@ -68,10 +69,15 @@ TokenizerRef = Annotated[
         help="HF folder or repo id whose tokenizer to use (default: the model's, else GPT-2's).",
     ),
 ]
-Dtype = Annotated[
-    str,
-    typer.Option("--dtype", help="Weights and compute dtype: float32 or bfloat16."),
-]
+
+
+def _check_dtype(value: str | None) -> str | None:
+    if value is not None and value not in precision.NAMES:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(precision.NAMES)}")
+    return value
+
+
+Dtype = Annotated[str, typer.Option("--dtype", help=precision.HELP, callback=_check_dtype)]
 JsonOutput = Annotated[
     bool, typer.Option("--json", help="Print a machine-readable JSON result on stdout.")
 ]

@@ -11,6 +11,8 @@ import typer
 from gpt2cli.cli import interrupts
 from gpt2cli.cli.console import err
 from gpt2cli.errors import UserError
+from gpt2cli.training.settings import PrepareSettings as P
+from gpt2cli.training.settings import help_of
 
 Opt = typer.Option
 
@@ -25,21 +27,17 @@ def prepare(
         ),
     ],
     out: Annotated[str, Opt("--out", "-o", help="Folder for the shards and index.json.")],
-    text_field: Annotated[
-        str, Opt("--text-field", help="The JSON-lines field holding each document's text.")
-    ] = "text",
+    text_field: Annotated[str, Opt("--text-field", help=help_of(P, "text_field"))] = P.text_field,
     workers: Annotated[
         int | None, Opt("--workers", "-j", help="Tokenizing processes [default: all cores].")
     ] = None,
     shard_tokens: Annotated[
-        int, Opt("--shard-tokens", help="Tokens per shard file (2 bytes each).")
-    ] = 100_000_000,
+        int, Opt("--shard-tokens", help=help_of(P, "shard_tokens"))
+    ] = P.shard_tokens,
     val_fraction: Annotated[
-        float, Opt("--val-fraction", help="Tail of the tokens held out for validation.")
-    ] = 0.05,
-    errors: Annotated[
-        str, Opt("--errors", help="Non-UTF-8 bytes: strict (stop) or replace.")
-    ] = "strict",
+        float, Opt("--val-fraction", help=help_of(P, "val_fraction"))
+    ] = P.val_fraction,
+    errors: Annotated[str, Opt("--errors", help=help_of(P, "errors"))] = P.errors,
     force: Annotated[
         bool, Opt("--force", help="Replace a folder prepared from other inputs or settings.")
     ] = False,
@@ -57,7 +55,7 @@ def prepare(
       gpt2 train --dataset data/corpus --init tiny --steps 1000
     """
     from gpt2cli.data import resolve_files
-    from gpt2cli.training.prepare import FolderInUse, PrepareSettings
+    from gpt2cli.training.prepare import FolderInUse
     from gpt2cli.training.prepare import prepare as run
 
     if workers is not None and workers < 1:
@@ -69,7 +67,7 @@ def prepare(
     if errors not in ("strict", "replace"):
         raise UserError(f"--errors must be strict or replace, got {errors!r}")
     paths = resolve_files(files, os.environ.get("DATA_DIR"))
-    settings = PrepareSettings(text_field, errors, shard_tokens, val_fraction)
+    settings = P(text_field, errors, shard_tokens, val_fraction)
     if Path(out).exists() and not Path(out).is_dir():
         raise UserError(f"--out {out} is a file; give a folder for the prepared dataset")
     try:
@@ -78,14 +76,18 @@ def prepare(
     except FolderInUse as exc:
         raise UserError(f"{exc}: use --force to replace them, or another --out") from None
     except KeyboardInterrupt as exc:
-        err.print(f"interrupted: finished shards are kept in {out}; run the same command to go on")
+        err.print(
+            f"interrupted: finished shards are kept in {out}; run the same command to go on",
+            soft_wrap=True,
+        )
         raise typer.Exit(interrupts.exit_code(exc)) from None
     index = result.index
     what = "already prepared" if result.resumed_at is None else "prepared"
     docs, shards = index["documents"], len(index["shards"])
     err.print(
         f"{what}: {index['tokens']:,} tokens of {docs:,} document{'s' * (docs != 1)} in "
-        f"{shards} shard{'s' * (shards != 1)} under {out}"
+        f"{shards} shard{'s' * (shards != 1)} under {out}",
+        soft_wrap=True,
     )
 
 

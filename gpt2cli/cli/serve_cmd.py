@@ -83,8 +83,6 @@ def serve(
     for name, value in (("--grace", grace), ("--queue-timeout", queue_timeout)):
         if not value >= 0:
             raise UserError(f"{name} must be 0 or more seconds, got {value}")
-    if dtype not in ("float32", "bfloat16"):
-        raise UserError(f"--dtype must be float32 or bfloat16, got {dtype!r}")
     if api_key is not None and not api_key.strip():
         raise UserError("--api-key is empty: give a key or leave the option out")
     origins = [o.strip() for o in cors_origins.split(",") if o.strip()] if cors_origins else None
@@ -110,8 +108,8 @@ def serve(
     name = model_name or Path(model).name.removesuffix(".npz") or model
 
     def load():
-        one = Engine(config, params, dtype, out_in=True)
-        many = Engine(config, params, dtype, out_in=False) if max_batch > 1 else one
+        one = Engine(config, params, dtype, batch=1)
+        many = Engine(config, params, dtype, batch=max_batch) if max_batch > 1 else one
         err.print(f"compiling for up to {max_batch} rows (/health answers 503 until done)")
         return SlotPrograms(one, many, decode_chunk, prefill_chunk), tok
 

@@ -57,7 +57,9 @@ def train(**given) -> None:
         plan = _resume(resume, values, force)
         if print_config:
             _close(plan)
-            typer.echo(config_file.dumps(S.Settings.from_flat(plan.spec["settings"])))
+            if "settings" not in plan.spec:
+                raise UserError(f"{resume} was made before runs recorded their settings")
+            typer.echo(config_file.dumps(plan.settings))
             return
     else:
         settings = _check(S.Settings.from_flat(values))
@@ -151,10 +153,13 @@ train.__signature__ = inspect.Signature(_command_parameters())
 
 def _check(s) -> object:
     """Conflicting or missing flags, before any work starts."""
+    from gpt2cli import precision
     from gpt2cli.config import SHAPE_FIELDS
     from gpt2cli.training.settings import flag
 
     m, p = s.model, s.parallel
+    if m.dtype not in precision.NAMES:
+        raise UserError(f"--dtype must be one of {', '.join(precision.NAMES)}, got {m.dtype!r}")
     if s.data.errors not in ("strict", "replace"):
         raise UserError(f"--errors must be strict or replace, got {s.data.errors!r}")
     if m.model and m.init:
@@ -292,8 +297,8 @@ class _View:
             task = progress.add_task("tokenizing", total=None)
             yield lambda done, total: progress.update(task, completed=done, total=total)
 
-    def compiling(self, what: str):
-        return err.status(f"compiling the {what} (XLA, once per shape; cached for next time)")
+    def busy(self, what: str):
+        return err.status(what)
 
     def steps(self, total: int, start: int):
         return _Steps(total, start)

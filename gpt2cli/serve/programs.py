@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from gpt2cli import sampling
+from gpt2cli import kernels, sampling
 from gpt2cli.engine import Engine
 from gpt2cli.model import KVCache
 
@@ -144,8 +144,9 @@ def _record(slots: Slots, token, active) -> Slots:
 class SlotPrograms:
     """The jitted programs over `Slots`: prefill one row's chunk, decode every row, move rows.
 
-    Params come in two layouts (see `model.Dense`): (out, in) kernels are faster for one row
-    in float32, so a block of one row uses `one`, larger blocks `many`.
+    The kernels (kernels.py) may differ by the rows computed together (on a CPU, float32
+    weights stored (out, in) for one row), so a block of one row uses `one`, larger blocks
+    `many`: each engine's params and kernels.
     """
 
     def __init__(self, one: Engine, many: Engine, chunk: int, prefill_chunk: int):
@@ -154,8 +155,8 @@ class SlotPrograms:
         self.chunk = chunk
         self.prefill_chunk = prefill_chunk
         self.length = self.config.n_positions + max(chunk, prefill_chunk)  # S
-        model = one.programs.model
-        self.models = {True: model, False: many.programs.model}
+        self.models = {True: one.programs.model, False: many.programs.model}
+        self.kernels = {True: one.kernels, False: many.kernels}
         self.prefill = jax.jit(self._prefill, static_argnames="single", donate_argnames="slots")
         self.decode = jax.jit(self._decode, static_argnames="single", donate_argnames="slots")
         self.move = jax.jit(_move, donate_argnames="slots")
@@ -222,9 +223,10 @@ class SlotPrograms:
         width = ids.shape[0]
         positions = jnp.minimum(start + jnp.arange(width), top)[None]  # [1, C]
         mask = (jnp.arange(width) < n)[None]  # [1, C]
-        logits, cache = model.apply(
-            {"params": params}, ids[None], positions, mask, cache=cache, logits_at=(n - 1)[None]
-        )  # [1, 1, V]
+        with kernels.use(self.kernels[single]):
+            logits, cache = model.apply(
+                {"params": params}, ids[None], positions, mask, cache=cache, logits_at=(n - 1)[None]
+            )  # [1, 1, V]
         put = lambda a, r: jax.lax.dynamic_update_index_in_dim(a, r, row, 0)  # noqa: E731
         slots = slots.replace(
             cache=KVCache(
@@ -250,7 +252,7 @@ class SlotPrograms:
     def _decode(self, params, slots, settings, *, single):
         """`chunk` tokens for every active row -> (slots, Picked with [B, chunk] leaves)."""
         self.traces += 1
-        model = self.models[single]
+        model, chosen = self.models[single], self.kernels[single]
         top = self.config.n_positions - 1
         active = settings.active
 
@@ -259,9 +261,10 @@ class SlotPrograms:
                 tuple(k[None] for k in keys), tuple(v[None] for v in values), mask[None], index
             )
             position = jnp.minimum(index, top)[None, None]  # steps past the end are junk
-            logits, cache = model.apply(
-                {"params": params}, token[None, None], position, cache=cache
-            )
+            with kernels.use(chosen):
+                logits, cache = model.apply(
+                    {"params": params}, token[None, None], position, cache=cache
+                )
             return (
                 logits[0, 0],
                 tuple(k[0] for k in cache.keys),

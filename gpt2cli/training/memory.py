@@ -4,7 +4,8 @@ The estimate counts float32 master weights, AdamW's two moments, the gradients (
 accumulator), and the activations one micro-batch keeps for the backward pass, per layer after
 Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models"):
 34·T·D + 5·H·T² values per sequence, stored at the compute dtype; with rematerialisation only
-each block's input is kept, plus one block's worth while it is recomputed. It leaves out XLA's
+each block's input is kept, plus one block's worth while it is recomputed; and the float32
+logits with their gradient, one slice of the sequence at a time when the loss is chunked. It leaves out XLA's
 workspace and fragmentation, so it is a floor: a run above the device's memory cannot fit.
 """
 
@@ -48,8 +49,10 @@ def footprint(
     grad_accum: int = 1,
     remat: bool = False,
     shards: int = 1,
+    loss_chunks: int = 1,
 ) -> Footprint:
-    """Bytes one device holds; `rows` per device, `shards`: devices sharing params (FSDP)."""
+    """Bytes one device holds; `rows` per device, `shards`: devices sharing params (FSDP),
+    `loss_chunks`: sequence slices the LM head and loss run over (train.token_loss)."""
     n = config.num_params()
     params = 4 * n // shards
     gradients = params * (2 if grad_accum > 1 else 1)  # a micro-batch's and the running sum
@@ -58,7 +61,7 @@ def footprint(
         rows * seq * (34 * d + 5 * h * seq) * compute_bytes // 2
     )  # the paper counts 2-byte values
     kept = rows * seq * d * compute_bytes * layers + per_layer if remat else per_layer * layers
-    logits = rows * seq * config.vocab_size * 4 * 2  # float32 logits and their gradient
+    logits = rows * seq * config.vocab_size * 4 * 2 // loss_chunks  # float32, and their gradient
     return Footprint(params, 2 * params, gradients, kept + logits, rows, seq)
 
 

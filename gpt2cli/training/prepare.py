@@ -12,6 +12,7 @@ records where the last complete shard ended, so an interrupted run continues fro
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -27,13 +28,13 @@ import numpy as np
 
 from gpt2cli.atomic import atomic_write
 from gpt2cli.errors import UserError
+from gpt2cli.training.settings import PrepareSettings
 from gpt2cli.training.sources import BadInput, Piece, SourceReader, kind_of, piece_texts
 
 FORMAT = "gpt2cli-tokens"
 VERSION = 1
 INDEX = "index.json"
 PROGRESS = ".progress.json"
-SHARD_TOKENS = 100_000_000  # 200 MB per shard, as nanoGPT's FineWeb shards
 DTYPE = np.dtype("<u2")
 
 Progress = Callable[[int, int], None]  # (bytes of input read, bytes in all)
@@ -41,24 +42,6 @@ Progress = Callable[[int, int], None]  # (bytes of input read, bytes in all)
 
 class FolderInUse(UserError):
     """The output folder holds another request's tokens (`force` replaces them)."""
-
-
-@dataclass(frozen=True)
-class PrepareSettings:
-    """What decides the tokens written (worker count aside, which changes nothing in them)."""
-
-    text_field: str = "text"  # the JSON-lines field holding each document
-    errors: str = "strict"  # non-UTF-8 bytes: strict (stop) or replace
-    shard_tokens: int = SHARD_TOKENS
-    val_fraction: float = 0.05  # tail of the token stream held out for validation
-
-    def __post_init__(self) -> None:
-        if self.errors not in ("strict", "replace"):
-            raise UserError(f"errors must be strict or replace, got {self.errors!r}")
-        if self.shard_tokens <= 0:
-            raise UserError(f"shard_tokens must be a positive integer, got {self.shard_tokens}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise UserError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
 
 
 def shard_name(i: int) -> str:
@@ -84,8 +67,7 @@ def _request(files: list[Path], settings: PrepareSettings) -> dict[str, Any]:
     return {
         "sources": sources,
         "tokenizer": tokenizer_fingerprint(),
-        **{k: v for k, v in settings.__dict__.items() if k != "val_fraction"},
-        "val_fraction": settings.val_fraction,
+        **dataclasses.asdict(settings),
     }
 
 

@@ -28,7 +28,7 @@ class View(Protocol):
 
     def say(self, line: str) -> None: ...
     def tokenizing(self) -> AbstractContextManager[Any]: ...  # yields progress(done, total)
-    def compiling(self, what: str) -> AbstractContextManager[None]: ...
+    def busy(self, what: str) -> AbstractContextManager[None]: ...  # a status line meanwhile
     def steps(self, total: int, start: int) -> AbstractContextManager[StepView]: ...
     def stopping(self) -> AbstractContextManager[Any]: ...  # yields stop_requested() -> bool
 
@@ -64,13 +64,16 @@ def run(plan: plans.Plan, view: View, *, force: bool, plot: bool) -> Outcome:
     tokenizer = load_tokenizer(plan.spec["tokenizer"], source["source"])
     with view.tokenizing() as progress:
         data = plans.load_data(plan, tokenizer, progress)
-    fits = check_fits(plan)  # before any weights reach the device
     trainer = Trainer.cached(plan.model_config, plan.train_config)
-    if plan.start_params is not None:
-        state = trainer.create_state(plan.start_params)
-        plan.start_params = None  # the device holds them now; free the host copy
-    else:
-        state = plans.initial_weights(plan, trainer, load_model)
+    fits = check_fits(plan, trainer.loss_chunks)  # before any weights reach the device
+    with view.busy(
+        f"placing {plan.model_config.num_params() / 1e6:.1f}M parameters and the optimizer state"
+    ):
+        if plan.start_params is not None:
+            state = trainer.create_state(plan.start_params)
+            plan.start_params = None  # the device holds them now; free the host copy
+        else:
+            state = plans.initial_weights(plan, trainer, load_model)
     start = int(jax.device_get(state.step))
     loop = plan.loop
     if loop.steps < start:
@@ -132,10 +135,13 @@ def run(plan: plans.Plan, view: View, *, force: bool, plot: bool) -> Outcome:
     return Outcome(start, step, loop.steps, folder.path, written, folder.plot() if plot else None)
 
 
-def check_fits(plan: plans.Plan) -> str:
+def check_fits(plan: plans.Plan, loss_chunks: int = 1) -> str:
     """The line that says what the run will hold against what the device has; a UserError,
     with what to change, when it cannot fit."""
     import jax
+    import jax.numpy as jnp
+
+    from gpt2cli import precision
 
     tc = plan.train_config
     parallel = tc.parallel != "single"
@@ -144,17 +150,18 @@ def check_fits(plan: plans.Plan) -> str:
         plan.model_config,
         rows=max(1, tc.batch_size // devices),
         seq=tc.seq_length,
-        compute_bytes=2 if tc.dtype == "bfloat16" else 4,
+        compute_bytes=jnp.dtype(precision.get(tc.dtype).compute).itemsize,
         grad_accum=tc.grad_accum,
-        remat=getattr(tc, "remat", False),
+        remat=tc.remat,
         shards=devices if tc.parallel == "fsdp" else 1,
+        loss_chunks=loss_chunks,
     )
     have, what = memory.device_capacity()
     if have is None:
         return f"memory: {need.describe()}"
     if need.total > have:
         remedies = [f"a smaller --batch-size (now {tc.batch_size}) with more --grad-accum"]
-        if hasattr(tc, "remat") and not tc.remat:
+        if not tc.remat:
             remedies.append("--remat")
         if tc.dtype == "float32":
             remedies.append("--dtype bfloat16")
@@ -196,7 +203,7 @@ class _Announcing:
         if what in self._compiled:
             return call()
         started = time.perf_counter()
-        with self._view.compiling(what):
+        with self._view.busy(f"compiling the {what} (XLA, once per shape; cached for next time)"):
             result = call()
         self._compiled.add(what)
         self._view.say(f"compiled the {what} in {time.perf_counter() - started:.1f} s")
@@ -221,7 +228,7 @@ class _Silent:
     def tokenizing(self):
         return nullcontext(lambda done, total: None)
 
-    def compiling(self, what: str):
+    def busy(self, what: str):
         return nullcontext()
 
     def steps(self, total: int, start: int):

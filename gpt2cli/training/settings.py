@@ -14,6 +14,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from gpt2cli import precision
 from gpt2cli.config import GPT2Config
 from gpt2cli.errors import UserError
 
@@ -58,7 +59,7 @@ class ModelSettings:
     n_positions: int | None = setting(None, "With --init: context length (nanoGPT's block_size).")
     tokenizer: str | None = setting(None, "Tokenizer folder or repo id [default: the model's].")
     dropout: float | None = setting(None, "Dropout rate in training [default: the model's].")
-    dtype: str = setting("float32", "Compute dtype: float32 or bfloat16 (weights stay fp32).")
+    dtype: str = setting("float32", precision.HELP + " Weights stay float32.")
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,7 @@ class LoopSettings:
 
 @dataclass(frozen=True)
 class ParallelSettings:
-    """Devices and processes."""
+    """Devices, processes and memory."""
 
     data_parallel: bool = setting(False, "Split each batch over all devices.", fixed=False)
     fsdp: bool = setting(
@@ -136,6 +137,9 @@ class ParallelSettings:
     )
     num_processes: int = setting(1, "Processes in the run.", fixed=False)
     process_id: int = setting(0, "This process's index.", fixed=False)
+    remat: bool = setting(
+        False, "Recompute each block in the backward pass: less memory, slower.", fixed=False
+    )
 
 
 GROUPS = {
@@ -178,6 +182,32 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         return Settings.from_flat({**self.flat(), **changes})
+
+
+@dataclass(frozen=True)
+class PrepareSettings:
+    """`gpt2 prepare`: what decides the tokens written (the worker count changes nothing)."""
+
+    text_field: str = setting("text", "The JSON-lines field holding each document's text.")
+    errors: str = setting("strict", DataSettings.__dataclass_fields__["errors"].metadata["help"])
+    shard_tokens: int = setting(
+        100_000_000,  # 200 MB per shard, as nanoGPT's FineWeb shards
+        "Tokens per shard file (2 bytes each), at least: a shard ends with the ~1 MB piece of "
+        "text that reaches it.",
+    )
+    val_fraction: float = setting(VAL_FRACTION, "Tail of the tokens held out for validation.")
+
+    def __post_init__(self) -> None:
+        if self.errors not in ("strict", "replace"):
+            raise UserError(f"errors must be strict or replace, got {self.errors!r}")
+        if self.shard_tokens <= 0:
+            raise UserError(f"shard_tokens must be a positive integer, got {self.shard_tokens}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise UserError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+
+
+def help_of(kind: type, name: str) -> str:
+    return kind.__dataclass_fields__[name].metadata["help"]
 
 
 # name -> (group, dataclass field), in the order of the groups

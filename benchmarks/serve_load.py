@@ -5,10 +5,12 @@
     uv run python benchmarks/serve_load.py MODEL --overload   # 64 clients, --max-batch 8 --max-queue 16
 
 Prints, per number of clients: aggregate generated tokens/s, the decode tokens/s one stream
-sees, time to first token p50 / p99 and errors; next to `gpt2 bench --batch 1` (decode
-tokens/s) on the same model. `--overload` sends 500 requests from 64 clients to a server with
---max-batch 8 --max-queue 16: each must complete or get a 503 at once (none may hang), and the
-server's resident memory is sampled along the way.
+sees, time to first token p50 / p99 and errors; next to `gpt2 bench --batch 1` and
+`--batch MAX_BATCH` (decode tokens/s) on the same model: the engine's own batching gain.
+
+`--overload` has 64 clients send requests to a server with --max-batch 8 --max-queue 16
+until 500 have completed (a 503 waits its Retry-After): each must complete or get a 503 at
+once (none may hang), and the server's resident memory is sampled every 50.
 
 Prompts are random token ids (the same per run), greedy, <|endoftext|> banned so every
 request generates exactly --max-tokens tokens.
@@ -152,28 +154,34 @@ def rss_mib(pid: int) -> float:
 def overload(
     model: str, prompts: list, max_tokens: int, total: int = 500, clients: int = 64
 ) -> dict:
+    """`clients` clients send requests until `total` have completed; a 503 waits Retry-After."""
     proc, port = start_server(model, "--max-batch", "8", "--max-queue", "16")
     try:
         done: list[dict] = []
         memory: list[float] = [rss_mib(proc.pid)]
         lock = threading.Lock()
-        counter = iter(range(total))
+        completed = 0
 
-        def client() -> None:
+        def client(i: int) -> None:
+            nonlocal completed
+            n = i
             while True:
                 with lock:
-                    n = next(counter, None)
-                if n is None:
-                    return
+                    if completed >= total:
+                        return
                 out = stream_one(port, prompts[n % len(prompts)], max_tokens, timeout=600)
+                n += clients
                 with lock:
                     done.append(out)
-                    if len(done) % 50 == 0:
-                        memory.append(rss_mib(proc.pid))
+                    if out["status"] == 200:
+                        completed += 1
+                        if completed % 50 == 0:
+                            memory.append(rss_mib(proc.pid))
                 if out["status"] == 503:
-                    time.sleep(0.2)  # what Retry-After asks, shortened
+                    time.sleep(1.0)  # what Retry-After asks
 
-        threads = [threading.Thread(target=client) for _ in range(clients)]
+        start = time.perf_counter()
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
         for t in threads:
             t.start()
         for t in threads:
@@ -185,16 +193,18 @@ def overload(
             "refused_503": len(refused),
             "other": [r["status"] for r in done if r["status"] not in (200, 503)],
             "slowest_503_s": max(refused) if refused else None,
-            "rss_mib": [round(m) for m in memory],
+            "slowest_completion_s": max(r["seconds"] for r in done if r["status"] == 200),
+            "wall_s": time.perf_counter() - start,
+            "rss_mib_every_50_completed": [round(m) for m in memory],
         }
     finally:
         proc.terminate()
         proc.wait(120)
 
 
-def bench_decode(model: str, prompt_tokens: int, max_tokens: int) -> float:
+def bench_decode(model: str, prompt_tokens: int, max_tokens: int, batch: int = 1) -> float:
     out = subprocess.run(
-        ["gpt2", "bench", "-m", model, "--batch", "1", "--prompt-tokens", str(prompt_tokens),
+        ["gpt2", "bench", "-m", model, "--batch", str(batch), "--prompt-tokens", str(prompt_tokens),
          "--new-tokens", str(max_tokens), "--json"],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
@@ -226,7 +236,12 @@ def main() -> None:
         proc.terminate()
         proc.wait(120)
     bench = bench_decode(args.model, args.prompt_tokens, args.max_tokens)
+    bench_many = bench_decode(args.model, args.prompt_tokens, args.max_tokens, args.max_batch)
     print(f"gpt2 bench --batch 1 decode: {bench:.1f} tokens/s")
+    print(
+        f"gpt2 bench --batch {args.max_batch} decode: {bench_many:.1f} tokens/s "
+        f"({bench_many / bench:.2f}x batch 1: the most batching can give on this machine)"
+    )
     print(f"{'clients':>7} {'requests':>8} {'errors':>6} {'aggregate tok/s':>15} "
           f"{'per-stream decode tok/s':>23} {'TTFT p50':>9} {'TTFT p99':>9}")  # fmt: skip
     for r in rows:

@@ -107,3 +107,19 @@ def test_internal_error_is_500_and_the_server_keeps_serving():
         assert status == 200 and json.loads(raw)["data"][0]["max_model_len"] == 128
         metrics = request(port, "GET", "/metrics")[2].decode()
         assert 'gpt2_requests_total{endpoint="/v1/models",status="500"} 1' in metrics
+
+
+def test_serve_command_refuses_bad_flags_in_one_line(tmp_path):
+    from tests.conftest import cli
+
+    for args, message in (
+        (["--max-batch", "0"], "--max-batch must be at least 1"),
+        (["--grace", "-1"], "--grace must be 0 or more seconds"),
+        (["--port", "70000"], "--port must be from 0 to 65535"),
+        (["-m", str(tmp_path / "missing.npz")], "does not exist"),
+    ):
+        result = cli("serve", *args)
+        assert result.exit_code == 1, result.output
+        assert message in result.output and "Traceback" not in result.output
+    help_text = cli("serve", "--help").output
+    assert "gpt2 serve -m gpt2.npz" in help_text and "--max-queue" in help_text

@@ -332,3 +332,41 @@ def test_queue_full_503_then_sigterm_finishes_the_stream_and_exits_0():
             assert events[-2]["choices"][0]["finish_reason"] == "length"
     finally:
         s.stop()
+
+
+def test_overload_every_request_completes_or_gets_503_none_starves(server):
+    """More clients than rows + queue, each sending again at once: every request completes or
+    is refused at once; none waits forever (prompts are read oldest first, whatever row)."""
+    import json as _json
+    from urllib.request import Request, urlopen
+
+    url = f"http://127.0.0.1:{server.port}/v1/completions"
+    body = _json.dumps({"prompt": "Hello there", "max_tokens": 6, "stream": True}).encode()
+    outcomes: list = []
+    lock = threading.Lock()
+
+    def client() -> None:
+        while True:
+            with lock:
+                if sum(o == 200 for o in outcomes) >= 150:
+                    return
+            start = time.monotonic()
+            request_ = Request(url, body, {**AUTH, "Content-Type": "application/json"})
+            try:
+                with urlopen(request_, timeout=30) as response:
+                    events = sse_events(response.read())
+                    outcome = 200 if events[-1] == "[DONE]" else "truncated"
+            except Exception as exc:  # noqa: BLE001 - an HTTP 503, or a hang (timeout)
+                outcome = getattr(exc, "code", type(exc).__name__)
+                if outcome == 503:
+                    assert time.monotonic() - start < 5
+            with lock:
+                outcomes.append(outcome)
+
+    threads = [threading.Thread(target=client) for _ in range(24)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert set(outcomes) <= {200, 503}, [o for o in outcomes if o not in (200, 503)]
+    assert sum(o == 200 for o in outcomes) >= 150

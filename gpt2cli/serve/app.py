@@ -8,6 +8,7 @@ watched, and a disconnect cancels the request's jobs, streamed or not.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -51,7 +52,8 @@ class Run:
                 index = p * plan.n + j
 
                 def sink(event, index=index):
-                    loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
+                    with contextlib.suppress(RuntimeError):  # the loop closed: nobody listens
+                        loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
 
                 self.jobs.append(
                     Job(ids, plan.max_tokens[p], settings, plan.seed, j, plan.stop, sink)
@@ -264,7 +266,7 @@ class Server:
         vocab = self.scheduler.programs.config.vocab_size
         if not isinstance(tokens, list):
             raise protocol.bad("tokens", "tokens must be a list of token ids")
-        ids = protocol._check_ids(tokens, vocab, "tokens")
+        ids = protocol.check_ids(tokens, vocab, "tokens")
         return JSONResponse({"prompt": self.scheduler.tokenizer.decode(ids)})
 
     async def completions(self, request: Request) -> Response:

@@ -8,7 +8,7 @@ Validation is ours (not a schema library's), so every error keeps OpenAI's shape
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from gpt2cli import sampling
 from gpt2cli.chat import TEMPLATES, Template
@@ -103,7 +103,6 @@ class Plan:
     echo: bool
     logprobs: int | None  # None: none; else how many top logprobs per token (0..20)
     model: str
-    extra: dict = field(default_factory=dict)
 
 
 def _number(body: dict, name: str, default, *, integer: bool = False):
@@ -285,7 +284,7 @@ def check_context(ids: list[int], max_tokens: int, n_positions: int, param: str)
         )
 
 
-def _check_ids(ids, vocab: int, param: str) -> list[int]:
+def check_ids(ids, vocab: int, param: str) -> list[int]:
     if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
         raise bad(param, f"token ids must be integers from 0 to {vocab - 1}")
     return list(ids)
@@ -307,12 +306,12 @@ def parse_prompts(prompt, tokenizer, vocab: int) -> tuple[list[list[int]], list[
     for p in prompts:
         if isinstance(p, str):
             encoded = tokenizer.encode(p) or [tokenizer.eos_id]  # "" starts a new document
-            ids.append(_check_ids(encoded, vocab, "prompt"))
+            ids.append(check_ids(encoded, vocab, "prompt"))
             texts.append(p)
         else:
             if not p:
                 raise bad("prompt", "a token-id prompt must not be empty")
-            ids.append(_check_ids(p, vocab, "prompt"))
+            ids.append(check_ids(p, vocab, "prompt"))
             texts.append(tokenizer.decode(p))
     return ids, texts
 
@@ -408,7 +407,7 @@ def chat_plan(body: dict, *, models: set[str], tokenizer, config, max_batch: int
     if "messages" not in body:
         raise bad("messages", "messages is required")
     common = parse_common(body, models, config.vocab_size)
-    ids = _check_ids(chat_ids(body["messages"], tokenizer), config.vocab_size, "messages")
+    ids = check_ids(chat_ids(body["messages"], tokenizer), config.vocab_size, "messages")
     logprobs = _flag(body, "logprobs")
     top = _number(body, "top_logprobs", None, integer=True)
     if top is not None:

@@ -276,7 +276,9 @@ class Scheduler:
 
     def _prefill_one(self) -> None:
         """One chunk of the oldest prompt still being read."""
-        job = next((j for j in self._jobs if not j.decoding), None)
+        # Oldest first, not lowest row: moving rows would let new prompts jump the queue.
+        reading = [j for j in self._jobs if not j.decoding]
+        job = min(reading, key=lambda j: j.queued_at, default=None)
         if job is None:
             return
         p = self.programs

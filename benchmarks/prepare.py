@@ -14,7 +14,6 @@ memory: prepares a small and a big corpus under --tmp (never in the repository; 
 from __future__ import annotations
 
 import argparse
-import resource
 import shutil
 import subprocess
 import sys
@@ -70,13 +69,16 @@ def throughput(args) -> None:
 
 
 def peak_rss_mb(command: list[str]) -> float:
-    """Peak resident memory of a child process (Linux reports ru_maxrss in KiB)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    if after <= before:
-        raise SystemExit("peak RSS not measurable: run the small corpus first (it does)")
-    return after / 1024
+    """Peak resident memory of one command, measured by a Python of its own (ru_maxrss of
+    RUSAGE_CHILDREN is the largest child so far, so each run needs a fresh parent; KiB on Linux)."""
+    probe = (
+        "import resource, subprocess, sys; "
+        "subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL, "
+        "stderr=subprocess.DEVNULL); "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
+    done = subprocess.run([sys.executable, "-c", probe, *command], check=True, capture_output=True)
+    return int(done.stdout) / 1024
 
 
 def memory(args) -> None:

@@ -95,8 +95,13 @@ def _float_order(x: jax.Array) -> jax.Array:
 
 def apply_min_p(logits: jax.Array, p: float) -> jax.Array:
     """Remove tokens whose probability is below p times the most likely token's probability."""
+    return apply_min_p_rows(logits, math.log(p))
+
+
+def apply_min_p_rows(logits: jax.Array, log_p) -> jax.Array:
+    """`apply_min_p` with log(p) given, a float or one per row ([B, 1])."""
     # prob_i < p * prob_max  <=>  logit_i < logit_max + log(p)
-    cutoff = jnp.max(logits, axis=-1, keepdims=True) + math.log(p)
+    cutoff = jnp.max(logits, axis=-1, keepdims=True) + log_p
     return jnp.where(logits < cutoff, _REMOVED, logits)
 
 

@@ -107,6 +107,41 @@ def test_batched_equals_alone_equals_generate(scheduler, tok, tiny_a):
     assert scheduler.programs.traces == scheduler.compiled_traces  # all compiled at start
 
 
+def test_rows_growing_past_cache_lengths_keep_their_tokens(scheduler, tok, tiny_a):
+    """The block's cache grows through every length bucket while a long request decodes beside
+    a short one, and shrinks when the long one leaves: both still give `generate`'s tokens."""
+    lengths = scheduler.programs.lengths
+    assert len(lengths) >= 3
+    long, short = (PROMPTS[3], SAMPLINGS[0]), (PROMPTS[0], SAMPLINGS[1])
+    long_tokens = tiny_a[0].n_positions - len(tok.encode(PROMPTS[3]))  # the whole window
+    seen_lengths = set()
+    watching = threading.Event()
+
+    def watch():
+        while not watching.is_set():
+            seen_lengths.add(scheduler.block_length)
+            watching.wait(0.005)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    jobs = [
+        Job(tok.encode(p), n, settings_of(sp), sp.seed, 0, (), Collector())
+        for (p, sp), n in ((long, long_tokens), (short, 24))
+    ]
+    scheduler.submit(jobs)
+    for job in jobs:
+        assert job.sink.done.wait(120)
+    watching.set()
+    watcher.join()
+    engine = Engine(*tiny_a, batch=1)
+    for job, ((prompt, sp), n) in zip(jobs, ((long, long_tokens), (short, 24)), strict=True):
+        want = generate(engine, tok, tok.encode(prompt), max_new_tokens=n, sampling=sp).text
+        assert job.sink.text == want
+    assert seen_lengths >= set(lengths)  # every length was used, the last one included
+    assert scheduler.block_length == lengths[0]  # and the block shrank back once idle
+    assert scheduler.programs.traces == scheduler.compiled_traces
+
+
 def test_stop_string_frees_the_row_and_is_never_shown(scheduler, tok):
     (job,) = run(scheduler, tok, [(PROMPTS[0], SAMPLINGS[0])])
     full = job.sink.text

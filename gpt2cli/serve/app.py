@@ -45,7 +45,7 @@ class Run:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.started = time.monotonic()
         loop = asyncio.get_running_loop()
-        settings = {**plan.settings, "top_logprobs": plan.logprobs or 0}
+        settings = {**plan.settings, "top_logprobs": -1 if plan.logprobs is None else plan.logprobs}
         self.jobs = []
         for p, ids in enumerate(plan.prompts):
             for j in range(plan.n):

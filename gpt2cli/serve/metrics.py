@@ -109,6 +109,11 @@ class Metrics:
                     lambda: scheduler.block_rows,
                 ),
                 Gauge(
+                    "gpt2_block_length",
+                    "Cache slots per row in the block now running.",
+                    lambda: scheduler.block_length,
+                ),
+                Gauge(
                     "gpt2_max_batch", "Rows available (--max-batch).", lambda: scheduler.max_batch
                 ),
                 Gauge(

@@ -7,8 +7,13 @@ a slot here is taken and freed at any time: each row keeps its own length (`cach
 decode step runs it on one row under `jax.vmap`, which turns the shared write into a per-row
 scatter, and the matrix products still read each weight once for all rows.
 
-Shapes: B rows, S cache slots per row (the context window plus one prefill chunk), C prefill
-chunk, V vocabulary, L logprobs kept per token (TOP_LOGPROBS).
+A prompt is read into a one-row *stage* (prefill), then copied into a free row of the block
+(insert), so the prefill programs do not depend on the block's shape. The block has R rows and
+the shortest of a few cache lengths that holds every row (`lengths`): a row attends over the
+slots of its block only, so a short conversation does not pay for the whole context window.
+
+Shapes: B rows, S cache slots per row (the block's length; at most the context window plus one
+prefill chunk), C prefill chunk, V vocabulary, L logprobs kept per token (TOP_LOGPROBS).
 """
 
 from __future__ import annotations
@@ -52,7 +57,8 @@ class RowSettings:
     presence_penalty: jax.Array  # [B] float32, OpenAI's additive penalties, 0 = off
     frequency_penalty: jax.Array  # [B] float32
     logit_bias: jax.Array  # [B, V] float32, added to the logits
-    top_logprobs: jax.Array  # [B] int32: how many top logprobs the row wants (0..L)
+    # [B] int32: how many top logprobs the row wants (0..L); -1: not even the token's own
+    top_logprobs: jax.Array
     active: jax.Array  # [B] bool: the row decodes (false: free, or still prefilling)
 
 
@@ -78,7 +84,7 @@ def settings_arrays(rows: list[dict | None], vocab: int) -> RowSettings:
         "presence_penalty": np.zeros(b, np.float32),
         "frequency_penalty": np.zeros(b, np.float32),
         "logit_bias": np.zeros((b, vocab), np.float32),
-        "top_logprobs": np.zeros(b, np.int32),
+        "top_logprobs": np.full(b, -1, np.int32),
         "active": np.zeros(b, np.bool_),
     }
     for i, row in enumerate(rows):
@@ -96,38 +102,62 @@ def pick(logits, seen, counts, s: RowSettings, keys, step) -> Picked:
 
     The same operations, in the same order, as `engine._pick` with `sampling`'s functions, so a
     row's tokens equal `gpt2 generate`'s with the same settings and seed. A setting that is off
-    leaves the logits bit-identical (x / 1, x - 0, x + 0), and filters nobody uses are skipped.
+    leaves the logits bit-identical (x / 1, x - 0, x + 0). Work that no row asks for (penalties,
+    sampling, logprobs) is skipped by `lax.cond`s whose results are small: each pass over
+    [B, V] costs, and so does a [B, V] result of a `cond` (XLA:CPU copies it).
     """
     col = lambda a: a[:, None]  # noqa: E731 - [B] -> [B, 1]
-    logprobs = jax.nn.log_softmax(logits, axis=-1)  # the model's distribution, before any rule
-    logits = sampling.apply_repetition_penalty(logits, seen, col(s.repetition_penalty))
-    logits = logits - col(s.presence_penalty) * (counts > 0) - col(s.frequency_penalty) * counts
-    logits = logits + s.logit_bias
+    rows = logits.shape[0]
     greedy = s.temperature == 0.0
-    warped = logits / col(jnp.where(greedy, 1.0, s.temperature))
+    penalized = (
+        (s.repetition_penalty != 1.0) | (s.presence_penalty != 0.0) | (s.frequency_penalty != 0.0)
+    )
 
     def when(wanted, rule, x):
         """Apply `rule` to the rows that want it, and only if some row does."""
         return jax.lax.cond(jnp.any(wanted), lambda: jnp.where(col(wanted), rule(x), x), lambda: x)
 
-    warped = when(s.top_k > 0, lambda x: sampling.apply_top_k_rows(x, col(s.top_k)), warped)
-    warped = when(s.top_p < 1.0, lambda x: sampling.apply_top_p(x, col(s.top_p)), warped)
-    cutoff = jnp.max(warped, axis=-1, keepdims=True) + col(s.log_min_p)  # as apply_min_p
-    warped = jnp.where(warped < cutoff, -jnp.inf, warped)
-    step_keys = jax.vmap(jax.random.fold_in)(keys, step)
-    token = jnp.where(
-        greedy, jnp.argmax(logits, axis=-1).astype(jnp.int32), sampling.draw(warped, step_keys)
-    )
-    rows = jnp.arange(token.shape[0])
-    top_lp, top_ids = jax.lax.cond(
-        jnp.any(s.top_logprobs > 0),
-        lambda: tuple(jax.lax.top_k(logprobs, TOP_LOGPROBS)),
-        lambda: (
-            jnp.zeros((token.shape[0], TOP_LOGPROBS), jnp.float32),
-            jnp.zeros((token.shape[0], TOP_LOGPROBS), jnp.int32),
-        ),
-    )
-    return Picked(token, logprobs[rows, token], top_ids.astype(jnp.int32), top_lp)
+    def sample(x):
+        warped = x / col(jnp.where(greedy, 1.0, s.temperature))
+        warped = when(s.top_k > 0, lambda x: sampling.apply_top_k_rows(x, col(s.top_k)), warped)
+        warped = when(s.top_p < 1.0, lambda x: sampling.apply_top_p(x, col(s.top_p)), warped)
+        warped = when(
+            s.log_min_p > -jnp.inf, lambda x: sampling.apply_min_p_rows(x, col(s.log_min_p)), warped
+        )
+        return sampling.draw(warped, jax.vmap(jax.random.fold_in)(keys, step))
+
+    def ruled():
+        x = sampling.apply_repetition_penalty(logits, seen, col(s.repetition_penalty))
+        x = x - col(s.presence_penalty) * (counts > 0) - col(s.frequency_penalty) * counts
+        x = x + s.logit_bias
+        drawn = jax.lax.cond(jnp.any(~greedy), lambda: sample(x), lambda: jnp.zeros_like(s.top_k))
+        return jnp.where(greedy, jnp.argmax(x, axis=-1).astype(jnp.int32), drawn)
+
+    def plain():  # every row greedy without penalties: the same tokens, fewer passes
+        return jnp.argmax(logits + s.logit_bias, axis=-1).astype(jnp.int32)
+
+    token = jax.lax.cond(jnp.any(penalized | ~greedy), ruled, plain)
+
+    def scores():
+        logprobs = jax.nn.log_softmax(logits, axis=-1)  # the model's, before any rule
+        top_lp, top_ids = jax.lax.cond(
+            jnp.any(s.top_logprobs > 0),
+            lambda: tuple(jax.lax.top_k(logprobs, TOP_LOGPROBS)),
+            lambda: _no_top(rows),
+        )
+        return logprobs[jnp.arange(rows), token], top_ids.astype(jnp.int32), top_lp
+
+    def no_scores():
+        top_lp, top_ids = _no_top(rows)
+        return jnp.zeros(rows, jnp.float32), top_ids, top_lp
+
+    logprob, top_ids, top_lp = jax.lax.cond(jnp.any(s.top_logprobs >= 0), scores, no_scores)
+    return Picked(token, logprob, top_ids, top_lp)
+
+
+def _no_top(rows: int) -> tuple[jax.Array, jax.Array]:
+    """(logprobs, ids) [rows, L] of no top tokens."""
+    return jnp.zeros((rows, TOP_LOGPROBS), jnp.float32), jnp.zeros((rows, TOP_LOGPROBS), jnp.int32)
 
 
 def _record(slots: Slots, token, active) -> Slots:
@@ -141,8 +171,18 @@ def _record(slots: Slots, token, active) -> Slots:
     )
 
 
+def length_buckets(most: int) -> list[int]:
+    """Cache lengths of a block: 64 to 256 slots by 64 (where most rows are, and a step's reads
+    of the cache weigh most against the weights'), then doubling, then `most`."""
+    sizes = [n for n in range(64, 257, 64) if n < most]
+    while sizes and sizes[-1] * 2 < most:
+        sizes.append(sizes[-1] * 2)
+    return [*sizes, most]
+
+
 class SlotPrograms:
-    """The jitted programs over `Slots`: prefill one row's chunk, decode every row, move rows.
+    """The jitted programs over `Slots`: prefill a stage row, insert it into a block, decode
+    every row of a block, move rows.
 
     The kernels (kernels.py) may differ by the rows computed together (on a CPU, float32
     weights stored (out, in) for one row), so a block of one row uses `one`, larger blocks
@@ -154,48 +194,57 @@ class SlotPrograms:
         self.config = one.config
         self.chunk = chunk
         self.prefill_chunk = prefill_chunk
-        self.length = self.config.n_positions + max(chunk, prefill_chunk)  # S
+        self.lengths = length_buckets(self.config.n_positions + max(chunk, prefill_chunk))
         self.models = {True: one.programs.model, False: many.programs.model}
         self.kernels = {True: one.kernels, False: many.kernels}
-        self.prefill = jax.jit(self._prefill, static_argnames="single", donate_argnames="slots")
+        self.prefill = jax.jit(self._prefill, donate_argnames="stage")
         self.decode = jax.jit(self._decode, static_argnames="single", donate_argnames="slots")
         self.move = jax.jit(_move, donate_argnames="slots")
+        self.insert = jax.jit(_insert, donate_argnames="slots")
         self.traces = 0
+
+    def fitting(self, needed: int) -> int:
+        """The shortest cache length with `needed` slots (the longest if none has)."""
+        return next((n for n in self.lengths if n >= needed), self.lengths[-1])
+
+    def stage_length(self, prompt_tokens: int) -> int:
+        """A stage holds the prompt and the widest block of its last chunk."""
+        return self.fitting(prompt_tokens + self.prefill_chunk)
 
     @property
     def widths(self) -> list[int]:
         """Prefill block widths: a short prompt need not pay for a whole chunk."""
         return sorted({min(SHORT_PREFILL, self.prefill_chunk), self.prefill_chunk})
 
-    def prefill_row(self, slots, settings, row, part, start, prompt, seed, sample):
+    def width(self, tokens: int) -> int:
+        """The narrowest prefill block that holds `tokens`."""
+        return next(w for w in self.widths if w >= tokens)
+
+    def prefill_stage(self, stage, settings, part, start, prompt, seed, sample):
         """Host side of `prefill`: arrays of fixed dtypes (a Python int where an int32 was
         traced would compile again), the narrowest width that holds `part`."""
-        width = next(w for w in self.widths if w >= len(part))
-        ids = np.zeros(width, np.int32)
+        ids = np.zeros(self.width(len(part)), np.int32)
         ids[: len(part)] = part
         seen = np.zeros(self.config.vocab_size, np.bool_)
         seen[prompt] = True
-        rows = slots.token.shape[0]
         return self.prefill(
-            self.params(rows),
-            slots,
+            self.one.params,
+            stage,
             settings,
-            np.int32(row),
             ids,
             np.int32(start),
             np.int32(len(part)),
             seen,
             np.uint32(seed),
             np.int32(sample),
-            single=rows == 1,
         )
 
     def params(self, rows: int):
         return (self.one if rows == 1 else self.many).params
 
-    def empty(self, rows: int) -> Slots:
+    def empty(self, rows: int, length: int) -> Slots:
         cfg = self.config
-        cache = self.one.new_cache(rows, self.length)
+        cache = self.one.new_cache(rows, length)
         return Slots(
             cache=cache.replace(index=jnp.zeros((rows,), jnp.int32)),
             token=jnp.zeros((rows,), jnp.int32),
@@ -205,49 +254,38 @@ class SlotPrograms:
             step=jnp.zeros((rows,), jnp.int32),
         )
 
-    def _prefill(self, params, slots, settings, row, ids, start, n, seen, seed, sample, *, single):
-        """Run tokens ids[:n] (of [C]) of row `row` from slot `start`; sample the next token.
-
-        Only that row is computed: its cache is sliced out, extended and written back.
-        """
+    def _prefill(self, params, stage, settings, ids, start, n, seen, seed, sample):
+        """Run tokens ids[:n] (of [C]) into the one-row stage from slot `start`; sample the next
+        token with the row's `settings` (a one-row RowSettings)."""
         self.traces += 1
-        model = self.models[single]
         top = self.config.n_positions - 1
-        take = lambda a: jax.lax.dynamic_index_in_dim(a, row, keepdims=True)  # noqa: E731
-        cache = KVCache(
-            keys=tuple(map(take, slots.cache.keys)),
-            values=tuple(map(take, slots.cache.values)),
-            mask=take(slots.cache.mask),
-            index=start,
-        )
         width = ids.shape[0]
         positions = jnp.minimum(start + jnp.arange(width), top)[None]  # [1, C]
         mask = (jnp.arange(width) < n)[None]  # [1, C]
-        with kernels.use(self.kernels[single]):
-            logits, cache = model.apply(
-                {"params": params}, ids[None], positions, mask, cache=cache, logits_at=(n - 1)[None]
+        with kernels.use(self.one.kernels):
+            logits, cache = self.one.programs.model.apply(
+                {"params": params},
+                ids[None],
+                positions,
+                mask,
+                cache=stage.cache.replace(index=start),
+                logits_at=(n - 1)[None],
             )  # [1, 1, V]
-        put = lambda a, r: jax.lax.dynamic_update_index_in_dim(a, r, row, 0)  # noqa: E731
-        slots = slots.replace(
-            cache=KVCache(
-                keys=tuple(map(put, slots.cache.keys, cache.keys)),
-                values=tuple(map(put, slots.cache.values, cache.values)),
-                mask=put(slots.cache.mask, cache.mask),
-                index=slots.cache.index.at[row].set(start + n),
-            )
-        )
         key = jax.random.fold_in(jax.random.key(seed), sample)
-        one_row = jax.tree_util.tree_map(take, settings)
         counts = jnp.zeros((1, seen.shape[0]), jnp.int32)
-        picked = pick(logits[:, 0], seen[None], counts, one_row, key[None], jnp.zeros(1, jnp.int32))
-        slots = slots.replace(
-            token=slots.token.at[row].set(picked.token[0]),
-            seen=slots.seen.at[row].set(seen.at[picked.token[0]].set(True)),
-            counts=slots.counts.at[row].set(counts[0].at[picked.token[0]].set(1)),
-            keys=slots.keys.at[row].set(key),
-            step=slots.step.at[row].set(1),
+        picked = pick(
+            logits[:, 0], seen[None], counts, settings, key[None], jnp.zeros(1, jnp.int32)
         )
-        return slots, jax.tree_util.tree_map(lambda a: a[0], picked)
+        token = picked.token[0]
+        stage = Slots(
+            cache=cache.replace(index=(start + n)[None]),
+            token=picked.token,
+            seen=seen.at[token].set(True)[None],
+            counts=counts.at[0, token].set(1),
+            keys=key[None],
+            step=jnp.ones(1, jnp.int32),
+        )
+        return stage, jax.tree_util.tree_map(lambda a: a[0], picked)
 
     def _decode(self, params, slots, settings, *, single):
         """`chunk` tokens for every active row -> (slots, Picked with [B, chunk] leaves)."""
@@ -301,25 +339,46 @@ def _move(slots: Slots, src, dst) -> Slots:
     return jax.tree_util.tree_map(lambda a: a.at[dst].set(a[src]), slots)
 
 
-@functools.partial(jax.jit, static_argnames="rows")
-def resize(slots: Slots, rows: int) -> Slots:
-    """The first `rows` rows, or the block padded with free rows up to `rows`."""
+def _fit(a: jax.Array, size: int, axis: int) -> jax.Array:
+    """The first `size` entries of `a` along `axis`, or `a` padded with zeros up to `size`."""
+    if a.shape[axis] >= size:
+        return jax.lax.slice_in_dim(a, 0, size, axis=axis)
+    pad = [(0, 0)] * a.ndim
+    pad[axis] = (0, size - a.shape[axis])
+    return jnp.pad(a, pad)
 
-    def fit(a):
-        if a.shape[0] >= rows:
-            return a[:rows]
-        return jnp.concatenate([a, jnp.zeros((rows - a.shape[0], *a.shape[1:]), a.dtype)])
+
+def _fit_length(cache: KVCache, length: int) -> KVCache:
+    """The cache with `length` slots per row: later slots dropped, or new ones masked out."""
+    slots = lambda a: _fit(a, length, 2)  # noqa: E731 - keys, values [B, H, S, K]
+    return cache.replace(
+        keys=tuple(map(slots, cache.keys)),
+        values=tuple(map(slots, cache.values)),
+        mask=_fit(cache.mask, length, 1),
+    )
+
+
+def _insert(slots: Slots, stage: Slots, row) -> Slots:
+    """Copy the one-row `stage` (of the block's length: see `resize`) into row `row`."""
+    return jax.tree_util.tree_map(lambda a, one: a.at[row].set(one[0]), slots, stage)
+
+
+@functools.partial(jax.jit, static_argnames=("rows", "length"))
+def resize(slots: Slots, rows: int, length: int) -> Slots:
+    """The block with `rows` rows (the first ones, or more free rows) of `length` slots."""
 
     def fit_keys(a):  # typed PRNG keys cannot be zero-filled: repeat the first row instead
         if a.shape[0] >= rows:
             return a[:rows]
         return jnp.concatenate([a, jnp.broadcast_to(a[:1], (rows - a.shape[0],))])
 
+    slots = slots.replace(cache=_fit_length(slots.cache, length))
+    fit_rows = lambda a: _fit(a, rows, 0)  # noqa: E731
     return slots.replace(
-        cache=jax.tree_util.tree_map(fit, slots.cache),
-        token=fit(slots.token),
-        seen=fit(slots.seen),
-        counts=fit(slots.counts),
+        cache=jax.tree_util.tree_map(fit_rows, slots.cache),
+        token=fit_rows(slots.token),
+        seen=fit_rows(slots.seen),
+        counts=fit_rows(slots.counts),
         keys=fit_keys(slots.keys),
-        step=fit(slots.step),
+        step=fit_rows(slots.step),
     )

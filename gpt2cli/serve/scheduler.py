@@ -1,11 +1,13 @@
 """The engine thread: continuous batching of requests over a block of slots.
 
 One thread owns the device. Requests (one `Job` per choice) wait in a bounded queue; between
-decode chunks the thread admits waiting jobs into free rows, runs one prefill chunk of one
-prompt, then one decode chunk of every decoding row, and frees a row as soon as its job
-finishes, hits a stop, or is cancelled. Busy rows are kept first, and the block of rows is
-the smallest size in `row_buckets` that holds them (moving and resizing rows only when a job
-starts or ends), so one request alone pays for one row, not for `max_batch`.
+decode chunks the thread admits waiting jobs (at most `max_batch` admitted at once), reads one
+chunk of the oldest admitted prompt into a one-row stage, then runs one decode chunk of every
+decoding row. A prompt read whole gets a row of the block; a row is freed as soon as its job
+finishes, hits a stop, or is cancelled. Busy rows are kept first, and the block is the
+smallest size in `row_buckets` that holds them with the shortest cache length that holds
+their tokens (resized only when a job starts or ends, or a row outgrows the length), so one
+short request alone pays for one short row, not for `max_batch` rows of the whole context.
 
 Text is made here too (`generate.RowText`: UTF-8-safe detokenizing, stop strings held back),
 so a stop frees its row at once; each job gets its output through `sink`, a thread-safe
@@ -14,10 +16,12 @@ callback, one `Delta` per chunk and a last `Finish` or `Failed`.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -72,15 +76,12 @@ class Job:
     cancelled: bool = False
     queued_at: float = field(default_factory=time.monotonic)
     # the engine thread's bookkeeping
-    row: int | None = None
+    row: int | None = None  # its row in the block, once its prompt is read
     prefilled: int = 0
+    cached: int = 0  # tokens in its row's cache once every dispatched chunk has run
     generated: int = 0
     text: RowText | None = None
     first_token_at: float | None = None
-
-    @property
-    def decoding(self) -> bool:
-        return self.row is not None and self.prefilled == len(self.prompt)
 
 
 def row_buckets(max_batch: int) -> list[int]:
@@ -89,6 +90,18 @@ def row_buckets(max_batch: int) -> list[int]:
     while sizes[-1] * 2 < max_batch:
         sizes.append(sizes[-1] * 2)
     return sorted({*sizes, max_batch})
+
+
+def neighbours(sizes: list[int], now: int) -> list[int]:
+    """The sizes next to `now` in the sorted `sizes`."""
+    i = sizes.index(now)
+    return sizes[max(i - 1, 0) : i] + sizes[i + 1 : i + 2]
+
+
+def toward(sizes: list[int], now: int, want: int) -> int:
+    """The neighbour of `now` in the sorted `sizes`, on the side of `want`."""
+    i = sizes.index(now)
+    return sizes[i + 1] if want > now else sizes[i - 1]
 
 
 class Scheduler:
@@ -115,8 +128,11 @@ class Scheduler:
         self.tokenizer = None
         self._cond = threading.Condition()
         self._waiting: deque[Job] = deque()
-        self._jobs: list[Job] = []  # job i runs in row i
+        self._reading: deque[Job] = deque()  # admitted, prompt being read (the first one only)
+        self._stage = None  # the one-row stage the first reading job's prompt is read into
+        self._jobs: list[Job] = []  # job i decodes in row i
         self._slots_rows = 0  # rows in the block (0 until the model is loaded)
+        self._slots_length = 0  # cache slots per row in the block
         self._inflight = None  # (jobs and their rows, tokens) of the decode chunk still running
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="gpt2-engine", daemon=True)
@@ -145,7 +161,7 @@ class Scheduler:
         """Cancel everything and end the engine thread."""
         with self._cond:
             self._stopping = True
-            for job in [*self._waiting, *self._jobs]:
+            for job in [*self._waiting, *self._reading, *self._jobs]:
                 job.cancelled = True
             self._cond.notify()
         if self._thread.is_alive():
@@ -157,11 +173,15 @@ class Scheduler:
 
     @property
     def busy_rows(self) -> int:
-        return len(self._jobs)
+        return len(self._jobs) + len(self._reading)
 
     @property
     def block_rows(self) -> int:
         return self._slots_rows
+
+    @property
+    def block_length(self) -> int:
+        return self._slots_length
 
     # ---- the engine thread -----------------------------------------------------------
 
@@ -175,40 +195,68 @@ class Scheduler:
             return
         self.ready.set()
         while self._next_round():
-            self._prefill_one()
+            self._read_prompts()
             self._decode_chunk()
 
     def _warm_up(self) -> None:
-        """Compile every program for every block size, so no request waits for a compile."""
+        """Compile every program for every stage and block shape, so no request waits for a
+        compile. The shapes compile on a thread each (XLA compiles one program on one core)."""
         from gpt2cli.serve.programs import resize, settings_arrays
 
         p = self.programs
-        for rows in self.buckets:
-            slots = p.empty(rows)
-            settings = settings_arrays([None] * rows, p.config.vocab_size)
+        vocab = p.config.vocab_size
+        stages = sorted({p.stage_length(n) for n in range(1, p.config.n_positions + 1)})
+
+        def stage_programs(length: int) -> None:
+            stage = p.empty(1, length)
             for width in p.widths:
-                slots, _ = p.prefill_row(slots, settings, 0, [0] * width, 0, [0], 0, 0)
+                stage, picked = p.prefill_stage(
+                    stage, settings_arrays([{}], vocab), [0] * width, 0, [0], 0, 0
+                )
+            for other in p.lengths:
+                if other != length:
+                    resize(stage, rows=1, length=other).token.block_until_ready()
+            picked.token.block_until_ready()
+
+        def block_programs(rows: int, length: int) -> None:
+            slots = p.empty(rows, length)
+            settings = settings_arrays([None] * rows, vocab)
             slots, picked = p.decode(p.params(rows), slots, settings, single=rows == 1)
             if rows > 1:
                 slots = p.move(slots, rows - 1, 0)
-            for other in self.buckets:
-                if other != rows:
-                    resize(p.empty(rows), rows=other).token.block_until_ready()
+            slots = p.insert(slots, p.empty(1, length), np.int32(0))
+            for other in neighbours(self.buckets, rows):
+                resize(slots, rows=other, length=length).token.block_until_ready()
+            for other in neighbours(p.lengths, length):
+                resize(slots, rows=rows, length=other).token.block_until_ready()
             picked.token.block_until_ready()
+
+        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+            done = [pool.submit(stage_programs, length) for length in stages]
+            done += [
+                pool.submit(block_programs, rows, length)
+                for rows in self.buckets
+                for length in p.lengths
+            ]
+            for future in done:
+                future.result()
         self.compiled_traces = p.traces
-        self._slots = p.empty(self.buckets[0])
-        self._slots_rows = self.buckets[0]
+        self._slots_rows, self._slots_length = self.buckets[0], p.lengths[0]
+        self._slots = p.empty(self._slots_rows, self._slots_length)
         self._settings = None  # device copy of the rows' settings, rebuilt when rows change
 
     def _next_round(self) -> bool:
         """Wait for work; admit what fits; drop what was cancelled. False: stop the thread."""
         with self._cond:
-            while not (self._stopping or self._waiting or self._jobs or self._inflight):
+            while not (
+                self._stopping or self._waiting or self._reading or self._jobs or self._inflight
+            ):
                 self._cond.wait()
             if self._stopping:
-                for job in [*self._waiting, *self._jobs]:
+                for job in [*self._waiting, *self._reading, *self._jobs]:
                     job.sink(Failed(503, "the server is shutting down"))
                 self._waiting.clear()
+                self._reading.clear()
                 self._jobs.clear()
                 return False
             now = time.monotonic()
@@ -217,7 +265,7 @@ class Scheduler:
             for job in self._waiting:
                 if job.cancelled:
                     continue
-                if len(self._jobs) + len(admitted) < self.max_batch:
+                if self.busy_rows + len(admitted) < self.max_batch:
                     admitted.append(job)
                 elif now - job.queued_at > self.queue_timeout:
                     job.sink(Failed(503, QUEUE_FULL))
@@ -225,22 +273,22 @@ class Scheduler:
                     kept.append(job)
             self._waiting = kept
             finished = [job for job in self._jobs if job.cancelled]
+            if self._reading and self._reading[0].cancelled:
+                self._stage = None
+            self._reading = deque(job for job in self._reading if not job.cancelled)
         for job in finished:
             self._free(job)
         if admitted:
             self._admit(admitted)
-        self._fit_block()
         return True
 
     def _admit(self, jobs: list[Job]) -> None:
         eos = self.programs.config.eos_token_id
         for job in jobs:
-            job.row = len(self._jobs)
             job.text = RowText(self.tokenizer, job.stop, job.max_tokens, eos)
-            self._jobs.append(job)
+            self._reading.append(job)
             if self.metrics:
                 self.metrics.queue_wait.observe(time.monotonic() - job.queued_at)
-        self._settings = None
 
     def _free(self, job: Job) -> None:
         """Give the row back; the last busy row moves into it so busy rows stay first."""
@@ -255,14 +303,21 @@ class Scheduler:
         self._settings = None
 
     def _fit_block(self) -> None:
-        """Resize the block to the smallest bucket holding every busy row."""
+        """Resize the block to the fewest rows holding every decoding row and the shortest
+        length holding their next chunk, one bucket at a time (the resizes between neighbours
+        are the ones compiled)."""
         from gpt2cli.serve.programs import resize
 
-        want = next(b for b in self.buckets if b >= max(len(self._jobs), 1))
-        if want != self._slots_rows:
-            self._slots = resize(self._slots, rows=want)
-            self._slots_rows = want
+        p = self.programs
+        rows = next(b for b in self.buckets if b >= max(len(self._jobs), 1))
+        length = p.fitting(max((job.cached + p.chunk for job in self._jobs), default=0))
+        while rows != self._slots_rows:
+            self._slots_rows = toward(self.buckets, self._slots_rows, rows)
+            self._slots = resize(self._slots, rows=self._slots_rows, length=self._slots_length)
             self._settings = None
+        while length != self._slots_length:
+            self._slots_length = toward(p.lengths, self._slots_length, length)
+            self._slots = resize(self._slots, rows=rows, length=self._slots_length)
 
     def _settings_now(self):
         if self._settings is None:
@@ -270,23 +325,30 @@ class Scheduler:
 
             rows: list[dict | None] = [None] * self._slots_rows
             for job in self._jobs:
-                rows[job.row] = {**job.settings, "active": job.decoding}
+                rows[job.row] = {**job.settings, "active": True}
             self._settings = settings_arrays(rows, self.programs.config.vocab_size)
         return self._settings
 
-    def _prefill_one(self) -> None:
-        """One chunk of the oldest prompt still being read."""
-        # Oldest first, not lowest row: moving rows would let new prompts jump the queue.
-        reading = [j for j in self._jobs if not j.decoding]
-        job = min(reading, key=lambda j: j.queued_at, default=None)
-        if job is None:
-            return
-        p = self.programs
+    def _read_prompts(self) -> None:
+        """Read prompt chunks, oldest prompt first, until a prefill chunk's width of tokens was
+        computed (several short prompts, or one chunk of a long one): the decoding rows wait for
+        no more than that between two decode chunks."""
+        spent = 0
+        while self._reading and spent < self.programs.prefill_chunk:
+            spent += self._prefill_one()
+
+    def _prefill_one(self) -> int:
+        """One chunk of the oldest prompt still being read (admitted first, read first); a
+        prompt read whole takes a row of the block. -> the width computed."""
+        from gpt2cli.serve.programs import resize, settings_arrays
+
+        job, p = self._reading[0], self.programs
+        if self._stage is None:
+            self._stage = p.empty(1, p.stage_length(len(job.prompt)))
         part = job.prompt[job.prefilled : job.prefilled + p.prefill_chunk]
-        self._slots, picked = p.prefill_row(
-            self._slots,
-            self._settings_now(),
-            job.row,
+        self._stage, picked = p.prefill_stage(
+            self._stage,
+            settings_arrays([job.settings], p.config.vocab_size),
             part,
             job.prefilled,
             job.prompt,
@@ -294,17 +356,25 @@ class Scheduler:
             job.sample,
         )
         job.prefilled += len(part)
-        if job.decoding:
-            self._settings = None  # the row turns active
-            picked = {k: np.asarray(v)[None] for k, v in vars(picked).items()}
-            self._deliver(job, picked)
-            if job.text.finish_reason:
-                self._free(job)
+        if job.prefilled == len(job.prompt):
+            self._reading.popleft()
+            stage, self._stage = self._stage, None
+            self._deliver(job, {k: np.asarray(v)[None] for k, v in vars(picked).items()})
+            if not job.text.finish_reason:
+                job.row, job.cached = len(self._jobs), len(job.prompt)
+                self._jobs.append(job)
+                self._fit_block()
+                if stage.cache.length != self._slots_length:
+                    stage = resize(stage, rows=1, length=self._slots_length)
+                self._slots = p.insert(self._slots, stage, np.int32(job.row))
+                self._settings = None  # the row turns active
+        return p.width(len(part))
 
     def _decode_chunk(self) -> None:
         """Dispatch the next chunk, then read the one before it while the device runs this one
         (JAX dispatches asynchronously): the device never waits for the host's text work."""
-        decoding = [(job, job.row) for job in self._jobs if job.decoding]
+        self._fit_block()
+        decoding = [(job, job.row) for job in self._jobs]
         ahead = None
         if decoding:
             p = self.programs
@@ -312,6 +382,8 @@ class Scheduler:
             self._slots, picked = p.decode(
                 p.params(rows), self._slots, self._settings_now(), single=rows == 1
             )
+            for job in self._jobs:
+                job.cached += p.chunk
             ahead = (decoding, picked)
         previous, self._inflight = self._inflight, ahead
         if previous is not None:
@@ -332,7 +404,7 @@ class Scheduler:
         """Feed a row's new tokens ([k] arrays) to its text; send what it shows."""
         if job.cancelled or job.text.finish_reason:
             return
-        want_top = int(job.settings.get("top_logprobs", 0))
+        want_top = max(0, int(job.settings.get("top_logprobs", -1)))
         text, infos = [], []
         eos = self.programs.config.eos_token_id
         for i, token in enumerate(picked["token"].tolist()):

@@ -149,9 +149,10 @@ class Kernels:
         values written at `index`.
         """
         if self.fused_applies(q, new_mask, drop, past):
-            out = jax.nn.dot_product_attention(
-                q, k, v, scale=scale, is_causal=True, implementation=self.attention_impl
-            )
+            with jax.default_matmul_precision(self.products):  # its XLA form's products too
+                out = jax.nn.dot_product_attention(
+                    q, k, v, scale=scale, is_causal=True, implementation=self.attention_impl
+                )
             return out, None
         if past is not None and self.cache_write == "first":
             return self._attention_after_write(q, k, v, new_mask, scale, drop, past, past_ok, index)

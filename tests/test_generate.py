@@ -21,6 +21,7 @@ from gpt2cli.model import GPT2, KVCache
 from gpt2cli.tokenizer import bundled
 
 MARGIN = 1e-3  # below this top1-top2 gap, float32 vs float64 may pick either token
+BF16_TIE = 0.05  # the same for bfloat16 compute (tiny-a's bfloat16 logits are within 0.02)
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +44,10 @@ def greedy_tokens(engine, prompt, n):
     return [int(column[0]) for column in run]
 
 
-def check_continuation(ours, reference, margins):
+def check_continuation(ours, reference, margins, tie=MARGIN):
     """Equal token for token until the first step where HF's own choice was a near tie."""
     for step, (mine, theirs) in enumerate(zip(ours, reference, strict=True)):
-        if margins[step] < MARGIN:
+        if margins[step] < tie:
             return
         assert mine == theirs, f"step {step}: {mine} != {theirs} (margin {margins[step]:.4f})"
 
@@ -188,19 +189,25 @@ def test_prompt_cache_grows_past_its_first_length(engine_a, tok):
 
 
 def test_bfloat16_engine_follows_the_float32_greedy_path(tiny_a, golden):
+    """Up to the first step where HF's top two tokens are closer than bfloat16's error: tiny-a's
+    bfloat16 logits lie within 0.02 of HF's (on CPU, with the CPU's or a GPU's kernels), so two
+    logits 0.05 apart keep their order whatever rounding a backend does."""
     engine = Engine(*tiny_a, dtype="bfloat16")
-    prompt = golden["arrays"]["tiny_a/gen1/prompt_ids"].tolist()
-    reference = golden["arrays"]["tiny_a/gen1/tokens"].tolist()
-    assert greedy_tokens(engine, prompt, 5) == reference[:5]
+    arrays = golden["arrays"]
+    prompt = arrays["tiny_a/gen0/prompt_ids"].tolist()
+    reference = arrays["tiny_a/gen0/tokens"].tolist()
+    margins = arrays["tiny_a/gen0/margin"]
+    assert (margins[:8] >= BF16_TIE).all()  # so at least 8 tokens are checked
+    check_continuation(greedy_tokens(engine, prompt, len(reference)), reference, margins, BF16_TIE)
 
 
 def test_bfloat16_decode_never_widens_a_weight_matrix_in_memory(tiny_a, golden):
     """XLA:CPU likes to widen bfloat16 weights to float32 copies (a gather's table, a product's
     operand hoisted out of the decode loop); each copy costs more than the step itself."""
-    if jax.default_backend() != "cpu":
-        pytest.skip("XLA:CPU's widening of bfloat16 weights; other backends get other kernels")
     config, params = tiny_a
     engine = Engine(config, params, dtype="bfloat16")
+    if engine.kernels.backend != "cpu":  # a GPU's kernels (or --simulate-gpu) keep a bf16 cache
+        pytest.skip("XLA:CPU's widening of bfloat16 weights; other backends get other kernels")
     decode = engine.programs.decode
     seen = []
 

@@ -113,6 +113,56 @@ def test_batched_prompts_equal_the_same_prompts_alone(engine_a, tok):
         assert [c.tokens for c in batch] == [c.tokens for c in alone]
 
 
+@pytest.fixture(scope="module")
+def whole_a(tiny_a):
+    """An engine that decodes a run nobody streams in one call, as on a GPU (a CPU's engine
+    decodes it in chunks of 4)."""
+    engine = Engine(*tiny_a)
+    engine.whole_runs = True
+    return engine
+
+
+def test_a_run_not_streamed_is_one_decode_call_with_transformers_tokens(
+    whole_a, engine_a, tok, golden, monkeypatch
+):
+    calls = []
+    for name in ("decode", "decode_run"):
+        real = getattr(whole_a.programs, name)
+        spy = lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k)  # noqa: E731
+        monkeypatch.setattr(whole_a.programs, name, spy)
+    arrays = golden["arrays"]
+    for i in range(3):
+        prompt = arrays[f"tiny_a/gen{i}/prompt_ids"].tolist()
+        reference = arrays[f"tiny_a/gen{i}/tokens"].tolist()
+        calls.clear()
+        ours = generate(whole_a, tok, prompt, max_new_tokens=len(reference)).tokens
+        assert calls == ["decode_run"]
+        check_continuation(ours, reference, arrays[f"tiny_a/gen{i}/margin"])
+        calls.clear()
+        assert ours == greedy_tokens(engine_a, prompt, len(reference))  # the chunked run's
+        assert set(calls) == {"decode"}  # streamed: chunks
+
+
+def test_whole_runs_sample_as_chunks_do_and_share_a_program_per_length_bucket(
+    whole_a, engine_a, tok
+):
+    prompts = [tok.encode("Hello, world"), tok.encode("The capital of France is Paris and")]
+    params = SamplingParams(temperature=1.0, seed=3)
+    traces = []
+    for n in (30, 25):  # 29 and 24 tokens after the first: one bucket (32), one program
+        whole = batch_generate(whole_a, tok, prompts, max_new_tokens=n, sampling=params)
+        chunked = batch_generate(engine_a, tok, prompts, max_new_tokens=n, sampling=params)
+        assert [c.tokens for c in whole] == [c.tokens for c in chunked]
+        assert [len(c.tokens) for c in whole] == [n, n]
+        traces.append(whole_a.programs.traces)
+    assert traces[1] == traces[0]
+    cache = PromptCache()
+    first = generate(whole_a, tok, prompts[1], max_new_tokens=20, prompt_cache=cache)
+    follow = prompts[1] + first.tokens + tok.encode(" and")
+    continued = generate(whole_a, tok, follow, max_new_tokens=20, prompt_cache=cache)
+    assert continued.tokens == generate(engine_a, tok, follow, max_new_tokens=20).tokens
+
+
 def test_same_seed_same_text_other_seed_other_text(engine_a, tok):
     prompt = tok.encode("Once upon a time")
 

@@ -108,7 +108,9 @@ def _peak_bytes() -> int:
     return stats.get("peak_bytes_in_use", 0)
 
 
-def ours_decode(config, params, dtype, batch, prompt, new, chunk=None, **kernel_changes):
+def ours_decode(
+    config, params, dtype, batch, prompt, new, chunk=None, stream=True, **kernel_changes
+):
     import dataclasses
 
     from gpt2cli import kernels, precision
@@ -118,7 +120,7 @@ def ours_decode(config, params, dtype, batch, prompt, new, chunk=None, **kernel_
     chosen = kernels.choose(precision.get(dtype), batch=batch)
     chosen = dataclasses.replace(chosen, **kernel_changes)
     engine = Engine(config, params, dtype, chunk=chunk, batch=batch, chosen=chosen)
-    figures = measure(engine, batch, prompt, new, repeats=3)
+    figures = measure(engine, batch, prompt, new, repeats=3, stream=stream)
     return {
         "tok_s": round(figures["decode_tokens_per_s"], 1),
         "compile_s": round(figures["compile_s"], 1),
@@ -381,6 +383,7 @@ def stage_decode(run: Run) -> None:
 
 def stage_decode_variants(run: Run) -> None:
     for rows in (1, 64):
+        run.decode("bfloat16", rows, "whole run in one call", stream=False)
         run.decode("bfloat16", rows, "one row not padded", pad_one_row=False)
         run.decode("bfloat16", rows, "cache written last", cache_write="last")
         run.decode(

@@ -2,7 +2,8 @@
 
 `prefill` runs a bucketed block of prompt tokens into a fixed-size KV cache and samples the
 first token; `decode` samples a few tokens per call inside one `fori_loop` over a small
-`DecodeState` that stays on the device. `generate.py` drives them and turns tokens into text.
+`DecodeState` that stays on the device; `decode_run` samples a whole run's tokens in one call.
+`generate.py` drives them and turns tokens into text.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from gpt2cli.sampling_checks import check_sampling, check_seed
 # so short that the launches between calls would leave it idle.
 DECODE_CHUNK = {"cpu": 4}
 DEFAULT_DECODE_CHUNK = 32
+# Backends that decode a run nobody streams in one call (`decode_run`), not chunk by chunk: a
+# GPU then launches one program per run. A CPU keeps its chunks: their calls cost it nothing.
+CHUNKED_RUNS = {"cpu"}
 
 
 @dataclass(frozen=True)
@@ -82,7 +86,7 @@ class Engine:
 
     `dtype` is a precision's name (precision.py); `batch`, the rows it will mostly decode, picks
     the weight layout (kernels.py). Engines of the same config, kernels and chunk share their
-    compiled programs.
+    compiled programs. `whole_runs`: a run that is not streamed decodes in one call.
     """
 
     def __init__(
@@ -99,6 +103,7 @@ class Engine:
         self.dtype = dtype
         self.kernels = chosen or kernels.choose(policy, batch=batch)
         self.chunk = chunk or DECODE_CHUNK.get(self.kernels.backend, DEFAULT_DECODE_CHUNK)
+        self.whole_runs = self.kernels.backend not in CHUNKED_RUNS
         self.params = _prepare(params, policy.compute, self.kernels.out_in)
         self.programs = _programs(config, policy.compute, self.kernels, self.chunk)
 
@@ -123,7 +128,7 @@ def _programs(config: GPT2Config, compute: str, chosen: kernels.Kernels, chunk: 
 
 
 class _Programs:
-    """The jitted prefill and decode of one (config, compute dtype, kernels, chunk)."""
+    """The jitted prefill and decodes of one (config, compute dtype, kernels, chunk)."""
 
     def __init__(self, config: GPT2Config, compute: str, chosen: kernels.Kernels, chunk: int):
         self.config = config
@@ -133,6 +138,9 @@ class _Programs:
         self.traces = 0  # how many programs were traced: tests check nothing retraces
         self.prefill = chosen.jit(self._prefill, static_argnames="rule", donate_argnames="cache")
         self.decode = chosen.jit(self._decode, static_argnames="rule", donate_argnames="state")
+        self.decode_run = chosen.jit(
+            self._decode_run, static_argnames=("rule", "length"), donate_argnames="state"
+        )
 
     def _prefill(
         self, params, cache, ids, positions, mask, last, advance, seen, seed, rows, *, rule
@@ -161,27 +169,40 @@ class _Programs:
         return state, token[:, None]
 
     def _decode(self, params, state, *, rule):
+        """The next `chunk` tokens -> the state after them, the tokens [B, chunk]."""
         self.traces += 1
-        top_position = self.config.n_positions - 1
-
-        def one_step(i, carry):
-            state, out = carry
-            position = jnp.minimum(state.position, top_position)  # steps past the end are junk
-            with kernels.use(self.kernels):
-                logits, cache = self.model.apply(
-                    {"params": params}, state.token[:, None], position[:, None], cache=state.cache
-                )
-            token = _pick(rule, logits[:, 0], state.seen, state.keys, state.step)  # [B]
-            state = state.replace(
-                cache=cache,
-                token=token,
-                position=state.position + 1,
-                seen=_mark_seen(state.seen, token),
-                step=state.step + 1,
-            )
-            return state, out.at[:, i].set(token)
-
         out = jnp.zeros((state.token.shape[0], self.chunk), jnp.int32)  # [B, chunk]
         if self.chunk == 1:  # straight-line code: XLA copies a cache that enters a while loop
-            return one_step(0, (state, out))
-        return jax.lax.fori_loop(0, self.chunk, one_step, (state, out))
+            return self._step(params, rule, 0, (state, out))
+        return jax.lax.fori_loop(
+            0, self.chunk, functools.partial(self._step, params, rule), (state, out)
+        )
+
+    def _decode_run(self, params, state, count, *, rule, length):
+        """The next `count` tokens in one call -> the state after them, the tokens [B, length]
+        (columns from `count` on are zeros). `count` is data, so a program serves every count
+        up to its `length`."""
+        self.traces += 1
+        out = jnp.zeros((state.token.shape[0], length), jnp.int32)  # [B, length]
+        return jax.lax.fori_loop(
+            0, count, functools.partial(self._step, params, rule), (state, out)
+        )
+
+    def _step(self, params, rule, i, carry):
+        """Sample one token per row and write it to column i of `out`."""
+        state, out = carry
+        # steps past the last position only happen in a chunk's junk columns, never read
+        position = jnp.minimum(state.position, self.config.n_positions - 1)
+        with kernels.use(self.kernels):
+            logits, cache = self.model.apply(
+                {"params": params}, state.token[:, None], position[:, None], cache=state.cache
+            )
+        token = _pick(rule, logits[:, 0], state.seen, state.keys, state.step)  # [B]
+        state = state.replace(
+            cache=cache,
+            token=token,
+            position=state.position + 1,
+            seen=_mark_seen(state.seen, token),
+            step=state.step + 1,
+        )
+        return state, out.at[:, i].set(token)

@@ -1,7 +1,8 @@
 """Prefill + cached decode. `stream_generate` yields small responses, `generate` joins them.
 
 `TokenRun` drives an `Engine`'s compiled programs (see engine.py): it dispatches the next decode
-call before it reads the tokens of the previous one, so the host never stalls the device.
+call before it reads the tokens of the previous one, so the host never stalls the device; a run
+nobody streams may decode in a single call.
 Nothing retraces per token: shapes only change when a prompt or cache crosses a bucket. The
 rest turns tokens into text: stop strings, UTF-8-safe streaming, batches.
 """
@@ -108,7 +109,12 @@ def fit_prompt(ids: Sequence[int], max_new_tokens: int, n_positions: int, trunca
 
 
 def _prefill_block(n: int) -> int:
-    return max(MIN_PREFILL, 1 << (n - 1).bit_length())
+    return _power_of_two(n, MIN_PREFILL)
+
+
+def _power_of_two(n: int, least: int) -> int:
+    """The smallest power of two >= n, at least `least`: lengths that compile few programs."""
+    return max(least, 1 << (n - 1).bit_length())
 
 
 def _cache_length(needed: int) -> int:
@@ -147,6 +153,8 @@ class TokenRun:
 
     Rows are left-padded when there are several; a single row is right-padded so it can extend
     a PromptCache without holes. On exit (exhausted or closed) the PromptCache is updated.
+    `stream=False`: the caller reads the tokens only at the end, so where the engine does whole
+    runs (a GPU) every token after the first comes from one decode call.
     """
 
     def __init__(
@@ -158,6 +166,7 @@ class TokenRun:
         sampling_params: SamplingParams,
         prompt_cache: PromptCache | None = None,
         sample_ids: Sequence[int] | None = None,
+        stream: bool = True,
     ):
         if prompt_cache is not None and len(prompts) != 1:
             raise ValueError("a PromptCache holds one sequence; pass a single prompt")
@@ -167,6 +176,7 @@ class TokenRun:
         self.sampling = sampling_params
         self.prompt_cache = prompt_cache
         self.sample_ids = list(sample_ids) if sample_ids is not None else [0] * len(prompts)
+        self.whole = not stream and engine.whole_runs
         self.prefilled = 0
         self.prompt_seconds = 0.0
         self.produced: list[np.ndarray] = []
@@ -239,7 +249,13 @@ class TokenRun:
         try:
             while inflight is not None:
                 ahead = None
-                if todo > 0:  # queue the next chunk before blocking on this one
+                if todo > 0 and self.whole:  # the rest in one call, of a bucketed length
+                    length = _power_of_two(todo, engine.chunk)
+                    state, ahead = engine.programs.decode_run(
+                        engine.params, state, np.int32(todo), rule=rule, length=length
+                    )
+                    todo = 0
+                elif todo > 0:  # queue the next chunk before blocking on this one
                     state, ahead = engine.programs.decode(engine.params, state, rule=rule)
                     todo -= engine.chunk
                 block = np.asarray(inflight)  # [B, k]
@@ -336,8 +352,13 @@ def stream_generate(
     sampling: SamplingParams | None = None,
     stop: Sequence[str] = (),
     prompt_cache: PromptCache | None = None,
+    stream: bool = True,
 ) -> Iterator[GenerationResponse]:
-    """Yield one response per generated token; the last one carries `finish_reason`."""
+    """Yield one response per generated token; the last one carries `finish_reason`.
+
+    `stream=False` says the responses are read only at the end (as `generate` does): a GPU then
+    decodes the run in one call, and the responses come all at once.
+    """
     prompt_ids = fit_prompt(prompt_ids, max_new_tokens, engine.config.n_positions, False)
     run = TokenRun(
         engine,
@@ -345,6 +366,7 @@ def stream_generate(
         max_new_tokens=max_new_tokens,
         sampling_params=sampling or SamplingParams(),
         prompt_cache=prompt_cache,
+        stream=stream,
     )
     row = RowText(tokenizer, stop, max_new_tokens, engine.config.eos_token_id)
     first_at = None
@@ -371,7 +393,7 @@ def stream_generate(
 def generate(engine: Engine, tokenizer: GPT2Tokenizer, prompt_ids: Sequence[int], **kwargs):
     """Run `stream_generate` to the end and join it into a `Completion`."""
     pieces, tokens, last = [], [], None
-    for last in stream_generate(engine, tokenizer, prompt_ids, **kwargs):
+    for last in stream_generate(engine, tokenizer, prompt_ids, stream=False, **kwargs):
         pieces.append(last.text)
         tokens.append(last.token)
     if last.finish_reason == "eos":
@@ -414,6 +436,7 @@ def batch_generate(
         max_new_tokens=max_new_tokens,
         sampling_params=sampling or SamplingParams(),
         sample_ids=[j for _ in prompts for j in range(num_samples)],
+        stream=False,
     )
     eos_id = engine.config.eos_token_id
     texts = [RowText(tokenizer, stop, max_new_tokens, eos_id) for _ in rows]

@@ -168,19 +168,21 @@ def token_loss(
     """
     inputs, targets = tokens[:, :-1], tokens[:, 1:]  # [B, T] each
     rngs = None if deterministic else {"dropout": rng}
-    run = functools.partial(model.apply, {"params": params}, inputs, deterministic=deterministic)
-    if loss_chunks <= 1:
-        logits, _ = run(rngs=rngs)  # [B, T, V]
-        return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
-    hidden, _ = run(rngs=rngs, head=False)  # [B, T, D]
+    hidden, _ = model.apply(
+        {"params": params}, inputs, deterministic=deterministic, rngs=rngs, head=False
+    )  # [B, T, D]
     table = params["wte"]["embedding"].astype(model.dtype)  # [V, D]
+    # The head as the model runs it, but its logits [..., V'] may keep the table's padding
+    head = functools.partial(kernels.active().head, table=table, keep_padding=True)
+    if loss_chunks <= 1:
+        return optax.softmax_cross_entropy_with_integer_labels(head(hidden), targets).mean()
     B, T, D = hidden.shape
     slices = (hidden.reshape(B, loss_chunks, -1, D), targets.reshape(B, loss_chunks, -1))
 
     @jax.checkpoint
     def chunk_loss(total, xs):
         x, y = xs  # [B, T/c, D], [B, T/c]
-        logits = kernels.active().head(x, table)  # [B, T/c, V] float32
+        logits = head(x)  # [B, T/c, V'] float32
         return total + optax.softmax_cross_entropy_with_integer_labels(logits, y).sum(), None
 
     total, _ = jax.lax.scan(chunk_loss, 0.0, jax.tree.map(lambda a: jnp.moveaxis(a, 1, 0), slices))

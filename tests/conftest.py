@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -19,6 +20,28 @@ os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 # On a GPU, JAX takes 75% of its memory at start: the CLI processes that tests start beside
 # this one would find none left.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# A checkout run (PYTHONPATH=., as on a GPU machine): the Python processes that tests start in
+# other folders must find the package too.
+ROOT = Path(__file__).resolve().parents[1]
+if os.environ.get("PYTHONPATH"):
+    paths = os.environ["PYTHONPATH"].split(os.pathsep)
+    os.environ["PYTHONPATH"] = os.pathsep.join(str(Path(p).resolve()) for p in paths if p)
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--simulate-gpu",
+        action="store_true",
+        help="choose a GPU's kernels on this CPU (see tests/gpu_simulation.py)",
+    )
+
+
+def pytest_configure(config):
+    if config.getoption("--simulate-gpu"):
+        from tests import gpu_simulation
+
+        gpu_simulation.install()
+
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY_A = FIXTURES / "tiny-a"  # transformers-5 layout, real GPT-2 vocab
@@ -50,19 +73,29 @@ def tiny_b():
 
 def gpt2_exe() -> str:
     """The installed console script next to this interpreter, else (a checkout run with
-    PYTHONPATH=., as on a GPU machine) a launcher script that runs the same entry point."""
+    PYTHONPATH=., as on a GPU machine) a launcher script that runs the same entry point. Under
+    --simulate-gpu, always a launcher that simulates the GPU's kernels in the CLI too."""
+    from tests import gpu_simulation
+
     exe = shutil.which("gpt2", path=str(Path(sys.executable).parent))
-    if exe:
+    if exe and not gpu_simulation.ACTIVE:
         return exe
-    launcher = Path(tempfile.gettempdir()) / f"gpt2-launcher-{os.getuid()}" / "gpt2"
+    setup = "from tests import gpu_simulation; gpu_simulation.install()\n"
+    script = (
+        f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(ROOT)!r})\n"
+        f"{setup if gpu_simulation.ACTIVE else ''}from gpt2cli.cli.app import main\nmain()\n"
+    )
+    # One launcher per script text (interpreter, checkout, simulation), written under a
+    # temporary name and renamed into place: parallel test workers (pytest -n) never run a
+    # half-written one.
+    digest = hashlib.sha256(script.encode()).hexdigest()[:12]
+    launcher = Path(tempfile.gettempdir()) / f"gpt2-launcher-{os.getuid()}-{digest}" / "gpt2"
     if not launcher.exists():
         launcher.parent.mkdir(parents=True, exist_ok=True)
-        root = Path(__file__).resolve().parents[1]
-        launcher.write_text(
-            f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(root)!r})\n"
-            "from gpt2cli.cli.app import main\nmain()\n"
-        )
-        launcher.chmod(0o755)
+        with tempfile.NamedTemporaryFile("w", dir=launcher.parent, delete=False) as f:
+            f.write(script)
+        os.chmod(f.name, 0o755)
+        os.replace(f.name, launcher)
     return str(launcher)
 
 

@@ -13,7 +13,13 @@ import threading
 import time
 from contextlib import contextmanager
 
+import pytest
+
 from tests.conftest import TINY_A, gpt2_exe
+
+# gpt2 serve's web stack; a GPU machine running the checkout may lack it (pip install it there)
+pytest.importorskip("starlette", reason="gpt2 serve needs starlette (pip install starlette)")
+pytest.importorskip("uvicorn", reason="gpt2 serve needs uvicorn (pip install uvicorn)")
 
 HOST = "127.0.0.1"
 SERVE_KEY = "test-key"  # the API key of the shared `serve_tiny` server (conftest.py)

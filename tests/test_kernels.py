@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import jax
@@ -36,9 +37,10 @@ def test_every_command_takes_tf32_and_refuses_other_dtypes_before_loading(comman
     assert "tf32" in CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200"}).output
 
 
-def _dot_precisions(config, params, dtype: str, batch: int = 0) -> list[str]:
+def _dot_precisions(config, params, dtype: str, attention: str = "einsum") -> list[str]:
     """The precision of every product in the compiled forward pass, from its StableHLO."""
-    chosen = kernels.choose(precision.get(dtype), batch=batch)
+    chosen = kernels.choose(precision.get(dtype))
+    chosen = dataclasses.replace(chosen, attention_impl=attention)
     model = GPT2(config, dtype=jnp.dtype(precision.get(dtype).compute))
 
     def forward(params, ids):
@@ -56,6 +58,8 @@ def test_float32_asks_every_product_for_full_precision(tiny_b):
     config, params = tiny_b
     assert set(_dot_precisions(config, params, "float32")) == {"HIGHEST"}
     assert set(_dot_precisions(config, params, "tf32")) <= {"DEFAULT", "none"}
+    # jax.nn.dot_product_attention's XLA form (ours where cuDNN does not run) asks the same
+    assert set(_dot_precisions(config, params, "float32", attention="xla")) == {"HIGHEST"}
 
 
 def test_model_outside_any_kernels_block_computes_in_full_float32(tiny_b):

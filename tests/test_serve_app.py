@@ -7,6 +7,8 @@ import json
 
 import pytest
 
+pytest.importorskip("starlette", reason="gpt2 serve needs starlette (pip install starlette)")
+
 from gpt2cli.serve.app import create_app
 from gpt2cli.serve.scheduler import Scheduler
 from tests.helpers_serve import request, uvicorn_thread

@@ -8,7 +8,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import openai
 import pytest
 
 from gpt2cli.engine import Engine, SamplingParams
@@ -17,6 +16,7 @@ from gpt2cli.tokenizer import bundled
 from tests.helpers_serve import SERVE_KEY as KEY
 from tests.helpers_serve import ServerProcess, metric, post_json, request, sse_events
 
+openai = pytest.importorskip("openai", reason="the official client (a dev dependency)")
 pytestmark = pytest.mark.slow
 AUTH = {"Authorization": f"Bearer {KEY}"}
 MODEL = "tiny-a"

@@ -276,6 +276,7 @@ def test_resume_extends_a_finished_run(finished_run):
 
 
 def test_plot_writes_loss_png(finished_run):
+    pytest.importorskip("matplotlib", reason="--plot needs the plot extra (matplotlib)")
     done = gpt2("train", "--resume", str(finished_run), "--steps", "6", "--plot")
     assert done.exit_code == 0, done.output
     assert (finished_run / "loss.png").read_bytes()[:4] == b"\x89PNG"

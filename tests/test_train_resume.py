@@ -18,6 +18,10 @@ from tests.helpers_train import TINY_A, losses, write_corpus
 pytestmark = pytest.mark.slow
 
 FAST_COMPILE = "--xla_backend_optimization_level=0"  # tiny models: compile time dominates
+# On a GPU two processes may pick different GEMM algorithms (autotuning times them) and add the
+# embedding's gradient with atomics, so their losses would part in the last bits; these flags
+# make a GPU repeat itself as a CPU does. (A CPU accepts and ignores them.)
+SAME_KERNELS = "--xla_gpu_deterministic_ops=true --xla_gpu_autotune_level=0"
 STEPS = 40  # the resumed run stops here; the interrupted one was started for 1000
 COMMON = (
     "--model", str(TINY_A), "--batch-size", "2", "--seq-length", "16", "--log-every", "1",
@@ -36,7 +40,7 @@ def wait_for(predicate, timeout: float = 120.0) -> None:
 def test_sigint_saves_and_resume_repeats_the_uninterrupted_losses(tmp_path):
     corpus = write_corpus(tmp_path / "corpus.txt")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GPT2_CACHE_DIR": str(tmp_path / "cache"),
-           "XLA_FLAGS": FAST_COMPILE, "GPT2_NO_COMPILE_CACHE": "1"}  # fmt: skip
+           "XLA_FLAGS": f"{FAST_COMPILE} {SAME_KERNELS}", "GPT2_NO_COMPILE_CACHE": "1"}  # fmt: skip
     train = [gpt2_exe(), "train", "--dataset", str(corpus), *COMMON]
     # the uninterrupted run, in the same environment, alongside
     whole = subprocess.Popen([*train, "--steps", str(STEPS), "--out", "whole"], cwd=tmp_path,

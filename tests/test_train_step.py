@@ -20,9 +20,9 @@ def tokens(tiny_b):
     return jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (2, 17)))
 
 
-def _loss_and_grads(model, params, tokens, chunks):
+def _loss_and_grads(model, params, tokens, chunks, chosen=kernels.Kernels()):  # noqa: B008
     def loss(p):
-        with kernels.use(kernels.Kernels()):
+        with kernels.use(chosen):
             return token_loss(model, p, tokens, None, True, loss_chunks=chunks)
 
     return jax.jit(jax.value_and_grad(loss))(params)
@@ -39,6 +39,24 @@ def test_loss_in_slices_equals_the_whole_loss_and_its_gradients(tiny_b, tokens):
     assert float(whole) > 1.0  # a real loss, not a degenerate zero
     for a, b in zip(jax.tree.leaves(sliced_grads), jax.tree.leaves(whole_grads), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_loss_over_a_padded_head_equals_the_plain_loss(tiny_b):
+    """A GPU pads the head's table for big products (here 512 -> 576 rows) and the loss reads
+    the padded logits, the padding masked: the loss and every gradient stay the plain head's."""
+    config, params = tiny_b
+    model = GPT2(config)
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, config.vocab_size, (32, 33)))
+    plain = kernels.Kernels(backend="gpu")
+    padded = kernels.Kernels(backend="gpu", vocab_multiple=96)
+    table = params["wte"]["embedding"]
+    assert padded.head(jnp.zeros((256, config.n_embd)), table, keep_padding=True).shape[-1] == 576
+    for chunks in (1, 4):  # 1024 rows at once, or 4 slices of 256: both padded
+        want, want_grads = _loss_and_grads(model, params, tokens, chunks, plain)
+        got, got_grads = _loss_and_grads(model, params, tokens, chunks, padded)
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-6)
 
 
 def test_remat_changes_memory_not_results(tiny_b, tokens):

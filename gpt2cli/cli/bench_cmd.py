@@ -14,10 +14,17 @@ from gpt2cli.cli.options import DEFAULT_MODEL, Dtype, JsonOutput, ModelRef, Temp
 
 
 def measure(
-    engine, batch: int, prompt_tokens: int, new_tokens: int, repeats: int, sampling=None
+    engine,
+    batch: int,
+    prompt_tokens: int,
+    new_tokens: int,
+    repeats: int,
+    sampling=None,
+    stream: bool = True,
 ) -> dict:
     """Runs on random prompts (EOS ignored, greedy unless `sampling` says otherwise): the first
-    compiles, the best of the rest is reported."""
+    compiles, the best of the rest is reported. `stream=False`: runs as `generate` does them
+    (one decode call on a GPU)."""
     import numpy as np
 
     from gpt2cli.generate import SamplingParams, TokenRun
@@ -27,7 +34,9 @@ def measure(
     sampling = sampling or SamplingParams()
 
     def run() -> tuple[float, float]:
-        tokens = TokenRun(engine, prompts, max_new_tokens=new_tokens, sampling_params=sampling)
+        tokens = TokenRun(
+            engine, prompts, max_new_tokens=new_tokens, sampling_params=sampling, stream=stream
+        )
         start = time.perf_counter()
         stamps = [time.perf_counter() for _ in tokens]
         return stamps[0] - start, stamps[-1] - stamps[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 
 import pytest
 
@@ -107,7 +108,7 @@ def test_batched_equals_alone_equals_generate(scheduler, tok, tiny_a):
     assert scheduler.programs.traces == scheduler.compiled_traces  # all compiled at start
 
 
-def test_rows_growing_past_cache_lengths_keep_their_tokens(scheduler, tok, tiny_a):
+def test_rows_growing_past_cache_lengths_keep_their_tokens(scheduler, tok, tiny_a, monkeypatch):
     """The block's cache grows through every length bucket while a long request decodes beside
     a short one, and shrinks when the long one leaves: both still give `generate`'s tokens."""
     lengths = scheduler.programs.lengths
@@ -115,15 +116,13 @@ def test_rows_growing_past_cache_lengths_keep_their_tokens(scheduler, tok, tiny_
     long, short = (PROMPTS[3], SAMPLINGS[0]), (PROMPTS[0], SAMPLINGS[1])
     long_tokens = tiny_a[0].n_positions - len(tok.encode(PROMPTS[3]))  # the whole window
     seen_lengths = set()
-    watching = threading.Event()
+    decode = scheduler.programs.decode
 
-    def watch():
-        while not watching.is_set():
-            seen_lengths.add(scheduler.block_length)
-            watching.wait(0.005)
+    def watched(params, slots, *args, **kwargs):  # the block length of every decode chunk
+        seen_lengths.add(slots.cache.length)
+        return decode(params, slots, *args, **kwargs)
 
-    watcher = threading.Thread(target=watch)
-    watcher.start()
+    monkeypatch.setattr(scheduler.programs, "decode", watched)
     jobs = [
         Job(tok.encode(p), n, settings_of(sp), sp.seed, 0, (), Collector())
         for (p, sp), n in ((long, long_tokens), (short, 24))
@@ -131,14 +130,15 @@ def test_rows_growing_past_cache_lengths_keep_their_tokens(scheduler, tok, tiny_
     scheduler.submit(jobs)
     for job in jobs:
         assert job.sink.done.wait(120)
-    watching.set()
-    watcher.join()
     engine = Engine(*tiny_a, batch=1)
     for job, ((prompt, sp), n) in zip(jobs, ((long, long_tokens), (short, 24)), strict=True):
         want = generate(engine, tok, tok.encode(prompt), max_new_tokens=n, sampling=sp).text
         assert job.sink.text == want
     assert seen_lengths >= set(lengths)  # every length was used, the last one included
-    assert scheduler.block_length == lengths[0]  # and the block shrank back once idle
+    end = time.monotonic() + 10  # the engine thread resizes the block in its next round
+    while scheduler.block_length != lengths[0] and time.monotonic() < end:
+        time.sleep(0.01)
+    assert scheduler.block_length == lengths[0]  # the block shrank back once idle
     assert scheduler.programs.traces == scheduler.compiled_traces
 
 

@@ -43,8 +43,10 @@ def test_top_k_keeps_ties_with_the_kth():
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
     assert kept(apply_top_p(LOGITS, 0.5)) == {1, 3}  # 0.4 < 0.5, 0.4 + 0.3 >= 0.5
-    assert kept(apply_top_p(LOGITS, 0.7)) == {1, 3}  # HF: mass above 0.15 is 0.7 >= 0.7: drop
-    assert kept(apply_top_p(LOGITS, 0.71)) == {1, 3, 0}
+    # HF drops a token when the mass above it reaches p. At p = 0.7 exactly (0.4 + 0.3) the
+    # last bit of each backend's exp decides, so the test keeps clear of it on either side.
+    assert kept(apply_top_p(LOGITS, 0.6999)) == {1, 3}
+    assert kept(apply_top_p(LOGITS, 0.7001)) == {1, 3, 0}
     assert kept(apply_top_p(LOGITS, 0.1)) == {1}  # the top token always stays
     assert kept(apply_top_p(LOGITS, 1.0)) == {0, 1, 2, 3, 4}
 
@@ -66,9 +68,15 @@ def test_top_p_keeps_what_transformers_keeps_on_random_logits(p):
     rows = rng.standard_normal((64, 2000)) * rng.uniform(0.1, 8.0, (64, 1))  # flat to peaked
     rows = rows.astype(np.float32)
     ours = np.asarray(apply_top_p(jnp.asarray(rows), p))
+    exact = 0
     for row, mine in zip(rows, ours, strict=True):
-        expected = hf_top_p_kept(row.astype(np.float64), p)
-        assert set(np.flatnonzero(np.isfinite(mine)).tolist()) == expected
+        mine = set(np.flatnonzero(np.isfinite(mine)).tolist())
+        # Our float32 sums differ from HF's float64 in the last bits, and from backend to
+        # backend: a token whose mass lies within 1e-5 of the cut may go either way.
+        row = row.astype(np.float64)
+        assert hf_top_p_kept(row, p - 1e-5) <= mine <= hf_top_p_kept(row, p + 1e-5)
+        exact += mine == hf_top_p_kept(row, p)
+    assert exact >= 60  # of 64: the slack is for the rare near-tie
 
 
 def test_min_p_scales_with_the_top_probability():

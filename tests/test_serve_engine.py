@@ -12,7 +12,16 @@ import pytest
 from gpt2cli.engine import Engine, SamplingParams
 from gpt2cli.generate import generate
 from gpt2cli.serve.programs import SlotPrograms
-from gpt2cli.serve.scheduler import Delta, Failed, Finish, Job, QueueFull, Scheduler, row_buckets
+from gpt2cli.serve.scheduler import (
+    QUEUE_FULL,
+    Delta,
+    Failed,
+    Finish,
+    Job,
+    QueueFull,
+    Scheduler,
+    row_buckets,
+)
 from gpt2cli.tokenizer import bundled
 
 PROMPTS = [
@@ -171,3 +180,23 @@ def test_queue_full_is_refused_whole(scheduler, tok):
     with pytest.raises(QueueFull):
         scheduler.submit(jobs)
     assert scheduler.queue_length == 0
+
+
+def test_a_choice_waiting_past_the_queue_timeout_gets_503(scheduler, tok, monkeypatch):
+    """--queue-timeout: with every row busy, a waiting choice is refused once it has waited
+    longer than the timeout (0 here: at the engine's next round); the busy rows go on."""
+    monkeypatch.setattr(scheduler, "queue_timeout", 0.0)
+    busy = [
+        Job(tok.encode(PROMPTS[1]), 100, settings_of(SAMPLINGS[0]), 0, 0, (), Collector())
+        for _ in range(scheduler.max_batch)
+    ]
+    scheduler.submit(busy)
+    while scheduler.queue_length:  # every busy job has a row
+        time.sleep(0.005)
+    late = Job(tok.encode(PROMPTS[0]), 4, settings_of(SAMPLINGS[0]), 0, 0, (), Collector())
+    scheduler.submit([late])
+    assert late.sink.done.wait(30)
+    assert late.sink.events == [Failed(503, QUEUE_FULL)]
+    for job in busy:
+        assert job.sink.done.wait(120)
+        assert job.sink.events[-1] == Finish("length", 100)

@@ -11,7 +11,7 @@ import pytest
 
 from gpt2cli.engine import Engine, SamplingParams
 from gpt2cli.generate import generate
-from gpt2cli.serve.programs import SlotPrograms
+from gpt2cli.serve.programs import SlotPrograms, length_buckets
 from gpt2cli.serve.scheduler import (
     QUEUE_FULL,
     Delta,
@@ -100,6 +100,12 @@ def test_row_buckets():
     assert row_buckets(1) == [1]
     assert row_buckets(8) == [1, 2, 4, 8]
     assert row_buckets(6) == [1, 2, 4, 6]
+
+
+def test_length_buckets():
+    assert length_buckets(1152) == [64, 128, 192, 256, 512, 1152]  # GPT-2: 1024 + a chunk
+    assert length_buckets(176) == [64, 128, 176]
+    assert length_buckets(40) == [40]
 
 
 def test_batched_equals_alone_equals_generate(scheduler, tok, tiny_a):

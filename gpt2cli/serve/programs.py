@@ -173,9 +173,10 @@ def _record(slots: Slots, token, active) -> Slots:
 
 def length_buckets(most: int) -> list[int]:
     """Cache lengths of a block: 64 to 256 slots by 64 (where most rows are, and a step's reads
-    of the cache weigh most against the weights'), then doubling, then `most`."""
+    of the cache weigh most against the weights'), then doubling up to half of `most`, then
+    `most` (GPT-2: 64, 128, 192, 256, 512, 1152)."""
     sizes = [n for n in range(64, 257, 64) if n < most]
-    while sizes and sizes[-1] * 2 < most:
+    while sizes and sizes[-1] * 2 <= most // 2:
         sizes.append(sizes[-1] * 2)
     return [*sizes, most]
 

@@ -16,12 +16,10 @@ callback, one `Delta` per chunk and a last `Finish` or `Failed`.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -200,7 +198,7 @@ class Scheduler:
 
     def _warm_up(self) -> None:
         """Compile every program for every stage and block shape, so no request waits for a
-        compile. The shapes compile on a thread each (XLA compiles one program on one core)."""
+        compile."""
         from gpt2cli.serve.programs import resize, settings_arrays
 
         p = self.programs
@@ -231,15 +229,11 @@ class Scheduler:
                 resize(slots, rows=rows, length=other).token.block_until_ready()
             picked.token.block_until_ready()
 
-        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-            done = [pool.submit(stage_programs, length) for length in stages]
-            done += [
-                pool.submit(block_programs, rows, length)
-                for rows in self.buckets
-                for length in p.lengths
-            ]
-            for future in done:
-                future.result()
+        for length in stages:
+            stage_programs(length)
+        for rows in self.buckets:
+            for length in p.lengths:
+                block_programs(rows, length)
         self.compiled_traces = p.traces
         self._slots_rows, self._slots_length = self.buckets[0], p.lengths[0]
         self._slots = p.empty(self._slots_rows, self._slots_length)

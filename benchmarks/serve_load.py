@@ -113,6 +113,17 @@ def percentile(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
 
 
+def in_threads(client, clients: int) -> float:
+    """Run client(0) .. client(clients - 1) on a thread each; -> seconds until all ended."""
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - start
+
+
 def run_clients(port: int, clients: int, requests: int, prompts: list, max_tokens: int) -> dict:
     results: list[dict] = []
     lock = threading.Lock()
@@ -123,13 +134,7 @@ def run_clients(port: int, clients: int, requests: int, prompts: list, max_token
             with lock:
                 results.append(out)
 
-    start = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
+    wall = in_threads(client, clients)
     ok = [r for r in results if r["status"] == 200]
     ttft = [r["first_token_s"] for r in ok]
     decode = [r["decode_tps"] for r in ok if r["decode_tps"]]
@@ -180,12 +185,7 @@ def overload(
                 if out["status"] == 503:
                     time.sleep(1.0)  # what Retry-After asks
 
-        start = time.perf_counter()
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        wall = in_threads(client, clients)
         refused = [r["seconds"] for r in done if r["status"] == 503]
         return {
             "requests": len(done),
@@ -194,7 +194,7 @@ def overload(
             "other": [r["status"] for r in done if r["status"] not in (200, 503)],
             "slowest_503_s": max(refused) if refused else None,
             "slowest_completion_s": max(r["seconds"] for r in done if r["status"] == 200),
-            "wall_s": time.perf_counter() - start,
+            "wall_s": wall,
             "rss_mib_every_50_completed": [round(m) for m in memory],
         }
     finally:

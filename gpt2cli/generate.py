@@ -137,17 +137,6 @@ def _rewind(cache: KVCache, n) -> KVCache:
     return cache.replace(mask=cache.mask & keep[None], index=jnp.asarray(n, jnp.int32))
 
 
-def _grow(cache: KVCache, length: int) -> KVCache:
-    """The same cache with room for `length` slots (keys, values [B, H, S, K]; mask [B, S])."""
-    extra = length - cache.length
-    slots = lambda a: jnp.pad(a, [(0, 0), (0, 0), (0, extra), (0, 0)])  # noqa: E731
-    return cache.replace(
-        keys=tuple(map(slots, cache.keys)),
-        values=tuple(map(slots, cache.values)),
-        mask=jnp.pad(cache.mask, [(0, 0), (0, extra)]),
-    )
-
-
 class TokenRun:
     """One generation at the token level: iterate for [B] arrays of new token ids.
 
@@ -205,7 +194,7 @@ class TokenRun:
                 cache = engine.new_cache(1, _cache_length(needed))
             else:
                 if cache.length < needed:
-                    cache = _grow(cache, _cache_length(needed))
+                    cache = cache.with_length(_cache_length(needed))
                 cache = _rewind(cache, reuse)
             self.prefilled = n
         else:

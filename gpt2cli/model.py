@@ -61,6 +61,22 @@ class KVCache:
     def length(self) -> int:
         return self.mask.shape[1]
 
+    def with_length(self, length: int) -> KVCache:
+        """The same cache with `length` slots: later slots dropped, or new ones empty (masked)."""
+
+        def fit(a, axis):
+            if a.shape[axis] >= length:
+                return jax.lax.slice_in_dim(a, 0, length, axis=axis)
+            pad = [(0, 0)] * a.ndim
+            pad[axis] = (0, length - a.shape[axis])
+            return jnp.pad(a, pad)
+
+        return self.replace(
+            keys=tuple(fit(k, 2) for k in self.keys),
+            values=tuple(fit(v, 2) for v in self.values),
+            mask=fit(self.mask, 1),
+        )
+
 
 class Dense(nn.Module):
     """`x @ kernel + bias` with HF's (in, out) kernel (the kernels may store it (out, in))."""

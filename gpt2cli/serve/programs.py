@@ -59,7 +59,7 @@ class RowSettings:
     logit_bias: jax.Array  # [B, V] float32, added to the logits
     # [B] int32: how many top logprobs the row wants (0..L); -1: not even the token's own
     top_logprobs: jax.Array
-    active: jax.Array  # [B] bool: the row decodes (false: free, or still prefilling)
+    active: jax.Array  # [B] bool: the row decodes (false: a free row)
 
 
 @struct.dataclass
@@ -340,25 +340,6 @@ def _move(slots: Slots, src, dst) -> Slots:
     return jax.tree_util.tree_map(lambda a: a.at[dst].set(a[src]), slots)
 
 
-def _fit(a: jax.Array, size: int, axis: int) -> jax.Array:
-    """The first `size` entries of `a` along `axis`, or `a` padded with zeros up to `size`."""
-    if a.shape[axis] >= size:
-        return jax.lax.slice_in_dim(a, 0, size, axis=axis)
-    pad = [(0, 0)] * a.ndim
-    pad[axis] = (0, size - a.shape[axis])
-    return jnp.pad(a, pad)
-
-
-def _fit_length(cache: KVCache, length: int) -> KVCache:
-    """The cache with `length` slots per row: later slots dropped, or new ones masked out."""
-    slots = lambda a: _fit(a, length, 2)  # noqa: E731 - keys, values [B, H, S, K]
-    return cache.replace(
-        keys=tuple(map(slots, cache.keys)),
-        values=tuple(map(slots, cache.values)),
-        mask=_fit(cache.mask, length, 1),
-    )
-
-
 def _insert(slots: Slots, stage: Slots, row) -> Slots:
     """Copy the one-row `stage` (of the block's length: see `resize`) into row `row`."""
     return jax.tree_util.tree_map(lambda a, one: a.at[row].set(one[0]), slots, stage)
@@ -373,8 +354,12 @@ def resize(slots: Slots, rows: int, length: int) -> Slots:
             return a[:rows]
         return jnp.concatenate([a, jnp.broadcast_to(a[:1], (rows - a.shape[0],))])
 
-    slots = slots.replace(cache=_fit_length(slots.cache, length))
-    fit_rows = lambda a: _fit(a, rows, 0)  # noqa: E731
+    def fit_rows(a):  # free rows are zeros
+        if a.shape[0] >= rows:
+            return a[:rows]
+        return jnp.concatenate([a, jnp.zeros((rows - a.shape[0], *a.shape[1:]), a.dtype)])
+
+    slots = slots.replace(cache=slots.cache.with_length(length))
     return slots.replace(
         cache=jax.tree_util.tree_map(fit_rows, slots.cache),
         token=fit_rows(slots.token),

@@ -179,14 +179,26 @@ class _Programs:
         )
 
     def _decode_run(self, params, state, count, *, rule, length):
-        """The next `count` tokens in one call -> the state after them, the tokens [B, length]
-        (columns from `count` on are zeros). `count` is data, so a program serves every count
-        up to its `length`."""
+        """The next `count` tokens in one call, rounded up to whole chunks -> the state after
+        them, the tokens [B, length] (columns past the last chunk are zeros). `count` is data,
+        so a program serves every count up to its `length`.
+
+        A loop over chunks of a loop over one chunk's steps: XLA:GPU runs a loop whose trip
+        count is data by reading its condition back to the host after every iteration, which
+        would stall the device once per token; the inner loop's trip count is known, so that
+        happens once per chunk only.
+        """
         self.traces += 1
         out = jnp.zeros((state.token.shape[0], length), jnp.int32)  # [B, length]
-        return jax.lax.fori_loop(
-            0, count, functools.partial(self._step, params, rule), (state, out)
-        )
+
+        def chunk(c, carry):
+            def step(i, carry):
+                return self._step(params, rule, c * self.chunk + i, carry)
+
+            return jax.lax.fori_loop(0, self.chunk, step, carry)
+
+        chunks = (count + self.chunk - 1) // self.chunk
+        return jax.lax.fori_loop(0, chunks, chunk, (state, out))
 
     def _step(self, params, rule, i, carry):
         """Sample one token per row and write it to column i of `out`."""

@@ -239,7 +239,7 @@ class TokenRun:
             while inflight is not None:
                 ahead = None
                 if todo > 0 and self.whole:  # the rest in one call, of a bucketed length
-                    length = _power_of_two(todo, engine.chunk)
+                    length = _power_of_two(-(-todo // engine.chunk) * engine.chunk, engine.chunk)
                     state, ahead = engine.programs.decode_run(
                         engine.params, state, np.int32(todo), rule=rule, length=length
                     )

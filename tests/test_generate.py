@@ -1,5 +1,7 @@
 """Cached generation against the HF golden continuations, and the generation API's promises."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -161,6 +163,31 @@ def test_whole_runs_sample_as_chunks_do_and_share_a_program_per_length_bucket(
     follow = prompts[1] + first.tokens + tok.encode(" and")
     continued = generate(whole_a, tok, follow, max_new_tokens=20, prompt_cache=cache)
     assert continued.tokens == generate(engine_a, tok, follow, max_new_tokens=20).tokens
+
+
+def test_a_whole_run_stalls_once_per_chunk_not_per_token(whole_a):
+    """XLA:GPU reads a loop's condition back to the host after every iteration unless the
+    loop's trip count is known. The whole run's count is data, so its steps run in an inner
+    loop of one chunk (a known trip count) inside a loop over chunks."""
+    from gpt2cli.engine import DecodeState
+
+    state = DecodeState(
+        cache=whole_a.new_cache(1, 64),
+        token=jnp.zeros((1,), jnp.int32),
+        position=jnp.zeros((1,), jnp.int32),
+        seen=None,
+        keys=jax.vmap(jax.random.key)(jnp.zeros((1,), jnp.uint32)),
+        step=jnp.zeros((), jnp.int32),
+    )
+    compiled = whole_a.programs.decode_run.lower(
+        whole_a.params, state, np.int32(5), rule=SamplingParams().rule, length=32
+    ).compile()
+    loops = re.findall(r" while\(.*", compiled.as_text())
+    trips = sorted(
+        int(m.group(1)) if (m := re.search(r'"known_trip_count":\{"n":"(\d+)"', w)) else 0
+        for w in loops
+    )
+    assert trips == [0, whole_a.chunk]  # chunks: as many as the count needs; steps: one chunk
 
 
 def test_same_seed_same_text_other_seed_other_text(engine_a, tok):

@@ -102,12 +102,16 @@ class Kernels:
         A single row is padded to two where a matrix product runs better than a vector's
         (`pad_one_row`): XLA:CPU's fast bfloat16 kernels (YNNPACK) take matrices only, and
         XLA:GPU turns a vector-matrix product into a multiply and a reduction, with the
-        products in memory between them. The weights are still read once.
+        products in memory between them. The weights are still read once. On a GPU the row is
+        repeated rather than padded with zeros: XLA fuses that broadcast into the product, where
+        a pad would be a kernel of its own (one per layer and token).
         """
         dims = (((1,), (0,)), ((), ()))
         n = rows.shape[0]
-        if n == 1 and self.pad_one_row:
+        if n == 1 and self.pad_one_row and self.backend == "cpu":
             rows = jnp.pad(rows, ((0, 1), (0, 0)))  # [2, in]
+        elif n == 1 and self.pad_one_row:
+            rows = jnp.broadcast_to(rows, (2, rows.shape[1]))  # [2, in]
         if self.backend == "cpu" and kernel.dtype == jnp.bfloat16:  # sums in float32: YNNPACK
             y = jax.lax.dot_general(rows, kernel, dims, self._precision, jnp.float32)
         else:

@@ -175,7 +175,7 @@ def token_loss(
     # The head as the model runs it, but its logits [..., V'] may keep the table's padding
     head = functools.partial(kernels.active().head, table=table, keep_padding=True)
     if loss_chunks <= 1:
-        return optax.softmax_cross_entropy_with_integer_labels(head(hidden), targets).mean()
+        return cross_entropy(head(hidden), targets).mean()
     B, T, D = hidden.shape
     slices = (hidden.reshape(B, loss_chunks, -1, D), targets.reshape(B, loss_chunks, -1))
 
@@ -183,10 +183,23 @@ def token_loss(
     def chunk_loss(total, xs):
         x, y = xs  # [B, T/c, D], [B, T/c]
         logits = head(x)  # [B, T/c, V'] float32
-        return total + optax.softmax_cross_entropy_with_integer_labels(logits, y).sum(), None
+        return total + cross_entropy(logits, y).sum(), None
 
     total, _ = jax.lax.scan(chunk_loss, 0.0, jax.tree.map(lambda a: jnp.moveaxis(a, 1, 0), slices))
     return total / (B * T)
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """-log softmax(logits)[target] per token: logits [..., V], targets [...] int -> [...].
+
+    The target's logit is picked by comparing column numbers, not by indexing: the gradient of
+    an index is a scatter into a [..., V] float32 array, where this gradient is elementwise and
+    XLA computes the logits' whole gradient in one pass (on a GPU, 3.3 GB of memory traffic
+    instead of 9.9 per 124M bf16 step at 16 x 1024).
+    """
+    columns = jnp.arange(logits.shape[-1])  # [V]
+    picked = jnp.sum(jnp.where(columns == targets[..., None], logits, 0.0), axis=-1)
+    return jax.nn.logsumexp(logits, axis=-1) - picked
 
 
 class Trainer:

@@ -11,7 +11,7 @@ import pytest
 
 from gpt2cli import kernels
 from gpt2cli.model import GPT2
-from gpt2cli.train import Prefetcher, token_loss
+from gpt2cli.train import Prefetcher, cross_entropy, token_loss
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +26,42 @@ def _loss_and_grads(model, params, tokens, chunks, chosen=kernels.Kernels()):  #
             return token_loss(model, p, tokens, None, True, loss_chunks=chunks)
 
     return jax.jit(jax.value_and_grad(loss))(params)
+
+
+def test_training_loss_is_the_cross_entropy_of_transformers_logits(tiny_b, golden):
+    """The loss of HF's golden inputs, from HF's logits in float64 (the outside truth)."""
+    config, params = tiny_b
+    arrays = golden["arrays"]
+    ids = arrays["tiny_b/input_ids"]  # [2, 16]
+    logits = arrays["tiny_b/logits"].astype(np.float64)[:, :-1]  # [2, 15, V]: predicts ids[:, 1:]
+    top = logits.max(-1, keepdims=True)
+    logz = np.log(np.exp(logits - top).sum(-1)) + top[..., 0]
+    picked = np.take_along_axis(logits, ids[:, 1:, None], -1)[..., 0]
+    want = (logz - picked).mean()
+    got = token_loss(GPT2(config), params, jnp.asarray(ids), None, True)
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+
+
+def test_cross_entropy_and_its_gradient_against_numpy():
+    """Its value, and its gradient (softmax minus the target's one-hot), in float64 numpy; a
+    column at LOWEST (a padded head's) gets no probability."""
+    rng = np.random.default_rng(2)
+    logits = rng.normal(0, 3, (3, 5, 40)).astype(np.float32)
+    logits[..., -4:] = kernels.LOWEST
+    targets = rng.integers(0, 36, (3, 5))
+    x = logits.astype(np.float64)
+    p = np.exp(x - x.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    onehot = np.eye(40)[targets]
+    want = -np.log((p * onehot).sum(-1))
+    got, grad = jax.value_and_grad(lambda z: cross_entropy(z, jnp.asarray(targets)).sum())(
+        jnp.asarray(logits)
+    )
+    np.testing.assert_allclose(
+        cross_entropy(jnp.asarray(logits), jnp.asarray(targets)), want, rtol=1e-5
+    )
+    np.testing.assert_allclose(float(got), want.sum(), rtol=1e-5)
+    np.testing.assert_allclose(grad, p - onehot, atol=1e-6)
 
 
 def test_loss_in_slices_equals_the_whole_loss_and_its_gradients(tiny_b, tokens):

@@ -24,6 +24,11 @@ from gpt2cli.sampling_checks import check_sampling, check_seed
 # so short that the launches between calls would leave it idle.
 DECODE_CHUNK = {"cpu": 4}
 DEFAULT_DECODE_CHUNK = 32
+# Cache lengths are multiples of this: fewer compiles against less attention over empty slots.
+# A GPU decoding many rows spends most of a step reading the cache (64 rows x 512 slots of
+# GPT-2 124M: 1.2 GB, the weights 0.25 GB), so its block is finer.
+CACHE_BLOCK = {"cpu": 256}
+DEFAULT_CACHE_BLOCK = 128
 # Backends that decode a run nobody streams in one call (`decode_run`), not chunk by chunk: a
 # GPU then launches one program per run. A CPU keeps its chunks: their calls cost it nothing.
 CHUNKED_RUNS = {"cpu"}
@@ -86,7 +91,8 @@ class Engine:
 
     `dtype` is a precision's name (precision.py); `batch`, the rows it will mostly decode, picks
     the weight layout (kernels.py). Engines of the same config, kernels and chunk share their
-    compiled programs. `whole_runs`: a run that is not streamed decodes in one call.
+    compiled programs. `whole_runs`: a run that is not streamed decodes in one call;
+    `cache_block`: KV cache lengths are multiples of it.
     """
 
     def __init__(
@@ -104,6 +110,7 @@ class Engine:
         self.kernels = chosen or kernels.choose(policy, batch=batch)
         self.chunk = chunk or DECODE_CHUNK.get(self.kernels.backend, DEFAULT_DECODE_CHUNK)
         self.whole_runs = self.kernels.backend not in CHUNKED_RUNS
+        self.cache_block = CACHE_BLOCK.get(self.kernels.backend, DEFAULT_CACHE_BLOCK)
         self.params = _prepare(params, policy.compute, self.kernels.out_in)
         self.programs = _programs(config, policy.compute, self.kernels, self.chunk)
 

@@ -25,7 +25,6 @@ from gpt2cli.errors import UserError
 from gpt2cli.model import KVCache
 from gpt2cli.tokenizer import GPT2Tokenizer
 
-CACHE_BLOCK = 256  # cache lengths are multiples of this: few compiles, little wasted attention
 MIN_PREFILL = 16  # prompt blocks are powers of two from here
 
 
@@ -117,8 +116,8 @@ def _power_of_two(n: int, least: int) -> int:
     return max(least, 1 << (n - 1).bit_length())
 
 
-def _cache_length(needed: int) -> int:
-    return -(-needed // CACHE_BLOCK) * CACHE_BLOCK
+def _cache_length(needed: int, block: int) -> int:
+    return -(-needed // block) * block
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -191,10 +190,10 @@ class TokenRun:
             last, advance = np.array([n - 1]), n
             needed = reuse + max(width, n + self.max_new_tokens - 1 + chunk)
             if cache is None:
-                cache = engine.new_cache(1, _cache_length(needed))
+                cache = engine.new_cache(1, _cache_length(needed, engine.cache_block))
             else:
                 if cache.length < needed:
-                    cache = cache.with_length(_cache_length(needed))
+                    cache = cache.with_length(_cache_length(needed, engine.cache_block))
                 cache = _rewind(cache, reuse)
             self.prefilled = n
         else:
@@ -206,7 +205,8 @@ class TokenRun:
                 mask[row, width - len(prompt) :] = 1
             positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
             last, advance = np.full((batch,), width - 1), width
-            cache = engine.new_cache(batch, _cache_length(width + self.max_new_tokens - 1 + chunk))
+            needed = width + self.max_new_tokens - 1 + chunk
+            cache = engine.new_cache(batch, _cache_length(needed, engine.cache_block))
             self.prefilled = sum(map(len, self.prompts))
         seen = None
         if self.sampling.repetition_penalty != 1.0:

@@ -265,6 +265,21 @@ def test_prompt_cache_grows_past_its_first_length(engine_a, tok):
     assert grown.tokens == generate(engine_a, tok, longer, max_new_tokens=20).tokens
 
 
+def test_cache_lengths_are_whole_blocks_of_the_backends_size(tiny_a, tok):
+    """A GPU sizes caches in blocks of 128 slots (decoding many rows, reading the cache is most
+    of a step), a CPU in blocks of 256 (fewer programs to compile)."""
+    from gpt2cli import kernels
+
+    prompt = tok.encode("Hello, world")
+    for backend, block in (("cpu", 256), ("gpu", 128)):
+        engine = Engine(*tiny_a, chosen=kernels.choose(backend=backend))
+        assert engine.cache_block == block
+        cache = PromptCache()
+        generate(engine, tok, prompt, max_new_tokens=60, prompt_cache=cache)
+        needed = len(prompt) + 60 - 1 + engine.chunk  # the prompt, the tokens fed back, a chunk
+        assert cache.cache.length == -(-needed // block) * block
+
+
 def test_bfloat16_engine_follows_the_float32_greedy_path(tiny_a, golden):
     """Up to the first step where HF's top two tokens are closer than bfloat16's error: tiny-a's
     bfloat16 logits lie within 0.02 of HF's (on CPU, with the CPU's or a GPU's kernels), so two

@@ -97,8 +97,7 @@ def thunks(lines: list[str]) -> collections.Counter:
     """What each instruction of one computation launches, by kind."""
     kinds = collections.Counter()
     for line in lines:
-        op = re.search(r"= (?:\(.*?\)|\S+) ([\w-]+)\(", line)
-        op = op.group(1) if op else "?"
+        op = _opcode(line)
         if op in FREE_OPS:
             continue
         if op == "fusion":
@@ -171,7 +170,7 @@ def train_counts(target: Target, config, dtype: str, batch: int, seq: int) -> di
     hlo = step.lower(target.abstract(state), target.abstract(tokens)).compile().as_text()
     program = computations(hlo)
     entry = thunks(program["ENTRY"])
-    written = [_result(line) for line in program["ENTRY"] if not _free(line)]
+    written = [_result(line) for line in program["ENTRY"] if _opcode(line) not in FREE_OPS]
     logits = [b for n, b in written if n >= batch * seq * config.vocab_size]
     scores = [b for n, b in written if n == batch * config.n_head * seq * seq]
     return {
@@ -189,9 +188,9 @@ def train_counts(target: Target, config, dtype: str, batch: int, seq: int) -> di
 BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4}
 
 
-def _free(line: str) -> bool:
+def _opcode(line: str) -> str:
     op = re.search(r"= (?:\(.*?\)|\S+) ([\w-]+)\(", line)
-    return not op or op.group(1) in FREE_OPS
+    return op.group(1) if op else "?"
 
 
 def _result(line: str) -> tuple[int, int]:

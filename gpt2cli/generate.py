@@ -116,8 +116,9 @@ def _power_of_two(n: int, least: int) -> int:
     return max(least, 1 << (n - 1).bit_length())
 
 
-def _cache_length(needed: int, block: int) -> int:
-    return -(-needed // block) * block
+def _round_up(n: int, block: int) -> int:
+    """The smallest multiple of `block` >= n (cache lengths, whole chunks)."""
+    return -(-n // block) * block
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -190,10 +191,10 @@ class TokenRun:
             last, advance = np.array([n - 1]), n
             needed = reuse + max(width, n + self.max_new_tokens - 1 + chunk)
             if cache is None:
-                cache = engine.new_cache(1, _cache_length(needed, engine.cache_block))
+                cache = engine.new_cache(1, _round_up(needed, engine.cache_block))
             else:
                 if cache.length < needed:
-                    cache = cache.with_length(_cache_length(needed, engine.cache_block))
+                    cache = cache.with_length(_round_up(needed, engine.cache_block))
                 cache = _rewind(cache, reuse)
             self.prefilled = n
         else:
@@ -206,7 +207,7 @@ class TokenRun:
             positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
             last, advance = np.full((batch,), width - 1), width
             needed = width + self.max_new_tokens - 1 + chunk
-            cache = engine.new_cache(batch, _cache_length(needed, engine.cache_block))
+            cache = engine.new_cache(batch, _round_up(needed, engine.cache_block))
             self.prefilled = sum(map(len, self.prompts))
         seen = None
         if self.sampling.repetition_penalty != 1.0:
@@ -239,7 +240,7 @@ class TokenRun:
             while inflight is not None:
                 ahead = None
                 if todo > 0 and self.whole:  # the rest in one call, of a bucketed length
-                    length = _power_of_two(-(-todo // engine.chunk) * engine.chunk, engine.chunk)
+                    length = _power_of_two(_round_up(todo, engine.chunk), engine.chunk)
                     state, ahead = engine.programs.decode_run(
                         engine.params, state, np.int32(todo), rule=rule, length=length
                     )

@@ -108,10 +108,11 @@ class Kernels:
         """
         dims = (((1,), (0,)), ((), ()))
         n = rows.shape[0]
-        if n == 1 and self.pad_one_row and self.backend == "cpu":
-            rows = jnp.pad(rows, ((0, 1), (0, 0)))  # [2, in]
-        elif n == 1 and self.pad_one_row:
-            rows = jnp.broadcast_to(rows, (2, rows.shape[1]))  # [2, in]
+        if n == 1 and self.pad_one_row:  # [2, in]
+            if self.backend == "cpu":
+                rows = jnp.pad(rows, ((0, 1), (0, 0)))
+            else:
+                rows = jnp.broadcast_to(rows, (2, rows.shape[1]))
         if self.backend == "cpu" and kernel.dtype == jnp.bfloat16:  # sums in float32: YNNPACK
             y = jax.lax.dot_general(rows, kernel, dims, self._precision, jnp.float32)
         else:

@@ -39,6 +39,10 @@ class Kernels:
     # fit a vocabulary of 50304 better than one of 50257 (nanoGPT pads its vocabulary so)
     vocab_multiple: int = 1
     pad_one_row: bool = False  # a one-row product runs as two rows (see _in_out)
+    # LayerNorm's variance around the mean in a second pass, not E[x^2] - E[x]^2: XLA:GPU then
+    # normalizes rows in one kernel, not two or three. Decoding only: XLA simplifies a single
+    # row's norm to scalar sums (three kernels), and training's backward pass moves more bytes.
+    two_pass_variance: bool = False
     # XLA compiler options of every program traced with these kernels, as (name, value) pairs
     compile_options: tuple[tuple[str, str], ...] = ()
 
@@ -274,6 +278,7 @@ def choose(
         cache_write="last" if cpu else "first",
         vocab_multiple=1 if cpu else 64,
         pad_one_row=not cpu or precision.compute == "bfloat16",
+        two_pass_variance=not cpu and batch >= 2,
     )
 
 

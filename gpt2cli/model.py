@@ -157,6 +157,17 @@ class MLP(nn.Module):
         return Dense(cfg.n_embd, proj_std, **dense, name="c_proj")(h)  # [B, T, D]
 
 
+def layer_norm(cfg: GPT2Config, dtype, param_dtype, name: str) -> nn.LayerNorm:
+    """GPT-2's LayerNorm; the kernels say how its variance is summed."""
+    return nn.LayerNorm(
+        epsilon=cfg.layer_norm_epsilon,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        use_fast_variance=not kernels.active().two_pass_variance,
+        name=name,
+    )
+
+
 class Block(nn.Module):
     config: GPT2Config
     layer_idx: int
@@ -166,12 +177,11 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x, new_mask, past_ok, cache_kv, index, deterministic):
         cfg = self.config
-        norm = dict(epsilon=cfg.layer_norm_epsilon, dtype=self.dtype, param_dtype=self.param_dtype)
         drop = nn.Dropout(cfg.resid_pdrop)
 
         attn = Attention(cfg, self.layer_idx, self.dtype, self.param_dtype, name="attn")
         a, cache_kv = attn(
-            nn.LayerNorm(**norm, name="ln_1")(x),
+            layer_norm(cfg, self.dtype, self.param_dtype, "ln_1")(x),
             new_mask,
             past_ok,
             cache_kv,
@@ -179,7 +189,9 @@ class Block(nn.Module):
             deterministic,
         )
         x = x + drop(a, deterministic=deterministic)  # [B, T, D]
-        m = MLP(cfg, self.dtype, self.param_dtype, name="mlp")(nn.LayerNorm(**norm, name="ln_2")(x))
+        m = MLP(cfg, self.dtype, self.param_dtype, name="mlp")(
+            layer_norm(cfg, self.dtype, self.param_dtype, "ln_2")(x)
+        )
         x = x + drop(m, deterministic=deterministic)  # [B, T, D]
         return x, cache_kv
 
@@ -245,12 +257,7 @@ class GPT2(nn.Module):
 
         if logits_at is not None:  # a prefill needs the next token of each row only
             x = x[jnp.arange(B), logits_at][:, None]  # [B, 1, D]
-        x = nn.LayerNorm(
-            epsilon=cfg.layer_norm_epsilon,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="ln_f",
-        )(x)
+        x = layer_norm(cfg, self.dtype, self.param_dtype, "ln_f")(x)
         if head:
             table = wte.embedding.astype(self.dtype)  # [V, D]
             x = kernels.active().head(x.astype(self.dtype), table)  # [B, T or 1, V] float32

@@ -15,7 +15,7 @@ from gpt2cli import kernels, precision
 from gpt2cli.cli.app import app
 from gpt2cli.errors import UserError
 from gpt2cli.kernels import Kernels
-from gpt2cli.model import GPT2, KVCache
+from gpt2cli.model import GPT2, KVCache, layer_norm
 
 
 def test_precision_table_and_its_one_check():
@@ -84,6 +84,26 @@ def test_choices_per_backend():
     assert gpu.cache_dtype(jnp.bfloat16) == jnp.bfloat16
     assert kernels.choose(bf16, backend="cpu").cache_dtype(jnp.bfloat16) == jnp.float32
     assert kernels.choose(f32, backend="gpu").attention_impl == "einsum"
+    assert kernels.choose(bf16, batch=8, backend="gpu").two_pass_variance  # one norm kernel
+    assert not gpu.two_pass_variance  # one row: XLA simplifies it to scalar sums
+    assert not kernels.choose(bf16, backend="gpu").two_pass_variance  # training: more bytes
+    assert not kernels.choose(bf16, batch=8, backend="cpu").two_pass_variance
+
+
+def test_two_pass_variance_stays_exact_where_the_one_pass_cancels(tiny_b):
+    """Rows far from zero: E[x^2] - E[x]^2 loses the variance to float32 rounding, the second
+    pass around the mean keeps it. So the choice does reach the model's norms."""
+    config, _ = tiny_b
+    x = (30 + np.random.default_rng(0).normal(size=(4, 64)) * 0.1).astype(np.float32)
+    centred = x.astype(np.float64) - x.mean(-1, keepdims=True, dtype=np.float64)
+    exact = centred / np.sqrt((centred**2).mean(-1, keepdims=True) + config.layer_norm_epsilon)
+    errors = {}
+    for two_pass in (False, True):
+        with kernels.use(Kernels(two_pass_variance=two_pass)):  # read as the norm is built
+            norm = layer_norm(config, jnp.float32, jnp.float32, "ln")
+            y = norm.apply(norm.init(jax.random.key(0), x), x)
+        errors[two_pass] = np.abs(np.asarray(y) - exact).max()
+    assert errors[True] < 1e-4 < 1e-2 < errors[False]
 
 
 def test_fused_attention_applies_only_where_it_can():
@@ -118,8 +138,8 @@ def test_fused_attention_call_equals_ours(tiny_b, golden, dtype):
 
 
 def test_gpu_kernels_run_the_cached_path_like_the_cpu_ones(tiny_b):
-    """The plain XLA products (no CPU workarounds), and the cache written before it is read,
-    give the same cached prefill and decode as the CPU's kernels."""
+    """The plain XLA products (no CPU workarounds), the cache written before it is read and
+    the two-pass norms give the same cached prefill and decode as the CPU's kernels."""
     config, params = tiny_b
     ids = jnp.arange(1, 9)[None] % config.vocab_size  # [1, 8]
     model = GPT2(config)
@@ -128,6 +148,7 @@ def test_gpu_kernels_run_the_cached_path_like_the_cpu_ones(tiny_b):
         Kernels(backend="cpu"),
         Kernels(backend="gpu"),
         Kernels(backend="gpu", cache_write="first", vocab_multiple=64, pad_one_row=True),
+        Kernels(backend="gpu", cache_write="first", two_pass_variance=True),
     )
     for chosen in variants:
         with kernels.use(chosen):

@@ -133,7 +133,9 @@ def decode_counts(target: Target, config, dtype: str, rows: int) -> dict:
     length = min(512, config.n_positions)
     state = jax.eval_shape(
         lambda: DecodeState(
-            cache=KVCache.empty(config, rows, length, chosen.cache_dtype(jnp.dtype(dtype))),
+            cache=KVCache.empty(
+                config, chosen.cache_rows(rows), length, chosen.cache_dtype(jnp.dtype(dtype))
+            ),
             token=jnp.zeros((rows,), jnp.int32),
             position=jnp.zeros((rows,), jnp.int32),
             seen=None,

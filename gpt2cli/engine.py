@@ -156,10 +156,7 @@ class _Programs:
         # advance: how many slots the cache keeps (T when left-padded, the real count if not).
         self.traces += 1
         start = cache.index
-        with kernels.use(self.kernels):
-            logits, cache = self.model.apply(
-                {"params": params}, ids, positions, mask, cache=cache, logits_at=last
-            )  # [B, 1, V]
+        logits, cache = self._forward(params, ids, positions, cache, mask, last)  # [B, 1, V]
         cache = cache.replace(index=start + advance)
         batch = jnp.arange(ids.shape[0])
         keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.key(seed), r))(rows)  # [B]
@@ -207,15 +204,27 @@ class _Programs:
         chunks = (count + self.chunk - 1) // self.chunk
         return jax.lax.fori_loop(0, chunks, chunk, (state, out))
 
+    def _forward(self, params, ids, positions, cache, mask=None, logits_at=None):
+        """The model on ids [B, T] -> (logits [B, T or 1, V], cache). A cache of more rows
+        than B (one row decoded as two, `Kernels.twin_one_row`) runs the row on each of them."""
+        rows, cached = ids.shape[0], cache.mask.shape[0]
+        if cached != rows:
+            ids, positions, mask, logits_at = (
+                None if a is None else jnp.broadcast_to(a, (cached, *a.shape[1:]))
+                for a in (ids, positions, mask, logits_at)
+            )
+        with kernels.use(self.kernels):
+            logits, cache = self.model.apply(
+                {"params": params}, ids, positions, mask, cache=cache, logits_at=logits_at
+            )
+        return logits[:rows], cache
+
     def _step(self, params, rule, i, carry):
         """Sample one token per row and write it to column i of `out`."""
         state, out = carry
         # steps past the last position only happen in a chunk's junk columns, never read
         position = jnp.minimum(state.position, self.config.n_positions - 1)
-        with kernels.use(self.kernels):
-            logits, cache = self.model.apply(
-                {"params": params}, state.token[:, None], position[:, None], cache=state.cache
-            )
+        logits, cache = self._forward(params, state.token[:, None], position[:, None], state.cache)
         token = _pick(rule, logits[:, 0], state.seen, state.keys, state.step)  # [B]
         state = state.replace(
             cache=cache,

@@ -191,7 +191,8 @@ class TokenRun:
             last, advance = np.array([n - 1]), n
             needed = reuse + max(width, n + self.max_new_tokens - 1 + chunk)
             if cache is None:
-                cache = engine.new_cache(1, _round_up(needed, engine.cache_block))
+                rows = engine.kernels.cache_rows(1)
+                cache = engine.new_cache(rows, _round_up(needed, engine.cache_block))
             else:
                 if cache.length < needed:
                     cache = cache.with_length(_round_up(needed, engine.cache_block))

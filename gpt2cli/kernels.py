@@ -40,9 +40,12 @@ class Kernels:
     vocab_multiple: int = 1
     pad_one_row: bool = False  # a one-row product runs as two rows (see _in_out)
     # LayerNorm's variance around the mean in a second pass, not E[x^2] - E[x]^2: XLA:GPU then
-    # normalizes rows in one kernel, not two or three. Decoding only: XLA simplifies a single
-    # row's norm to scalar sums (three kernels), and training's backward pass moves more bytes.
+    # normalizes rows in one kernel, not two. Decoding only: training's backward pass moves
+    # more bytes so (and XLA simplifies a single row's norm to scalar sums, three kernels).
     two_pass_variance: bool = False
+    # One decoded row runs twice, over a KV cache of two rows (see cache_rows): XLA:GPU's
+    # programs for two rows launch fewer kernels per token (their norms fuse) than for one
+    twin_one_row: bool = False
     # XLA compiler options of every program traced with these kernels, as (name, value) pairs
     compile_options: tuple[tuple[str, str], ...] = ()
 
@@ -90,6 +93,10 @@ class Kernels:
             # for wte) out of the loop; tying the table to this step's ids keeps it inside.
             table, ids = jax.lax.optimization_barrier((table, ids))
         return jnp.take(table, ids, axis=0)
+
+    def cache_rows(self, rows: int) -> int:
+        """The KV cache's rows for decoding `rows` rows."""
+        return 2 if rows == 1 and self.twin_one_row else rows
 
     def cache_dtype(self, compute) -> jnp.dtype:
         # XLA:CPU would widen a bfloat16 cache to a float32 copy for the attention products at
@@ -278,7 +285,8 @@ def choose(
         cache_write="last" if cpu else "first",
         vocab_multiple=1 if cpu else 64,
         pad_one_row=not cpu or precision.compute == "bfloat16",
-        two_pass_variance=not cpu and batch >= 2,
+        two_pass_variance=not cpu and batch > 0,
+        twin_one_row=not cpu,
     )
 
 

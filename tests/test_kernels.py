@@ -84,10 +84,11 @@ def test_choices_per_backend():
     assert gpu.cache_dtype(jnp.bfloat16) == jnp.bfloat16
     assert kernels.choose(bf16, backend="cpu").cache_dtype(jnp.bfloat16) == jnp.float32
     assert kernels.choose(f32, backend="gpu").attention_impl == "einsum"
-    assert kernels.choose(bf16, batch=8, backend="gpu").two_pass_variance  # one norm kernel
-    assert not gpu.two_pass_variance  # one row: XLA simplifies it to scalar sums
+    assert gpu.two_pass_variance and gpu.twin_one_row  # one norm kernel, over two rows
+    assert gpu.cache_rows(1) == 2 and gpu.cache_rows(8) == 8
     assert not kernels.choose(bf16, backend="gpu").two_pass_variance  # training: more bytes
-    assert not kernels.choose(bf16, batch=8, backend="cpu").two_pass_variance
+    cpu = kernels.choose(bf16, batch=1, backend="cpu")
+    assert not cpu.two_pass_variance and cpu.cache_rows(1) == 1
 
 
 def test_two_pass_variance_stays_exact_where_the_one_pass_cancels(tiny_b):
@@ -179,6 +180,33 @@ def test_longer_decode_chunks_keep_transformers_greedy_tokens(tiny_a, golden, ch
     )
     ours = [int(column[0]) for column in run]
     check_continuation(ours, reference, arrays["tiny_a/gen1/margin"])
+
+
+def test_one_row_decoded_as_two_keeps_transformers_greedy_tokens(tiny_a, golden):
+    """A GPU decodes a single row as two identical rows (XLA's programs for two rows launch
+    fewer kernels): the tokens stay HF's, both cache rows hold the same keys, and a prompt
+    cache built so continues as a fresh run does."""
+    from gpt2cli.engine import Engine
+    from gpt2cli.generate import PromptCache, generate
+    from gpt2cli.tokenizer import bundled
+    from tests.test_generate import check_continuation
+
+    tok = bundled()
+    engine = Engine(*tiny_a, chosen=kernels.choose(batch=1, backend="gpu"))
+    assert engine.kernels.twin_one_row
+    arrays = golden["arrays"]
+    prompt = arrays["tiny_a/gen1/prompt_ids"].tolist()
+    reference = arrays["tiny_a/gen1/tokens"].tolist()
+    cache = PromptCache()
+    first = generate(engine, tok, prompt, max_new_tokens=len(reference), prompt_cache=cache)
+    check_continuation(first.tokens, reference, arrays["tiny_a/gen1/margin"])
+    keys = np.asarray(cache.cache.keys[0])  # [2, H, S, K]
+    assert keys.shape[0] == 2 and np.abs(keys[0]).sum() > 0
+    np.testing.assert_array_equal(keys[1], keys[0])
+    follow = prompt + first.tokens + tok.encode(" and")
+    continued = generate(engine, tok, follow, max_new_tokens=8, prompt_cache=cache)
+    assert continued.prefilled_tokens < len(follow)
+    assert continued.tokens == generate(engine, tok, follow, max_new_tokens=8).tokens
 
 
 def test_cache_written_first_keeps_batched_left_padded_generation(tiny_a, golden):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -172,9 +173,12 @@ def train_counts(target: Target, config, dtype: str, batch: int, seq: int) -> di
     hlo = step.lower(target.abstract(state), target.abstract(tokens)).compile().as_text()
     program = computations(hlo)
     entry = thunks(program["ENTRY"])
-    written = [_result(line) for line in program["ENTRY"] if _opcode(line) not in FREE_OPS]
+    launched = [line for line in program["ENTRY"] if _opcode(line) not in FREE_OPS]
+    written = [_result(line) for line in launched]
     logits = [b for n, b in written if n >= batch * seq * config.vocab_size]
     scores = [b for n, b in written if n == batch * config.n_head * seq * seq]
+    size = {_name(line): _bytes(line) for line in program["ENTRY"]}
+    read = sum(size.get(a, 0) for line in launched for a in _operands(line))
     return {
         "job": "train",
         "dtype": dtype,
@@ -183,6 +187,9 @@ def train_counts(target: Target, config, dtype: str, batch: int, seq: int) -> di
         "logits_passes": len(logits),
         "scores_written": len(scores),  # [B, H, T, T] arrays
         "scores_gb": round(sum(scores) / 1e9, 1),
+        # every kernel's results, and its operands (each read counted once per kernel)
+        "gb_written": round(sum(_bytes(line) for line in launched) / 1e9, 1),
+        "gb_read": round(read / 1e9, 1),
         "by_kind": dict(entry.most_common()),
     }
 
@@ -193,6 +200,24 @@ BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "f32": 4, "s32": 4, "
 def _opcode(line: str) -> str:
     op = re.search(r"= (?:\(.*?\)|\S+) ([\w-]+)\(", line)
     return op.group(1) if op else "?"
+
+
+def _name(line: str) -> str:
+    return line.removeprefix("ROOT ").split(" = ")[0]
+
+
+def _operands(line: str) -> list[str]:
+    args = line.split(f" {_opcode(line)}(", 1)[1].split(")", 1)[0]
+    return [a.strip() for a in args.split(",")]
+
+
+def _bytes(line: str) -> int:
+    """Bytes of all of an instruction's results (a tuple has several)."""
+    head = line.split(" = ", 1)[1].split(f" {_opcode(line)}(", 1)[0]
+    total = 0
+    for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", head):
+        total += math.prod(int(d) for d in dims.split(",") if d) * BYTES.get(dtype, 4)
+    return total
 
 
 def _result(line: str) -> tuple[int, int]:
@@ -236,7 +261,8 @@ def main() -> None:
             print(
                 f"  train  {r['dtype']:>8} {r['batch']} per step: {r['kernels_per_step']}, "
                 f"{r['logits_passes']} [B, T, V] arrays written, {r['scores_written']} [B, H, T, T] "
-                f"arrays written ({r['scores_gb']} GB)",
+                f"arrays written ({r['scores_gb']} GB); {r['gb_written']} GB written, "
+                f"{r['gb_read']} GB read",
                 file=sys.stderr,
             )
 

@@ -207,13 +207,16 @@ class Kernels:
             allowed = allowed & new_mask[:, None, :].astype(jnp.bool_)  # [B, T, U]
         s_new = einsum("bhtk,bhuk->bhtu", q, k).astype(jnp.float32) * scale
         s_new = jnp.where(allowed[:, None], s_new, LOWEST)  # [B, H, T, U]
-        top = jnp.max(s_new, axis=-1, keepdims=True)  # [B, H, T, 1]
+        # The max subtracted before the exps takes no gradient: any shift leaves a softmax as
+        # it is, and differentiating a max compares every score with it ([B, H, T, T] booleans
+        # written and read back).
+        top = jnp.max(jax.lax.stop_gradient(s_new), axis=-1, keepdims=True)  # [B, H, T, 1]
         if past is not None:
             past_k, past_v = past  # [B, H, S, K] each
             s_past = einsum("bhtk,bhsk->bhts", q.astype(past_k.dtype), past_k)
             s_past = s_past.astype(jnp.float32) * scale
             s_past = jnp.where(past_ok[:, None, None, :], s_past, LOWEST)  # [B, H, T, S]
-            top = jnp.maximum(top, jnp.max(s_past, axis=-1, keepdims=True))
+            top = jnp.maximum(top, jnp.max(jax.lax.stop_gradient(s_past), axis=-1, keepdims=True))
         e_new = jnp.exp(s_new - top)
         total = jnp.sum(e_new, axis=-1, keepdims=True)
         if past is not None:
@@ -222,8 +225,7 @@ class Kernels:
         drop = drop or (lambda p: p)
         if past is None:
             # Values weighted by the exps, then divided by their total: the normalized [B, H, T,
-            # T] probabilities never exist, and XLA:GPU computes the exps inside the product (a
-            # float32 124M step writes 12 of its 48 [T, T] arrays fewer).
+            # T] probabilities never exist, and XLA:GPU computes the exps inside the product.
             out = einsum("bhtu,bhuk->bhtk", drop(e_new.astype(q.dtype)), v)  # [B, H, T, K]
             out = (out.astype(jnp.float32) / total).astype(q.dtype)
             return out.transpose(0, 2, 1, 3), None  # [B, T, H, K]

@@ -117,6 +117,29 @@ def test_remat_recomputes_the_blocks_in_the_backward_pass(tiny_b, tokens):
     assert grad_text(GPT2(config, remat=True)).count("optimization_barrier") >= config.n_layer
 
 
+def test_the_softmax_max_takes_no_gradient(tiny_b, tokens):
+    """Attention subtracts each row's max before the exps; a softmax does not change with the
+    shift, so its gradient is zero and is not taken. Differentiating jnp.max would compare every
+    score with it: a [B, H, T, T] boolean array per layer, written and read back."""
+    config, params = tiny_b
+    scores = (tokens.shape[0], config.n_head, tokens.shape[1] - 1, tokens.shape[1] - 1)
+
+    def loss(p):
+        with kernels.use(kernels.Kernels()):  # our einsum attention
+            return token_loss(GPT2(config), p, tokens, None, True)
+
+    def made(jaxpr, dtype):  # the primitives that make a [B, H, T, T] array of this dtype
+        for eqn in jaxpr.eqns:
+            if any(v.aval.shape == scores and v.aval.dtype == dtype for v in eqn.outvars):
+                yield eqn.primitive.name
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                yield from made(sub, dtype)
+
+    program = jax.make_jaxpr(jax.grad(loss))(params).jaxpr
+    assert "dot_general" in set(made(program, jnp.float32))  # the scores, found
+    assert "eq" not in set(made(program, jnp.bool_))
+
+
 def test_prefetcher_hands_out_batches_in_order_from_another_thread():
     made_on = []
 

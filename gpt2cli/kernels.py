@@ -39,9 +39,9 @@ class Kernels:
     # fit a vocabulary of 50304 better than one of 50257 (nanoGPT pads its vocabulary so)
     vocab_multiple: int = 1
     pad_one_row: bool = False  # a one-row product runs as two rows (see _in_out)
-    # LayerNorm's variance around the mean in a second pass, not E[x^2] - E[x]^2: XLA:GPU then
-    # normalizes rows in one kernel, not two. Decoding only: training's backward pass moves
-    # more bytes so (and XLA simplifies a single row's norm to scalar sums, three kernels).
+    # LayerNorm's variance around the mean in a second pass, not E[x^2] - E[x]^2, where there
+    # are several rows (see one_pass_variance): XLA:GPU then normalizes them in one kernel, not
+    # two. Decoding only: training's backward pass moves more bytes so.
     two_pass_variance: bool = False
     # One decoded row runs twice, over a KV cache of two rows (see cache_rows): XLA:GPU's
     # programs for two rows launch fewer kernels per token (their norms fuse) than for one
@@ -93,6 +93,11 @@ class Kernels:
             # for wte) out of the loop; tying the table to this step's ids keeps it inside.
             table, ids = jax.lax.optimization_barrier((table, ids))
         return jnp.take(table, ids, axis=0)
+
+    def one_pass_variance(self, x: jax.Array) -> bool:
+        """Whether LayerNorm sums x [..., D] and its squares in one pass. A single row does:
+        XLA simplifies its norm to scalar sums, where the second pass is a third kernel."""
+        return not self.two_pass_variance or x.size == x.shape[-1]
 
     def cache_rows(self, rows: int) -> int:
         """The KV cache's rows for decoding `rows` rows."""

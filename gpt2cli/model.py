@@ -157,15 +157,15 @@ class MLP(nn.Module):
         return Dense(cfg.n_embd, proj_std, **dense, name="c_proj")(h)  # [B, T, D]
 
 
-def layer_norm(cfg: GPT2Config, dtype, param_dtype, name: str) -> nn.LayerNorm:
-    """GPT-2's LayerNorm; the kernels say how its variance is summed."""
+def layer_norm(x: jax.Array, cfg: GPT2Config, dtype, param_dtype, name: str) -> jax.Array:
+    """GPT-2's LayerNorm of x [..., D]; the kernels say how its variance is summed."""
     return nn.LayerNorm(
         epsilon=cfg.layer_norm_epsilon,
         dtype=dtype,
         param_dtype=param_dtype,
-        use_fast_variance=not kernels.active().two_pass_variance,
+        use_fast_variance=kernels.active().one_pass_variance(x),
         name=name,
-    )
+    )(x)
 
 
 class Block(nn.Module):
@@ -181,7 +181,7 @@ class Block(nn.Module):
 
         attn = Attention(cfg, self.layer_idx, self.dtype, self.param_dtype, name="attn")
         a, cache_kv = attn(
-            layer_norm(cfg, self.dtype, self.param_dtype, "ln_1")(x),
+            layer_norm(x, cfg, self.dtype, self.param_dtype, "ln_1"),
             new_mask,
             past_ok,
             cache_kv,
@@ -190,7 +190,7 @@ class Block(nn.Module):
         )
         x = x + drop(a, deterministic=deterministic)  # [B, T, D]
         m = MLP(cfg, self.dtype, self.param_dtype, name="mlp")(
-            layer_norm(cfg, self.dtype, self.param_dtype, "ln_2")(x)
+            layer_norm(x, cfg, self.dtype, self.param_dtype, "ln_2")
         )
         x = x + drop(m, deterministic=deterministic)  # [B, T, D]
         return x, cache_kv
@@ -257,7 +257,7 @@ class GPT2(nn.Module):
 
         if logits_at is not None:  # a prefill needs the next token of each row only
             x = x[jnp.arange(B), logits_at][:, None]  # [B, 1, D]
-        x = layer_norm(cfg, self.dtype, self.param_dtype, "ln_f")(x)
+        x = layer_norm(x, cfg, self.dtype, self.param_dtype, "ln_f")
         if head:
             table = wte.embedding.astype(self.dtype)  # [V, D]
             x = kernels.active().head(x.astype(self.dtype), table)  # [B, T or 1, V] float32

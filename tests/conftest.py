@@ -83,7 +83,9 @@ def gpt2_exe() -> str:
     setup = "from tests import gpu_simulation; gpu_simulation.install()\n"
     script = (
         f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(ROOT)!r})\n"
-        f"{setup if gpu_simulation.ACTIVE else ''}from gpt2cli.cli.app import main\nmain()\n"
+        f"{setup if gpu_simulation.ACTIVE else ''}from gpt2cli.cli.app import main\n"
+        # guarded as a console script is: a spawned worker (gpt2 prepare) imports this file
+        'if __name__ == "__main__":\n    main()\n'
     )
     # One launcher per script text (interpreter, checkout, simulation), written under a
     # temporary name and renamed into place: parallel test workers (pytest -n) never run a

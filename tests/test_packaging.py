@@ -3,6 +3,7 @@
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,5 +54,21 @@ def test_wheel_installs_and_tokenizes_offline(tmp_path):
         text=True,
         cwd=tmp_path,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert demo.returncode == 0 and demo.stdout.startswith("ROMEO:"), demo.stderr
+
+
+def test_a_checkout_runs_the_command_as_a_module():
+    """`PYTHONPATH=. python3 -m gpt2cli`, where nothing is installed (a GPU machine), is the
+    gpt2 command."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    run = [sys.executable, "-m", "gpt2cli"]
+    help_text = subprocess.run([*run, "--help"], capture_output=True, text=True, env=env)
+    assert help_text.returncode == 0 and "generate" in help_text.stdout, help_text.stderr
+    demo = subprocess.run(
+        [*run, "generate", "ROMEO:", "-m", "shakespeare", "-n", "5"],
+        capture_output=True,
+        text=True,
+        env=env,
     )
     assert demo.returncode == 0 and demo.stdout.startswith("ROMEO:"), demo.stderr

@@ -174,7 +174,7 @@ def train_counts(target: Target, config, dtype: str, batch: int, seq: int) -> di
     program = computations(hlo)
     entry = thunks(program["ENTRY"])
     launched = [line for line in program["ENTRY"] if _opcode(line) not in FREE_OPS]
-    written = [_result(line) for line in launched]
+    written = [_results(line)[0] for line in launched]  # each kernel's first result
     logits = [b for n, b in written if n >= batch * seq * config.vocab_size]
     scores = [b for n, b in written if n == batch * config.n_head * seq * seq]
     size = {_name(line): _bytes(line) for line in program["ENTRY"]}
@@ -211,24 +211,18 @@ def _operands(line: str) -> list[str]:
     return [a.strip() for a in args.split(",")]
 
 
-def _bytes(line: str) -> int:
-    """Bytes of all of an instruction's results (a tuple has several)."""
+def _results(line: str) -> list[tuple[int, int]]:
+    """Elements and bytes of each of an instruction's results (a tuple has several)."""
     head = line.split(" = ", 1)[1].split(f" {_opcode(line)}(", 1)[0]
-    total = 0
+    found = []
     for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", head):
-        total += math.prod(int(d) for d in dims.split(",") if d) * BYTES.get(dtype, 4)
-    return total
+        elements = math.prod(int(d) for d in dims.split(",") if d)
+        found.append((elements, elements * BYTES.get(dtype, 4)))
+    return found
 
 
-def _result(line: str) -> tuple[int, int]:
-    """Elements and bytes of an instruction's (first) result."""
-    shape = re.search(r"= \(?(\w+)\[([\d,]*)\]", line)
-    if not shape or not shape.group(2):
-        return 0, 0
-    n = 1
-    for d in shape.group(2).split(","):
-        n *= int(d)
-    return n, n * BYTES.get(shape.group(1), 4)
+def _bytes(line: str) -> int:
+    return sum(size for _, size in _results(line))
 
 
 def main() -> None:

@@ -206,7 +206,7 @@ class _Programs:
 
     def _forward(self, params, ids, positions, cache, mask=None, logits_at=None):
         """The model on ids [B, T] -> (logits [B, T or 1, V], cache). A cache of more rows
-        than B (one row decoded as two, `Kernels.twin_one_row`) runs the row on each of them."""
+        than B (one row decoded as two, `Kernels.cache_rows`) runs the row on each of them."""
         rows, cached = ids.shape[0], cache.mask.shape[0]
         if cached != rows:
             ids, positions, mask, logits_at = (

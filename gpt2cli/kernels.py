@@ -41,11 +41,9 @@ class Kernels:
     pad_one_row: bool = False  # a one-row product runs as two rows (see _in_out)
     # LayerNorm's variance around the mean in a second pass, not E[x^2] - E[x]^2, where there
     # are several rows (see one_pass_variance): XLA:GPU then normalizes them in one kernel, not
-    # two. Decoding only: training's backward pass moves more bytes so.
+    # two, and so one decoded row runs twice (see cache_rows). Decoding only: training's
+    # backward pass moves more bytes so.
     two_pass_variance: bool = False
-    # One decoded row runs twice, over a KV cache of two rows (see cache_rows): XLA:GPU's
-    # programs for two rows launch fewer kernels per token (their norms fuse) than for one
-    twin_one_row: bool = False
     # XLA compiler options of every program traced with these kernels, as (name, value) pairs
     compile_options: tuple[tuple[str, str], ...] = ()
 
@@ -100,8 +98,9 @@ class Kernels:
         return not self.two_pass_variance or x.size == x.shape[-1]
 
     def cache_rows(self, rows: int) -> int:
-        """The KV cache's rows for decoding `rows` rows."""
-        return 2 if rows == 1 and self.twin_one_row else rows
+        """The KV cache's rows for decoding `rows` rows. With two-pass norms one row runs
+        twice, over a cache of two rows: a single row's norm cannot fuse."""
+        return 2 if rows == 1 and self.two_pass_variance else rows
 
     def cache_dtype(self, compute) -> jnp.dtype:
         # XLA:CPU would widen a bfloat16 cache to a float32 copy for the attention products at
@@ -293,7 +292,6 @@ def choose(
         vocab_multiple=1 if cpu else 64,
         pad_one_row=not cpu or precision.compute == "bfloat16",
         two_pass_variance=not cpu and batch > 0,
-        twin_one_row=not cpu,
     )
 
 

@@ -85,7 +85,7 @@ def test_choices_per_backend():
     assert gpu.cache_dtype(jnp.bfloat16) == jnp.bfloat16
     assert kernels.choose(bf16, backend="cpu").cache_dtype(jnp.bfloat16) == jnp.float32
     assert kernels.choose(f32, backend="gpu").attention_impl == "einsum"
-    assert gpu.two_pass_variance and gpu.twin_one_row  # one norm kernel, over two rows
+    assert gpu.two_pass_variance  # one norm kernel, over two rows
     assert gpu.cache_rows(1) == 2 and gpu.cache_rows(8) == 8
     # a single row (serve's one-row blocks) keeps one pass: XLA makes scalar sums of it
     assert gpu.one_pass_variance(jnp.zeros((1, 1, 8))) and not gpu.one_pass_variance(
@@ -203,7 +203,7 @@ def test_one_row_decoded_as_two_keeps_transformers_greedy_tokens(tiny_a, golden)
 
     tok = bundled()
     engine = Engine(*tiny_a, chosen=kernels.choose(batch=1, backend="gpu"))
-    assert engine.kernels.twin_one_row
+    assert engine.kernels.cache_rows(1) == 2
     arrays = golden["arrays"]
     prompt = arrays["tiny_a/gen1/prompt_ids"].tolist()
     reference = arrays["tiny_a/gen1/tokens"].tolist()

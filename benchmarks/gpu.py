@@ -70,7 +70,7 @@ def ours_train(config, params, dtype, batch, seq, steps, loss_chunks=None, remat
     import jax
     import numpy as np
 
-    from gpt2cli.train import TrainConfig, Trainer
+    from gpt2cli.training.trainer import TrainConfig, Trainer
 
     tc = TrainConfig(
         batch_size=batch, seq_length=seq, dtype=dtype, dropout=0.0, warmup=10, decay_steps=1000,
@@ -405,7 +405,7 @@ def stage_cost(run: Run) -> None:
     """XLA's own count of the bfloat16 train step's FLOPs and bytes (what bounds it)."""
     import numpy as np
 
-    from gpt2cli.train import TrainConfig, Trainer
+    from gpt2cli.training.trainer import TrainConfig, Trainer
 
     tc = TrainConfig(batch_size=run.batch, seq_length=run.seq, dtype="bfloat16", dropout=0.0)
     trainer = Trainer(run.config, tc)
@@ -458,7 +458,7 @@ def stage_profile(run: Run) -> None:
 
     from gpt2cli.engine import Engine, SamplingParams
     from gpt2cli.generate import TokenRun
-    from gpt2cli.train import TrainConfig, Trainer
+    from gpt2cli.training.trainer import TrainConfig, Trainer
 
     tc = TrainConfig(batch_size=run.batch, seq_length=run.seq, dtype="bfloat16", dropout=0.0)
     trainer = Trainer(run.config, tc)

@@ -35,7 +35,7 @@ from gpt2cli import kernels, precision  # noqa: E402
 from gpt2cli.config import preset  # noqa: E402
 from gpt2cli.engine import DecodeState, SamplingParams, _programs  # noqa: E402
 from gpt2cli.model import KVCache, init_params  # noqa: E402
-from gpt2cli.train import TrainConfig, Trainer, TrainState  # noqa: E402
+from gpt2cli.training.trainer import TrainConfig, Trainer, TrainState  # noqa: E402
 
 # An H100 SXM as XLA describes it (device_description.proto); the H200 differs in memory only.
 H100 = """

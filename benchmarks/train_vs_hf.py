@@ -82,7 +82,7 @@ OUR_MEMORY = textwrap.dedent(
     import jax, numpy as np
     from gpt2cli.config import preset
     from gpt2cli.model import init_params
-    from gpt2cli.train import TrainConfig, Trainer
+    from gpt2cli.training.trainer import TrainConfig, Trainer
 
     batch, seq = int(sys.argv[1]), int(sys.argv[2])
     config = preset("gpt2-medium")
@@ -130,7 +130,7 @@ class OurStep:
     def __init__(self, model_dir: str, dtype: str, batch: int, seq: int):
         import numpy as np
 
-        from gpt2cli.train import TrainConfig, Trainer
+        from gpt2cli.training.trainer import TrainConfig, Trainer
         from gpt2cli.weights import load_hf_folder
 
         self.config, params = load_hf_folder(Path(model_dir))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gpt2cli import data
 from gpt2cli.errors import UserError
 from gpt2cli.tokenizer import bundled
+from gpt2cli.training import data
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from gpt2cli.errors import UserError
-from gpt2cli.evaluate import evaluate, windows
+from gpt2cli.training.evaluate import evaluate, windows
 from tests.conftest import cli
 from tests.helpers_train import FIXTURES, TINY_A
 

@@ -9,11 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpt2cli import data
 from gpt2cli.errors import UserError
 from gpt2cli.tokenizer import bundled, bundled_files, fast_encoder
+from gpt2cli.training import data, sources
 from gpt2cli.training import prepare as prep
-from gpt2cli.training import sources
 from gpt2cli.training.shards import TokenStream, open_prepared
 from tests.conftest import run_gpt2
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from gpt2cli.checkpoint import load_npz
-from gpt2cli.train import TrainConfig, decay_mask, learning_rate
+from gpt2cli.training.trainer import TrainConfig, decay_mask, learning_rate
 from tests.conftest import cli as gpt2
 from tests.helpers_train import TINY_A, Recorder, losses, write_corpus
 
@@ -151,10 +151,11 @@ def test_generate_loads_a_model_trained_from_scratch(scratch_run):
 
 
 def test_grad_accumulation_equals_the_bigger_batch(corpus):
-    from gpt2cli import data
     from gpt2cli.hub import load_model
     from gpt2cli.tokenizer import bundled
-    from gpt2cli.train import LoopSettings, TrainData, Trainer, train_loop
+    from gpt2cli.training import data
+    from gpt2cli.training.loop import LoopSettings, TrainData, train_loop
+    from gpt2cli.training.trainer import Trainer
 
     config, params = load_model(str(TINY_A))
     blocks, _ = data.split(data.load_tokens([corpus], bundled()), 16, 0.0)

@@ -22,10 +22,11 @@ MODES = textwrap.dedent(
     import json, sys
     import jax
     from pathlib import Path
-    from gpt2cli import data
+    from gpt2cli.training import data
     from gpt2cli.hub import load_model
     from gpt2cli.tokenizer import bundled
-    from gpt2cli.train import LoopSettings, TrainConfig, TrainData, Trainer, train_loop
+    from gpt2cli.training.trainer import TrainConfig, Trainer
+    from gpt2cli.training.loop import LoopSettings, TrainData, train_loop
 
     config, params = load_model(sys.argv[1])
     blocks, _ = data.split(data.load_tokens([Path(sys.argv[2])], bundled()), 16, 0.0)

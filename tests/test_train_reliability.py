@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from gpt2cli.runs import RunFolder
+from gpt2cli.training.run_folder import RunFolder
 from tests.conftest import cli, gpt2_exe
 from tests.helpers_train import TINY_A, write_corpus
 

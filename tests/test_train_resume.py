@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from gpt2cli.runs import RunFolder, load_checkpoint
+from gpt2cli.training.run_folder import RunFolder, load_checkpoint
 from tests.conftest import gpt2_exe
 from tests.helpers_train import TINY_A, losses, write_corpus
 
@@ -75,7 +75,7 @@ SAVER = textwrap.dedent(
     import sys, time
     import numpy as np
     from gpt2cli.config import preset
-    from gpt2cli.runs import RunFolder
+    from gpt2cli.training.run_folder import RunFolder
 
     folder = RunFolder(sys.argv[1])
     params = {"w": np.ones((64, 64), np.float32)}

@@ -11,9 +11,9 @@ import pytest
 import typer
 
 from gpt2cli.cli.app import app
-from gpt2cli.train import TrainConfig
 from gpt2cli.training import config_file
 from gpt2cli.training import settings as S
+from gpt2cli.training.trainer import TrainConfig
 from tests.conftest import cli as gpt2_in_process
 from tests.helpers_train import isolate, write_corpus
 

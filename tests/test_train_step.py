@@ -11,7 +11,8 @@ import pytest
 
 from gpt2cli import kernels
 from gpt2cli.model import GPT2
-from gpt2cli.train import Prefetcher, cross_entropy, token_loss
+from gpt2cli.training.loop import Prefetcher
+from gpt2cli.training.trainer import cross_entropy, token_loss
 
 
 @pytest.fixture(scope="module")

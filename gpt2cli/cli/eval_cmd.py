@@ -65,10 +65,11 @@ def evaluate(
 
     import numpy as np
 
-    from gpt2cli import compile_cache, data
-    from gpt2cli import evaluate as evaluation
+    from gpt2cli import compile_cache
     from gpt2cli.hub import load_model, load_tokenizer
     from gpt2cli.progress import task_progress
+    from gpt2cli.training import data
+    from gpt2cli.training import evaluate as evaluation
 
     compile_cache.enable()
     names = list(dataset or []) + list(more_files or [])

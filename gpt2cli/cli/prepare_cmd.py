@@ -54,7 +54,7 @@ def prepare(
       gpt2 prepare web-*.jsonl.gz --text-field text --out data/web --workers 8
       gpt2 train --dataset data/corpus --init tiny --steps 1000
     """
-    from gpt2cli.data import resolve_files
+    from gpt2cli.training.data import resolve_files
     from gpt2cli.training.prepare import FolderInUse
     from gpt2cli.training.prepare import prepare as run
 

@@ -200,7 +200,7 @@ def _same(name: str, given, recorded) -> bool:
 
 def _start_processes(parallel) -> None:
     if parallel.coordinator:
-        from gpt2cli.sharding import init_distributed
+        from gpt2cli.training.sharding import init_distributed
 
         init_distributed(parallel.coordinator, parallel.num_processes, parallel.process_id)
 
@@ -253,7 +253,7 @@ def _is_main() -> bool:
 
 
 def _run(plan, force: bool, plot: bool) -> None:
-    from gpt2cli.training.run import run
+    from gpt2cli.training.driver import run
 
     view = _View()
     outcome = run(plan, view, force=force, plot=plot)

@@ -14,14 +14,15 @@ from typing import Any
 
 import numpy as np
 
-from gpt2cli import data as datalib
 from gpt2cli.config import GPT2Config, new_model_config
 from gpt2cli.errors import UserError
 from gpt2cli.fields import check_types
-from gpt2cli.runs import RUN_FILE, RunFolder, RunLock, load_checkpoint
-from gpt2cli.train import LoopSettings, TrainConfig, TrainData, Trainer, TrainState
+from gpt2cli.training import data as datalib
 from gpt2cli.training import settings as S
+from gpt2cli.training.loop import TrainData
+from gpt2cli.training.run_folder import RUN_FILE, RunFolder, RunLock, load_checkpoint
 from gpt2cli.training.shards import is_prepared, open_prepared
+from gpt2cli.training.trainer import TrainConfig, Trainer, TrainState
 
 SEED_OUTPUT = "gpt2_finetuned.npz"  # where the original script saved; kept without --out
 
@@ -43,9 +44,9 @@ class Plan:
         return TrainConfig.from_dict(self.spec["train"])
 
     @property
-    def loop(self) -> LoopSettings:
+    def loop(self) -> S.LoopSettings:
         loop = self.spec["loop"]
-        return LoopSettings(
+        return S.LoopSettings(
             steps=loop["steps"],
             log_every=loop["log_every"],
             eval_every=loop["eval_every"],
@@ -70,6 +71,18 @@ class Plan:
     @property
     def settings(self) -> S.Settings:
         return S.Settings.from_flat(self.spec.get("settings", {}))
+
+
+def parallel_mode(p: S.ParallelSettings) -> str:
+    """One of sharding.MODES."""
+    if p.fsdp:
+        return "fsdp"
+    return "data-parallel" if (p.data_parallel or p.num_processes > 1) else "single"
+
+
+def train_config(s: S.Settings) -> TrainConfig:
+    """The trainer's settings (every one that changes the numbers a step computes)."""
+    return TrainConfig.from_dict({**s.flat(), "parallel": parallel_mode(s.parallel)})
 
 
 def default_folder() -> Path:
@@ -107,7 +120,7 @@ def new_plan(s: S.Settings, model_config: GPT2Config, *, force: bool, main_proce
     loop_spec = check_loop(
         {k: getattr(s.loop, k) for k in ("steps", "log_every", "eval_every", "save_every", "keep")}
     )
-    tc = S.train_config(s)
+    tc = train_config(s)
     model_config.check_fits(tc.seq_length, "--seq-length")
     if not 0.0 <= s.data.val_fraction < 1.0:
         raise UserError(f"--val-fraction must be in [0, 1), got {s.data.val_fraction}")
@@ -199,7 +212,7 @@ def _resume_plan(folder: RunFolder, overrides: dict[str, Any], *, force: bool) -
     for key in spec["loop"]:
         spec["loop"][key] = getattr(changed.loop, key) if key in overrides else spec["loop"][key]
     if any(name in overrides for name in S.flat_names("parallel")):
-        spec["train"]["parallel"] = S.parallel_mode(changed.parallel)
+        spec["train"]["parallel"] = parallel_mode(changed.parallel)
     if "settings" in spec:
         spec["settings"] = changed.flat()
     check_loop(spec["loop"])

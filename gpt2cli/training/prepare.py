@@ -50,8 +50,8 @@ def shard_name(i: int) -> str:
 
 def tokenizer_fingerprint() -> str:
     """The bundled GPT-2 tokenizer's fingerprint, as the plain-text path computes it."""
-    from gpt2cli.data import tokenizer_fingerprint as fingerprint
     from gpt2cli.tokenizer import bundled
+    from gpt2cli.training.data import tokenizer_fingerprint as fingerprint
 
     return fingerprint(bundled())
 

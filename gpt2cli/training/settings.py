@@ -313,17 +313,3 @@ def resolve(s: Settings, config: GPT2Config | None, val_fraction: float | None =
     if d.val_fraction is None:
         changes["val_fraction"] = val_fraction
     return s.replace(**changes)
-
-
-def parallel_mode(p: ParallelSettings) -> str:
-    """One of sharding.MODES."""
-    if p.fsdp:
-        return "fsdp"
-    return "data-parallel" if (p.data_parallel or p.num_processes > 1) else "single"
-
-
-def train_config(s: Settings):
-    """The trainer's settings (every one that changes the numbers a step computes)."""
-    from gpt2cli.train import TrainConfig
-
-    return TrainConfig.from_dict({**s.flat(), "parallel": parallel_mode(s.parallel)})

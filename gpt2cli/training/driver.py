@@ -54,8 +54,9 @@ def run(plan: plans.Plan, view: View, *, force: bool, plot: bool) -> Outcome:
     from gpt2cli import compile_cache
     from gpt2cli.checkpoint import save_npz
     from gpt2cli.hub import load_model, load_tokenizer
-    from gpt2cli.sharding import any_process, to_host
-    from gpt2cli.train import Diverged, Trainer, train_loop
+    from gpt2cli.training.loop import Diverged, train_loop
+    from gpt2cli.training.sharding import any_process, to_host
+    from gpt2cli.training.trainer import Trainer
 
     compile_cache.enable()
     main = jax.process_index() == 0

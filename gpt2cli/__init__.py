@@ -5,6 +5,16 @@ The Python API (imports JAX only when first used):
     config, params = gpt2cli.load("gpt2")           # .npz path, HF folder or Hub repo id
     out = gpt2cli.logits(config, params, input_ids)   # [batch, seq, vocab]
     gpt2cli.save("model.npz", config, params)
+
+The package, in five groups (each module owns one idea; arrows point the one way imports go,
+checked by pyproject's import-linter contracts):
+
+    model core   config, model, kernels, precision: GPT-2's shapes and math, run per backend
+    files        weights, checkpoint, hub, tokenizer: safetensors, .npz, model references, BPE
+    generation   sampling, engine, generate, chat, api: compiled decoding and its text streams
+    training/    settings, plan, driver, trainer, loop, data, prepare, shards, run_folder, ...
+    serve/, cli/ the HTTP server and the commands, on top of the rest
+    (plumbing: errors, atomic, fields, progress, compile_cache, used by every group)
 """
 
 from __future__ import annotations

@@ -164,13 +164,14 @@ def generate(
         stream_generate,
     )
     from gpt2cli.hub import load_model, load_tokenizer
+    from gpt2cli.progress import hub_progress_class
 
     sampling = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
     compile_cache.enable()
     started = time.perf_counter()
     with err.status(f"loading {model}"):
-        config, params = load_model(model, finite=True)
-        tok = load_tokenizer(tokenizer, model)
+        config, params = load_model(model, finite=True, tqdm_class=hub_progress_class())
+        tok = load_tokenizer(tokenizer, model, tqdm_class=hub_progress_class())
     prompts = [tok.encode(text) for text in texts]
     for text, ids in zip(texts, prompts, strict=True):
         if max(ids) >= config.vocab_size:

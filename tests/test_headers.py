@@ -18,11 +18,10 @@ from gpt2cli.weights import load_hf_folder
 from tests.conftest import TINY_B
 
 
-def _refused(read, message: str) -> str:
+def _refused(read, message: str) -> None:
     with pytest.raises(UserError, match=message) as info:
         read()
     assert "\n" not in str(info.value)
-    return str(info.value)
 
 
 def test_the_header_is_returned_when_format_and_version_match():

@@ -253,3 +253,48 @@ def test_ctrl_c_keeps_whole_shards_and_the_same_command_finishes(tmp_path):
     assert index["tokens"] == whole.index["tokens"]  # (ids equal the tokenizer's: tests above)
     tokens = [np.asarray(open_prepared(tmp_path / f).tokens) for f in ("p", "q")]
     assert np.array_equal(*tokens)
+
+
+# ---- input that breaks the reader's promise (issue 24) -------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        ('{"text": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
+        ('{"text": "a", "n": ' + "9" * 5000 + "}", "more than 4300 digits"),
+        ('{"text": "a \\ud800 b"}', "lone surrogate"),
+    ],
+)
+def test_a_json_line_python_cannot_read_is_named(tmp_path, line, reason):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n' + line + "\n")
+    with pytest.raises(UserError, match=rf"bad.jsonl line 2 .*{reason}"):
+        prep.prepare([bad], tmp_path / "out", workers=1)
+
+
+def test_replace_turns_a_lone_surrogate_into_the_replacement_character(tmp_path, tok):
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"text": "a \\ud800 b"}\n')
+    settings = prep.PrepareSettings(errors="replace", val_fraction=0.0)
+    prep.prepare([path], tmp_path / "out", settings, workers=1)
+    assert np.asarray(open_prepared(tmp_path / "out").tokens).tolist() == tok.encode("a \ufffd b")
+
+
+def test_a_failed_prepare_removes_the_folders_it_made_and_only_those(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("nope\n")
+    with pytest.raises(UserError, match="line 1 is not JSON"):
+        prep.prepare([bad], tmp_path / "new" / "out", workers=1)
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(UserError, match="line 1 is not JSON"):
+        prep.prepare([bad], tmp_path / "mine", workers=1)
+    assert (tmp_path / "mine").is_dir() and not list((tmp_path / "mine").iterdir())
+
+
+def test_an_out_folder_that_cannot_be_made_is_one_line(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("some text\n")
+    with pytest.raises(UserError, match=r"cannot make the folder /proc/foo: "):
+        prep.prepare([corpus], Path("/proc/foo"), workers=1)

@@ -177,23 +177,48 @@ def prepare(
     workers = workers or os.cpu_count() or 1
     if workers < 1:
         raise UserError(f"workers must be a positive integer, got {workers}")
-    request = _request(files, settings)
-    state = _open_folder(Path(out), request, force)
-    if state is None:
-        return Prepared(read_index(Path(out)), None)
-    resumed_at = state.tokens
-    _run(files, Path(out), settings, request, state, workers, progress)
-    index = _index(request, state, settings)
-    _write_json(Path(out) / INDEX, index)
-    (Path(out) / PROGRESS).unlink(missing_ok=True)
+    request, out = _request(files, settings), Path(out)
+    made = _make_folder(out)
+    try:
+        state = _open_folder(out, request, force)
+        if state is None:
+            return Prepared(read_index(out), None)
+        resumed_at = state.tokens
+        _run(files, out, settings, request, state, workers, progress)
+        index = _index(request, state, settings)
+        _write_json(out / INDEX, index)
+    except Exception:  # Ctrl-C is no failure: the shards it kept let the same command go on
+        _unmake(made)
+        raise
+    (out / PROGRESS).unlink(missing_ok=True)
     return Prepared(index, resumed_at)
+
+
+def _make_folder(out: Path) -> list[Path]:
+    """Create `out` and its missing parents; return those it created, `out` first."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"out {out} is a file; give a folder for the prepared dataset")
+    made = [p for p in [out, *out.parents] if not p.exists()]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot make the folder {out}: {exc.strerror}") from None
+    return made
+
+
+def _unmake(made: list[Path]) -> None:
+    """Remove the folders a failed call created, with the files it wrote in them."""
+    if made:
+        _remove([p for p in made[0].iterdir() if _is_ours(p.name)])
+    for folder in made:
+        try:
+            folder.rmdir()
+        except OSError:  # something else was put there meanwhile: leave it
+            return
 
 
 def _open_folder(out: Path, request: dict[str, Any], force: bool) -> _State | None:
     """The state to continue from; None when `out` already holds this request's tokens."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"out {out} is a file; give a folder for the prepared dataset")
-    out.mkdir(parents=True, exist_ok=True)
     index, saved = _read_json(out / INDEX), _read_json(out / PROGRESS)
     if index is not None and not force:
         if index.get("request") == request:

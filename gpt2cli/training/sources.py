@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import re
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,15 +173,42 @@ def piece_texts(piece: Piece, text_field: str, errors: str) -> list[str]:
     for i, line in enumerate(piece.data.split(b"\n")):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line.decode("utf-8", errors=errors))
-        except UnicodeDecodeError:
-            raise BadInput(i, "is not UTF-8 (pass --errors replace)") from None
-        except json.JSONDecodeError as exc:
-            raise BadInput(i, f"is not JSON ({exc.msg})") from None
+        record = _json_line(line, i, errors)
         if not isinstance(record, dict) or text_field not in record:
             raise BadInput(i, f"has no field {text_field!r} (choose one with --text-field)")
         if not isinstance(record[text_field], str):
             raise BadInput(i, f"field {text_field!r} is not a string")
-        texts.append(record[text_field])
+        texts.append(_without_surrogates(record[text_field], i, text_field, errors))
     return texts
+
+
+def _json_line(line: bytes, i: int, errors: str):
+    """The JSON value of line `i` of a piece; what Python's reader refuses is a BadInput."""
+    try:
+        return json.loads(line.decode("utf-8", errors=errors))
+    except UnicodeDecodeError:
+        raise BadInput(i, "is not UTF-8 (pass --errors replace)") from None
+    except json.JSONDecodeError as exc:
+        raise BadInput(i, f"is not JSON ({exc.msg})") from None
+    except RecursionError:
+        raise BadInput(i, "is nested too deeply to read as JSON") from None
+    except ValueError:  # the only other ValueError: Python's limit on an integer's digits
+        limit = sys.get_int_max_str_digits()
+        raise BadInput(i, f"has a number of more than {limit} digits") from None
+
+
+# A JSON escape such as "\ud800" gives half of a UTF-16 pair: no character, not encodable
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _without_surrogates(text: str, i: int, text_field: str, errors: str) -> str:
+    """`text`, refused (strict) or with U+FFFD (replace) where a lone surrogate stands."""
+    if errors == "replace":
+        return _SURROGATE.sub("\ufffd", text)
+    found = _SURROGATE.search(text)
+    if found:
+        code = f"\\u{ord(found.group()):04x}"
+        raise BadInput(
+            i, f"field {text_field!r} holds a lone surrogate {code} (pass --errors replace)"
+        )
+    return text

@@ -85,3 +85,18 @@ def tiny_a_model():
 def test_bad_stride_is_a_clear_error():
     with pytest.raises(UserError, match="--stride must be between 1 and --seq-length"):
         windows(100, 32, 33)
+
+
+@pytest.mark.parametrize("loss", [float("nan"), float("inf")])
+@pytest.mark.parametrize("as_json", [True, False])
+def test_a_loss_that_is_not_finite_is_an_error_not_a_figure(eval_file, monkeypatch, loss, as_json):
+    from gpt2cli.training import evaluate as evaluation
+
+    def broken(*args, **kwargs):
+        return evaluation.EvalResult(loss, 10, 1)
+
+    monkeypatch.setattr(evaluation, "evaluate", broken)
+    done = cli("eval", "-m", str(TINY_A), "-d", str(eval_file), *(["--json"] * as_json))
+    assert done.exit_code == 1
+    assert done.stdout == ""
+    assert f"error: the loss came out {loss}:" in done.stderr

@@ -11,7 +11,7 @@ import pytest
 from gpt2cli.checkpoint import HEADER_KEY, load_npz, save_npz
 from gpt2cli.errors import UserError
 from gpt2cli.headers import check_header, read_json
-from gpt2cli.training import prepare
+from gpt2cli.training import index as prepared_index
 from gpt2cli.training.run_folder import RUN_FILE, RunFolder, load_checkpoint
 from gpt2cli.training.shards import open_prepared
 from gpt2cli.weights import load_hf_folder
@@ -107,8 +107,8 @@ def test_a_run_file_of_a_newer_version_or_another_format(tmp_path):
 
 
 def test_a_prepared_index_of_a_newer_version_or_another_format(tmp_path):
-    index = tmp_path / prepare.INDEX
-    index.write_text(json.dumps({"format": prepare.FORMAT, "version": 2, "shards": []}))
+    index = tmp_path / prepared_index.INDEX
+    index.write_text(json.dumps({"format": prepared_index.FORMAT, "version": 2, "shards": []}))
     _refused(
         lambda: open_prepared(tmp_path),
         r"index.json is version 2 of 'gpt2cli-tokens'; .* 1: prepare the dataset again$",

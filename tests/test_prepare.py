@@ -298,3 +298,140 @@ def test_an_out_folder_that_cannot_be_made_is_one_line(tmp_path):
     corpus.write_text("some text\n")
     with pytest.raises(UserError, match=r"cannot make the folder /proc/foo: "):
         prep.prepare([corpus], Path("/proc/foo"), workers=1)
+
+
+# ---- prepared folders that are not what their index says (issue 24) ------------------------
+
+
+SMALL_SHARDS = prep.PrepareSettings(shard_tokens=700)
+
+
+@pytest.fixture(scope="module")
+def prepared_once(tmp_path_factory):
+    """(input files, prepared folder, its index) made once: tests change copies of the folder."""
+    folder = tmp_path_factory.mktemp("prepared")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sources, "PIECE_BYTES", 500)
+        files, _ = _corpus(folder / "in")
+        index = prep.prepare(files, folder / "out", SMALL_SHARDS, workers=1).index
+    return files, folder / "out", index
+
+
+def _prepared(tmp_path, prepared_once):
+    """A copy of the prepared folder under tmp_path/out: (input files, settings, its index)."""
+    import copy
+    import shutil
+
+    files, folder, index = prepared_once
+    shutil.copytree(folder, tmp_path / "out")
+    return files, SMALL_SHARDS, copy.deepcopy(index)
+
+
+def _damage_shard(path: Path) -> None:
+    ids = np.fromfile(path, np.uint16)
+    ids[3] = (int(ids[3]) + 1) % 50257  # the right size, one other id in the vocabulary
+    ids.tofile(path)
+
+
+@pytest.mark.parametrize(
+    ("harm", "said"),
+    [
+        (lambda p: p.unlink(), "shard-00001.bin is missing"),
+        (lambda p: p.write_bytes(p.read_bytes()[:-2]), "shard-00001.bin has"),
+        (_damage_shard, "shard-00001.bin does not match the sha256"),
+    ],
+)
+def test_prepare_rebuilds_a_shard_that_was_deleted_truncated_or_changed(
+    tmp_path, prepared_once, harm, said
+):
+    files, settings, index = _prepared(tmp_path, prepared_once)
+    before = np.asarray(open_prepared(tmp_path / "out").tokens)
+    harm(tmp_path / "out" / "shard-00001.bin")
+    again = prep.prepare(files, tmp_path / "out", settings, workers=1)
+    assert again.resumed_at == 0 and said in again.repaired
+    assert again.index == index
+    assert np.array_equal(np.asarray(open_prepared(tmp_path / "out").tokens), before)
+    assert prep.prepare(files, tmp_path / "out", settings).resumed_at is None
+
+
+def test_an_index_without_shard_checksums_still_reads_and_ids_beyond_the_vocabulary_are_caught(
+    tmp_path, prepared_once
+):
+    files, settings, index = _prepared(tmp_path, prepared_once)
+    for shard in index["shards"]:
+        del shard["sha256"]  # as gpt2 wrote it before it kept checksums
+    (tmp_path / "out" / prep.INDEX).write_text(json.dumps(index))
+    assert prep.prepare(files, tmp_path / "out", settings).resumed_at is None
+    shard = tmp_path / "out" / "shard-00002.bin"
+    ids = np.fromfile(shard, np.uint16)
+    ids[5] = 60000
+    ids.tofile(shard)
+    stream = open_prepared(tmp_path / "out").tokens
+    with pytest.raises(UserError, match=r"shard-00002.bin has token id 60000 at token 5 but"):
+        np.asarray(stream)
+    blocks = data.Blocks(stream, 16)
+    first = index["shards"][0]["tokens"] + index["shards"][1]["tokens"]
+    blocks.gather(np.array([0, 1]))  # the blocks before the damage read as before
+    with pytest.raises(UserError, match="run the same gpt2 prepare again"):
+        blocks.gather(np.array([first // 16]))
+    again = prep.prepare(files, tmp_path / "out", settings, workers=1)
+    assert "has token id 60000" in again.repaired
+    assert int(np.asarray(open_prepared(tmp_path / "out").tokens).max()) < 50257
+
+
+def test_the_cli_says_it_prepared_a_damaged_folder_again(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(_text(200))
+    command = ("prepare", str(corpus), "--out", str(tmp_path / "p"), "--workers", "1")
+    assert run_gpt2(*command).returncode == 0
+    (tmp_path / "p" / "shard-00000.bin").unlink()
+    again = run_gpt2(*command)
+    assert again.returncode == 0, again.stderr
+    assert "shard-00000.bin is missing: prepared again" in again.stderr
+    assert "already prepared" not in again.stderr
+
+
+def _edit(index: dict, change) -> dict:
+    change(index)
+    return index
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        (lambda i: i.update(tokens=5), r"index.json: tokens is 5 but its shards hold \d+"),
+        (lambda i: i["shards"].pop(), "index.json: tokens is .* but its shards hold"),
+        (lambda i: i["split"].update(val_start=-5), "index.json: split.val_start is -5"),
+        (
+            lambda i: i["shards"][0].update(file="../other/shard.bin"),
+            r"index.json: shards\[0\].file '../other/shard.bin' is not a file name in",
+        ),
+        (lambda i: i.pop("shards"), "index.json: shards is missing"),
+        (lambda i: i.pop("split"), "index.json: split is missing"),
+        (lambda i: i.pop("tokenizer"), "index.json: tokenizer is missing"),
+        (lambda i: i.update(sources=5), "index.json: sources must be a list, got 5"),
+        (
+            lambda i: i["split"].update(val_fraction="x"),
+            "index.json: split.val_fraction must be a finite number, got 'x'",
+        ),
+        (lambda i: i["shards"][0].pop("tokens"), r"index.json: shards\[0\].tokens is missing"),
+    ],
+)
+def test_an_index_that_disagrees_with_itself_or_its_folder_names_the_field(
+    tmp_path, prepared_once, change, said
+):
+    _, _, index = _prepared(tmp_path, prepared_once)
+    (tmp_path / "out" / prep.INDEX).write_text(json.dumps(_edit(index, change)))
+    with pytest.raises(UserError, match=said + ".*: prepare the dataset again$"):
+        open_prepared(tmp_path / "out")
+
+
+def test_a_shard_file_the_index_leaves_out_is_named(tmp_path, prepared_once):
+    _, _, index = _prepared(tmp_path, prepared_once)
+    last = index["shards"].pop()
+    index["tokens"] -= last["tokens"]
+    index["sources"][-1]["tokens"] -= last["tokens"]
+    index["split"]["val_start"] = index["tokens"] - int(index["tokens"] * 0.05)
+    (tmp_path / "out" / prep.INDEX).write_text(json.dumps(index))
+    with pytest.raises(UserError, match=f"shards does not list {last['file']}, which is in"):
+        open_prepared(tmp_path / "out")

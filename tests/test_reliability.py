@@ -144,6 +144,53 @@ def test_a_hand_edited_run_json_names_the_file_and_field(
     one_error_line(cli("train", "--resume", "run", "--steps", "2"), "run.json: " + message)
 
 
+def _prepared_by_hand(folder, words: int = 400):
+    """A prepared folder of one shard, written as gpt2 prepare writes it (no tiktoken needed)."""
+    import hashlib
+
+    from gpt2cli.tokenizer import bundled
+    from gpt2cli.training.index import INDEX, build_index, shard_name
+
+    folder.mkdir()
+    ids = np.asarray(bundled().encode("the cat sat on the mat. " * (words // 6)), np.uint16)
+    ids.tofile(folder / shard_name(0))
+    shards = [
+        {"file": shard_name(0), "tokens": len(ids), "sha256": hashlib.sha256(ids).hexdigest()}
+    ]
+    sources = [{"sha256": "0" * 64, "tokens": len(ids)}]
+    request = {"tokenizer": "x"}
+    index = build_index(request, shards, sources, 1, 0.5, bundled().eos_id)
+    (folder / INDEX).write_text(json.dumps(index))
+    return index
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda i: i.update(sources=5), "index.json: sources must be a list, got 5"),
+        (lambda i: i.pop("shards"), "index.json: shards is missing"),
+        (lambda i: i["split"].update(val_start=-5), "index.json: split.val_start is -5"),
+    ],
+)
+def test_a_hand_edited_prepared_index_names_the_file_and_field(tmp_path, edit, message):
+    index = _prepared_by_hand(tmp_path / "p")
+    edit(index)
+    (tmp_path / "p/index.json").write_text(json.dumps(index))
+    one_error_line(cli("eval", "-m", str(TINY_A), "-d", "p"), message, "prepare the dataset again")
+
+
+def test_a_shard_with_ids_beyond_the_vocabulary_is_refused_where_it_is_read(tmp_path):
+    _prepared_by_hand(tmp_path / "p")
+    ids = np.fromfile(tmp_path / "p/shard-00000.bin", np.uint16)
+    ids[-3] = 65535  # in the validation half
+    ids.tofile(tmp_path / "p/shard-00000.bin")
+    one_error_line(
+        cli("eval", "-m", str(TINY_A), "-d", "p", "--json"),
+        "shard-00000.bin has token id 65535",
+        "run the same gpt2 prepare again",
+    )
+
+
 def test_a_shard_index_whose_weight_map_is_not_a_mapping(tmp_path):
     folder = tmp_path / "sharded"
     folder.mkdir()

@@ -96,6 +96,11 @@ def evaluate(
             dtype=dtype,
             progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
+    if not math.isfinite(result.loss):
+        raise UserError(
+            f"the loss came out {result.loss}: the model's outputs are not finite numbers on this "
+            "text (with --dtype float16 or bfloat16, try float32)"
+        )
     figures = {
         "loss": result.loss,
         "perplexity": result.perplexity,

@@ -83,6 +83,8 @@ def prepare(
         raise typer.Exit(interrupts.exit_code(exc)) from None
     index = result.index
     what = "already prepared" if result.resumed_at is None else "prepared"
+    if result.repaired:
+        err.print(f"{result.repaired}: prepared again", markup=False, soft_wrap=True)
     docs, shards = index["documents"], len(index["shards"])
     err.print(
         f"{what}: {index['tokens']:,} tokens of {docs:,} document{'s' * (docs != 1)} in "

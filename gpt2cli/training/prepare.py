@@ -13,6 +13,7 @@ records where the last complete shard ended, so an interrupted run continues fro
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import signal
@@ -28,25 +29,18 @@ import numpy as np
 
 from gpt2cli.atomic import atomic_write
 from gpt2cli.errors import UserError
-from gpt2cli.headers import check_header, read_json
+from gpt2cli.headers import read_json
+from gpt2cli.training.index import DTYPE, INDEX, build_index, damage, read_index, shard_name
 from gpt2cli.training.settings import PrepareSettings
 from gpt2cli.training.sources import BadInput, Piece, SourceReader, kind_of, piece_texts
 
-FORMAT = "gpt2cli-tokens"
-VERSION = 1
-INDEX = "index.json"
 PROGRESS = ".progress.json"
-DTYPE = np.dtype("<u2")
 
 Progress = Callable[[int, int], None]  # (bytes of input read, bytes in all)
 
 
 class FolderInUse(UserError):
     """The output folder holds another request's tokens (`force` replaces them)."""
-
-
-def shard_name(i: int) -> str:
-    return f"shard-{i:05d}.bin"
 
 
 def tokenizer_fingerprint() -> str:
@@ -118,10 +112,11 @@ class _State:
 
 
 class _ShardWriter:
-    """Appends ids to a temporary shard file; `close` renames it into place."""
+    """Appends ids to a temporary shard file, hashing them; `close` renames it into place."""
 
     def __init__(self, folder: Path, number: int):
         self.folder, self.number, self.tokens, self._file = folder, number, 0, None
+        self._sha256 = hashlib.sha256()
 
     @property
     def _tmp(self) -> Path:
@@ -131,6 +126,7 @@ class _ShardWriter:
         if self._file is None:
             self._file = open(self._tmp, "wb")  # noqa: SIM115 - closed in close/abort
         self._file.write(memoryview(ids))
+        self._sha256.update(memoryview(ids))
         self.tokens += len(ids)
 
     def close(self) -> dict[str, Any] | None:
@@ -142,8 +138,12 @@ class _ShardWriter:
         self._file.close()
         self._file = None
         os.replace(self._tmp, self.folder / shard_name(self.number))
-        done = {"file": shard_name(self.number), "tokens": self.tokens}
-        self.number, self.tokens = self.number + 1, 0
+        done = {
+            "file": shard_name(self.number),
+            "tokens": self.tokens,
+            "sha256": self._sha256.hexdigest(),
+        }
+        self.number, self.tokens, self._sha256 = self.number + 1, 0, hashlib.sha256()
         return done
 
     def abort(self) -> None:
@@ -160,6 +160,7 @@ class _ShardWriter:
 class Prepared:
     index: dict[str, Any]
     resumed_at: int | None  # tokens already there when this call started; None if all done
+    repaired: str | None = None  # what was wrong with the folder this call prepared again
 
 
 def prepare(
@@ -180,9 +181,12 @@ def prepare(
     request, out = _request(files, settings), Path(out)
     made = _make_folder(out)
     try:
-        state = _open_folder(out, request, force)
-        if state is None:
-            return Prepared(read_index(out), None)
+        repaired = None
+        if not force and _holds(out, request):
+            repaired = damage(out, _vocab_size())
+            if repaired is None:
+                return Prepared(read_index(out), None)
+        state = _open_folder(out, request, force or repaired is not None)
         resumed_at = state.tokens
         _run(files, out, settings, request, state, workers, progress)
         index = _index(request, state, settings)
@@ -191,7 +195,13 @@ def prepare(
         _unmake(made)
         raise
     (out / PROGRESS).unlink(missing_ok=True)
-    return Prepared(index, resumed_at)
+    return Prepared(index, resumed_at, repaired)
+
+
+def _holds(out: Path, request: dict[str, Any]) -> bool:
+    """Whether `out` has an index of this very request (its shards may be damaged)."""
+    index = _read_json(out / INDEX)
+    return index is not None and index.get("request") == request
 
 
 def _make_folder(out: Path) -> list[Path]:
@@ -217,12 +227,10 @@ def _unmake(made: list[Path]) -> None:
             return
 
 
-def _open_folder(out: Path, request: dict[str, Any], force: bool) -> _State | None:
-    """The state to continue from; None when `out` already holds this request's tokens."""
+def _open_folder(out: Path, request: dict[str, Any], force: bool) -> _State:
+    """The state to continue from (a fresh one when `force` or nothing is there to go on)."""
     index, saved = _read_json(out / INDEX), _read_json(out / PROGRESS)
     if index is not None and not force:
-        if index.get("request") == request:
-            return None
         raise FolderInUse(f"{out} holds tokens of other inputs or settings")
     ours = [p for p in out.iterdir() if _is_ours(p.name)]
     if index is None and saved is None and len(ours) < len(list(out.iterdir())):
@@ -316,23 +324,11 @@ def _write(item, writer: _ShardWriter, state: _State, out, request, settings, pa
 
 
 def _index(request: dict[str, Any], state: _State, settings: PrepareSettings) -> dict[str, Any]:
-    total = state.tokens
-    if total == 0:
+    if state.tokens == 0:
         raise UserError("the inputs hold no text to tokenize")
-    val_tokens = int(total * settings.val_fraction)
-    return {
-        "format": FORMAT,
-        "version": VERSION,
-        "dtype": "uint16",
-        "tokenizer": {"name": "gpt2", "fingerprint": request["tokenizer"], "eos_id": _eos_id()},
-        "documents": state.documents,
-        "tokens": total,
-        "document_separator": "eos",  # <|endoftext|> between documents, as gpt2 train joins files
-        "split": {"val_fraction": settings.val_fraction, "val_start": total - val_tokens},
-        "sources": state.sources,
-        "shards": state.shards,
-        "request": request,
-    }
+    return build_index(
+        request, state.shards, state.sources, state.documents, settings.val_fraction, _eos_id()
+    )
 
 
 def _eos_id() -> int:
@@ -341,17 +337,10 @@ def _eos_id() -> int:
     return bundled().eos_id
 
 
-def read_index(folder: Path) -> dict[str, Any]:
-    """The index.json that `_index` wrote into `folder`, refused if another format or version."""
-    file = folder / INDEX
-    return check_header(
-        read_json(file),
-        file,
-        format=FORMAT,
-        version=VERSION,
-        what="an index written by gpt2 prepare",
-        fix=": prepare the dataset again",
-    )
+def _vocab_size() -> int:
+    from gpt2cli.tokenizer import bundled
+
+    return bundled().vocab_size
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

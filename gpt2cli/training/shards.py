@@ -15,14 +15,23 @@ from typing import Any
 import numpy as np
 
 from gpt2cli.errors import UserError
-from gpt2cli.training.prepare import DTYPE, INDEX, read_index
+from gpt2cli.training.index import DTYPE, INDEX, read_index, size_problem, vocabulary_problem
 
 
 class TokenStream:
-    """Tokens [start, stop) of shards laid end to end. Slicing gives a view; np.asarray reads."""
+    """Tokens [start, stop) of shards laid end to end. Slicing gives a view; np.asarray reads.
 
-    def __init__(self, shards: list[np.ndarray], start: int = 0, stop: int | None = None):
-        self._shards = shards
+    Given a `vocab_size`, a read refuses an id outside it (a damaged shard) naming the shard.
+    """
+
+    def __init__(
+        self,
+        shards: list[np.ndarray],
+        start: int = 0,
+        stop: int | None = None,
+        vocab_size: int | None = None,
+    ):
+        self._shards, self.vocab_size = shards, vocab_size
         self._ends = np.cumsum([len(s) for s in shards])
         total = int(self._ends[-1]) if shards else 0
         self.start, self.stop = start, total if stop is None else stop
@@ -35,7 +44,7 @@ class TokenStream:
         if step != 1:
             raise ValueError("a token stream slices with step 1 only")
         view = TokenStream.__new__(TokenStream)
-        view._shards, view._ends = self._shards, self._ends
+        view._shards, view._ends, view.vocab_size = self._shards, self._ends, self.vocab_size
         view.start, view.stop = self.start + begin, self.start + max(begin, end)
         return view
 
@@ -49,8 +58,17 @@ class TokenStream:
             local = at - first
             out[filled : filled + take] = self._shards[shard][local : local + take]
             _release(self._shards[shard], local * DTYPE.itemsize, take * DTYPE.itemsize)
+            self._check(out[filled : filled + take], shard, local)
             at, filled = at + take, filled + take
         return out if dtype is None else out.astype(dtype)
+
+    def _check(self, ids: np.ndarray, shard: int, first: int) -> None:
+        if self.vocab_size is None:
+            return
+        name = getattr(self._shards[shard], "filename", None) or f"shard {shard}"
+        problem = vocabulary_problem(ids, self.vocab_size, name, first)
+        if problem:
+            raise UserError(f"{problem}; the shard is damaged: run the same gpt2 prepare again")
 
 
 _WINDOW = 1 << 21  # a fault may map a whole large folio (up to 2 MiB) of cached file pages
@@ -111,16 +129,17 @@ def is_prepared(path: str | Path) -> bool:
 
 
 def open_prepared(folder: str | Path) -> PreparedData:
-    """Check the index and the shard files' sizes, then map the shards."""
+    """Check the index and the shard files' sizes, then map the shards; reads of the stream
+    check their ids against the vocabulary of the tokenizer that wrote them."""
+    from gpt2cli.tokenizer import bundled
+
     folder = Path(folder)
     index = read_index(folder)
     shards = []
     for shard in index["shards"]:
         path = folder / shard["file"]
-        size = path.stat().st_size if path.is_file() else None
-        if size != shard["tokens"] * DTYPE.itemsize:
-            raise UserError(
-                f"{path} is missing or has the wrong size; run the same gpt2 prepare again"
-            )
+        problem = size_problem(path, shard["tokens"])
+        if problem:
+            raise UserError(f"{problem}; run the same gpt2 prepare again")
         shards.append(np.memmap(path, dtype=DTYPE, mode="r"))
-    return PreparedData(folder, index, TokenStream(shards))
+    return PreparedData(folder, index, TokenStream(shards, vocab_size=bundled().vocab_size))

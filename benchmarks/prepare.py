@@ -2,6 +2,7 @@
 
     uv run python benchmarks/prepare.py throughput [--mb 64] [--workers 2]
     uv run python benchmarks/prepare.py memory [--small-mb 20] [--big-mb 2048] [--tmp /tmp/gpt2-bench]
+    uv run python benchmarks/prepare.py scripts [--mb 40] [--workers 1]
 
 throughput: the same text (Tiny Shakespeare repeated, or --text FILE) tokenized three ways:
   tiktoken's own `encode_batch` over 1 MB pieces with --workers threads (the chosen tokenizer),
@@ -9,6 +10,9 @@ throughput: the same text (Tiny Shakespeare repeated, or --text FILE) tokenized 
   pipeline (read, cut, worker processes, shard writing). Target: prepare >= 0.9x tiktoken.
 memory: prepares a small and a big corpus under --tmp (never in the repository; mind the disk),
   then runs `gpt2 train --init tiny` on each and reads its peak RSS. Target: big within 1.2x small.
+scripts: peak RSS of `gpt2 prepare` on --mb of English and of generated Chinese-like text (with
+  a 。 or 、 every 25 characters and a newline every 300; and with no break at all), which has
+  no spaces to cut at. Target: each within 2x the English run.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -105,19 +111,51 @@ def memory(args) -> None:
         shutil.rmtree(work)
 
 
+def chinese(path: Path, megabytes: int, marks: bool) -> Path:
+    """`megabytes` of random CJK ideographs (3 bytes each), with or without punctuation."""
+    rng = np.random.default_rng(0)
+    chars = (megabytes << 20) // 3
+    codes = rng.integers(0x4E00, 0x9FA5, chars)
+    if marks:
+        codes[rng.random(chars) < 1 / 25] = 0x3002
+        codes[rng.random(chars) < 1 / 25] = 0x3001
+        codes[rng.random(chars) < 1 / 300] = 0x0A
+    path.write_text("".join(map(chr, codes.tolist())), encoding="utf-8")
+    return path
+
+
+def scripts(args) -> None:
+    gpt2 = shutil.which("gpt2", path=str(Path(sys.executable).parent)) or "gpt2"
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        texts = {
+            "English": corpus(Path(tmp) / "en.txt", args.mb, args.text),
+            "Chinese, punctuated": chinese(Path(tmp) / "zh.txt", args.mb, marks=True),
+            "Chinese, no break": chinese(Path(tmp) / "zh-run.txt", args.mb, marks=False),
+        }
+        peaks = {}
+        for name, text in texts.items():
+            out = Path(tmp) / f"{text.stem}-prepared"
+            command = [gpt2, "prepare", str(text), "--out", str(out)]
+            peaks[name] = peak_rss_mb([*command, "--workers", str(args.workers)])
+            size = text.stat().st_size / 2**20
+            print(f"{name:20s} {size:5.1f} MB: peak RSS {peaks[name]:4.0f} MB")
+    for name in list(texts)[1:]:
+        print(f"{name} / English: {peaks[name] / peaks['English']:.2f}x (target <= 2x)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("what", choices=["throughput", "memory"])
+    parser.add_argument("what", choices=["throughput", "memory", "scripts"])
     parser.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="text to repeat")
     parser.add_argument("--tmp", default=tempfile.gettempdir(), help="where corpora are made")
-    parser.add_argument("--mb", type=int, default=64, help="throughput corpus size")
+    parser.add_argument("--mb", type=int, default=64, help="throughput / scripts corpus size")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--small-mb", type=int, default=20)
     parser.add_argument("--big-mb", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--keep", action="store_true", help="keep the prepared corpora")
     args = parser.parse_args()
-    throughput(args) if args.what == "throughput" else memory(args)
+    {"throughput": throughput, "memory": memory, "scripts": scripts}[args.what](args)
 
 
 if __name__ == "__main__":

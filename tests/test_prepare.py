@@ -435,3 +435,44 @@ def test_a_shard_file_the_index_leaves_out_is_named(tmp_path, prepared_once):
     (tmp_path / "out" / prep.INDEX).write_text(json.dumps(index))
     with pytest.raises(UserError, match=f"shards does not list {last['file']}, which is in"):
         open_prepared(tmp_path / "out")
+
+
+# ---- text without spaces (issue 24) -------------------------------------------------------
+
+
+def _cjk(chars: int, mark_every: int | None, seed: int = 0) -> str:
+    """Chinese-like text: ideographs, a 。 or 、 every `mark_every` characters (or none)."""
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0x4E00, 0x9FA5, chars)
+    if mark_every:
+        marks = rng.random(chars) < 1 / mark_every
+        codes[marks] = rng.choice([0x3002, 0x3001], int(marks.sum()))
+    return "".join(map(chr, codes.tolist()))
+
+
+def _pieces(path: Path) -> list[bytes]:
+    with sources.SourceReader(path) as reader:
+        return [piece.data for piece in reader.pieces()]
+
+
+def test_text_without_spaces_is_cut_after_a_word_and_tokenizes_as_a_whole(tmp_path, tok):
+    text = _cjk(3000, 20) + "<|endoftext|>" + _cjk(1000, 20, 1)
+    path = tmp_path / "zh.txt"
+    path.write_text(text, encoding="utf-8")
+    pieces = _pieces(path)
+    assert len(pieces) > 10 and max(map(len, pieces)) < 3 * sources.PIECE_BYTES
+    assert all(p.decode()[-1] not in "。、" and p.decode()[0] in "。、" for p in pieces[1:-1])
+    prep.prepare([path], tmp_path / "out", workers=1)
+    assert np.asarray(open_prepared(tmp_path / "out").tokens).tolist() == tok.encode(text)
+
+
+def test_text_without_any_break_is_cut_at_a_character_to_bound_memory(tmp_path, tok):
+    text = _cjk(3000, None)
+    path = tmp_path / "zh.txt"
+    path.write_text(text, encoding="utf-8")
+    pieces = _pieces(path)
+    assert len(pieces) > 5 and max(map(len, pieces)) < 3 * sources.PIECE_BYTES
+    assert "".join(p.decode() for p in pieces) == text  # every cut on a character boundary
+    ids = sum((tok.encode(p.decode()) for p in pieces), [])
+    assert tok.decode(ids) == text  # the same text; a token may be split in two at a cut
+    assert abs(len(ids) - len(tok.encode(text))) <= len(pieces)

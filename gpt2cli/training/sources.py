@@ -2,8 +2,9 @@
 
 A plain text file is one document; a JSON-lines file (`.jsonl`, `.ndjson`) holds one document
 per line in a string field. Either may be gzip-compressed (`.gz`). A source is read in blocks
-and cut into pieces of about `PIECE_BYTES` that tokenize exactly as the whole text would, so
-memory stays bounded and the pieces can be tokenized in parallel.
+and cut into pieces of about `PIECE_BYTES` that tokenize exactly as the whole text would (but
+inside a run of letters longer than a piece: see `text_cut`), so memory stays bounded for any
+text and the pieces can be tokenized in parallel.
 """
 
 from __future__ import annotations
@@ -27,6 +28,12 @@ _BLOCK = 1 << 20
 # changes no token: GPT-2's pre-tokenizer ends a word, number or punctuation run at the
 # space or newline, and the space (or newline) starts the next piece as it would have anyway.
 _SAFE_CUT = re.compile(rb"[\x21-\x7e](?=[ \n][\x21-\x7e])")
+
+# Text without spaces (Chinese, Japanese) has no such cut. A cut between a letter or digit and a
+# non-ASCII punctuation mark or symbol that follows it (。、「！) changes no token either: the
+# pre-tokenizer ends a run of letters or of digits there, and the mark starts the next pre-token
+# wherever the text begins. (ASCII marks are left out so "<|endoftext|>" is never cut.)
+_SCRIPT_CUT = re.compile(r"[^\W_](?=[^\w\s\x00-\x7f])")
 
 
 def kind_of(path: Path) -> str:
@@ -124,7 +131,7 @@ class SourceReader:
                 eof = not block
                 buffer += block
             cut = len(buffer) if eof else self._cut(buffer)
-            if cut is None:  # no safe cut yet: read on
+            if cut is None:  # a JSON line longer than the buffer: read on
                 block = self._read(_BLOCK)
                 eof = not block
                 buffer += block
@@ -143,8 +150,35 @@ class SourceReader:
         if self.kind == "jsonl":
             at = buffer.find(b"\n", PIECE_BYTES)
             return None if at < 0 else at + 1
-        match = _SAFE_CUT.search(buffer, PIECE_BYTES)
-        return None if match is None else match.end()
+        return text_cut(buffer, PIECE_BYTES)
+
+
+def text_cut(buffer: bytes, size: int) -> int:
+    """Where to end a text piece of at least `size` bytes (`buffer` holds more than that).
+
+    A cut that changes no token (a space, else a punctuation mark after a word) in the rest of
+    the buffer; failing both, the first character boundary past `size`. That last cut falls
+    inside a stretch of more than `size` bytes with neither (a long run of letters), so tokens
+    next to it may differ from one pass over the whole text (a token split in two), as if a
+    zero-width space stood there. Prose never gets it; it is what bounds memory for any text.
+    """
+    match = _SAFE_CUT.search(buffer, size)
+    if match:
+        return match.end()
+    start = _char_start(buffer, size)
+    end = _char_start(buffer, len(buffer) - 4)  # the last character may be incomplete: leave it
+    window = buffer[start:end].decode("utf-8", errors="surrogateescape")
+    mark = _SCRIPT_CUT.search(window)
+    if mark:
+        return start + len(window[: mark.end()].encode("utf-8", errors="surrogateescape"))
+    return start
+
+
+def _char_start(buffer: bytes, at: int) -> int:
+    """The first offset from `at` that does not continue a UTF-8 character."""
+    while at < len(buffer) and buffer[at] & 0xC0 == 0x80:
+        at += 1
+    return at
 
 
 class BadInput(Exception):

@@ -19,11 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpt2cli.detokenizer import StreamingDetokenizer
 from gpt2cli.engine import DecodeState, Engine, SamplingParams
 from gpt2cli.errors import UserError
 from gpt2cli.model import KVCache
-from gpt2cli.tokenizer import GPT2Tokenizer
+from gpt2cli.tokenizer import GPT2Tokenizer, StreamingDetokenizer
 
 MIN_PREFILL = 16  # prompt blocks are powers of two from here
 

@@ -26,11 +26,11 @@ from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Route
 
 from gpt2cli.chat import Trimmed
-from gpt2cli.detokenizer import token_bytes
 from gpt2cli.serve import protocol
 from gpt2cli.serve.metrics import Metrics
 from gpt2cli.serve.protocol import APIError, Plan
 from gpt2cli.serve.scheduler import Delta, Failed, Finish, Job, QueueFull, Scheduler
+from gpt2cli.tokenizer import token_bytes
 
 RETRY_AFTER_S = 1
 log = logging.getLogger("uvicorn.error")

@@ -56,15 +56,6 @@ class GenerationResponse:
     prompt_seconds: float = 0.0  # start until the first token
     generation_seconds: float = 0.0  # first token until this one
 
-    @property
-    def prompt_tps(self) -> float:
-        return self.prefilled_tokens / self.prompt_seconds if self.prompt_seconds else 0.0
-
-    @property
-    def generation_tps(self) -> float:
-        steps = self.generated_tokens - 1
-        return steps / self.generation_seconds if self.generation_seconds > 0 else 0.0
-
 
 @dataclass(frozen=True)
 class Completion:

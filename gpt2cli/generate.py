@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpt2cli.engine import DecodeState, Engine, SamplingParams
+from gpt2cli.engine import DecodeState, Engine, PromptBlock, SamplingParams
 from gpt2cli.errors import UserError
 from gpt2cli.model import KVCache
 from gpt2cli.tokenizer import GPT2Tokenizer, StreamingDetokenizer
@@ -160,8 +160,8 @@ class TokenRun:
         self.prompt_seconds = 0.0
         self.produced: list[np.ndarray] = []
 
-    def _inputs(self):
-        """Host-side arrays for the prefill, and the cache to prefill into."""
+    def _inputs(self) -> tuple[KVCache, PromptBlock]:
+        """The cache to prefill into, and the prompt block (host arrays) to run into it."""
         engine, chunk = self.engine, self.engine.chunk
         batch = len(self.prompts)
         if batch == 1:
@@ -205,27 +205,25 @@ class TokenRun:
             seen = np.zeros((batch, engine.config.vocab_size), np.bool_)
             for row, prompt in enumerate(self.prompts):
                 seen[row, prompt] = True
-        return cache, ids, positions, mask, last, advance, seen
+        block = PromptBlock(
+            ids=ids,
+            positions=positions,
+            mask=mask,
+            last=last,
+            advance=np.int32(advance),
+            seen=seen,
+            seed=np.uint32(self.sampling.seed),
+            rows=np.asarray(self.sample_ids, np.int32),
+        )
+        return cache, block
 
     def __iter__(self) -> Iterator[np.ndarray]:
         engine, rule = self.engine, self.sampling.rule
         start = time.perf_counter()
-        cache, ids, positions, mask, last, advance, seen = self._inputs()
+        cache, block = self._inputs()
         if self.prompt_cache is not None:
             self.prompt_cache.reset()  # its buffers are donated to the prefill
-        state, inflight = engine.programs.prefill(
-            engine.params,
-            cache,
-            ids,
-            positions,
-            mask,
-            last,
-            np.int32(advance),
-            seen,
-            np.uint32(self.sampling.seed),
-            np.asarray(self.sample_ids, np.int32),
-            rule=rule,
-        )
+        state, inflight = engine.programs.prefill(engine.params, cache, block, rule=rule)
         todo = self.max_new_tokens - 1  # tokens still to ask the decode program for
         try:
             while inflight is not None:

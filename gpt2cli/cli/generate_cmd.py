@@ -165,7 +165,14 @@ def generate(
     )
     from gpt2cli.hub import load_model, load_tokenizer
 
-    sampling = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+    sampling = SamplingParams(
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+    )
     compile_cache.enable()
     started = time.perf_counter()
     with err.status(f"loading {model}"):

@@ -45,7 +45,6 @@ class Run:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.started = time.monotonic()
         loop = asyncio.get_running_loop()
-        settings = {**plan.settings, "top_logprobs": -1 if plan.logprobs is None else plan.logprobs}
         self.jobs = []
         for p, ids in enumerate(plan.prompts):
             for j in range(plan.n):
@@ -55,9 +54,16 @@ class Run:
                     with contextlib.suppress(RuntimeError):  # the loop closed: nobody listens
                         loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
 
-                self.jobs.append(
-                    Job(ids, plan.max_tokens[p], settings, plan.seed, j, plan.stop, sink)
+                job = Job(
+                    prompt=ids,
+                    max_tokens=plan.max_tokens[p],
+                    settings=plan.settings,
+                    seed=plan.seed,
+                    sample=j,
+                    stop=plan.stop,
+                    sink=sink,
                 )
+                self.jobs.append(job)
         self.open = len(self.jobs)
         self.cancelled = False
 
@@ -366,8 +372,8 @@ class Server:
             text = "".join(choice.text)
             logprobs = None
             if chat:
-                if plan.logprobs is not None:
-                    logprobs = self.logprobs(choice.tokens, True, plan.logprobs)
+                if plan.settings.logprobs is not None:
+                    logprobs = self.logprobs(choice.tokens, True, plan.settings.logprobs)
                 message = {"role": "assistant", "content": text.rstrip(), "refusal": None}
                 out.append(
                     {
@@ -379,8 +385,10 @@ class Server:
                 )
             else:
                 prompt_text = plan.prompt_texts[index // plan.n] if plan.echo else ""
-                if plan.logprobs is not None:
-                    logprobs = self.logprobs(choice.tokens, False, plan.logprobs, len(prompt_text))
+                if plan.settings.logprobs is not None:
+                    logprobs = self.logprobs(
+                        choice.tokens, False, plan.settings.logprobs, len(prompt_text)
+                    )
                 out.append(
                     {
                         "index": index,
@@ -444,11 +452,11 @@ class Server:
                 yield chunk([end])
                 continue
             text = choice.add(event)
-            if not text and not (plan.logprobs is not None and event.tokens):
+            if not text and not (plan.settings.logprobs is not None and event.tokens):
                 continue
             logprobs = None
-            if plan.logprobs is not None:
-                logprobs = self.logprobs(event.tokens, chat, plan.logprobs, offsets[index])
+            if plan.settings.logprobs is not None:
+                logprobs = self.logprobs(event.tokens, chat, plan.settings.logprobs, offsets[index])
                 offsets[index] += sum(len(self.token_text(t.token)) for t in event.tokens)
             if chat:
                 part = {

@@ -8,11 +8,11 @@ Validation is ours (not a schema library's), so every error keeps OpenAI's shape
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from gpt2cli import sampling
 from gpt2cli.chat import TEMPLATES, Template
 from gpt2cli.errors import UserError
+from gpt2cli.sampling_checks import check_sampling
 
 MAX_STOPS = 4  # OpenAI's limit
 COMPLETION_DEFAULT_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
@@ -85,7 +85,24 @@ def bad(param: str, message: str, code: str | None = None) -> APIError:
     return APIError(400, message, param, code)
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """How every choice of a request picks its tokens, and what it reports about them: checked
+    here, carried by each `Job` to the engine thread, turned into device arrays there
+    (`programs.settings_arrays`). The defaults are off (greedy, no penalty)."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs
+    logprobs: int | None = None  # None: none; else how many top logprobs per token (0..20)
+
+
+@dataclass(frozen=True, kw_only=True)
 class Plan:
     """A validated request: prompts as token ids, and how to generate from each."""
 
@@ -94,14 +111,13 @@ class Plan:
     prompt_texts: list[str]
     max_tokens: list[int]  # per prompt
     n: int
-    settings: dict  # RowSettings values shared by every row of the request
+    settings: Settings  # shared by every choice of the request
     seed: int
     seeded: bool
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool
     echo: bool
-    logprobs: int | None  # None: none; else how many top logprobs per token (0..20)
     model: str
 
 
@@ -129,7 +145,7 @@ def _flag(body: dict, name: str, default: bool = False) -> bool:
 
 def _sampling_setting(name: str, value) -> None:
     try:
-        sampling.check_sampling(**{name: value})
+        check_sampling(**{name: value})
     except UserError as exc:
         raise bad(name, str(exc)) from None
 
@@ -161,8 +177,8 @@ def parse_stop(body: dict) -> tuple[str, ...]:
     return tuple(stops)
 
 
-def parse_settings(body: dict, vocab: int) -> dict:
-    """The sampling fields -> RowSettings values (see programs.py)."""
+def parse_settings(body: dict, vocab: int) -> Settings:
+    """The sampling fields (OpenAI's defaults where absent); logprobs are the plan's to add."""
     temperature = _number(body, "temperature", 1.0)
     top_p = _number(body, "top_p", 1.0)
     min_p = _number(body, "min_p", 0.0)
@@ -178,42 +194,48 @@ def parse_settings(body: dict, vocab: int) -> dict:
         ("top_k", top_k),
     ):
         _sampling_setting(name, value)
-    settings = {
-        "temperature": temperature,
-        "top_k": min(top_k, vocab),
-        "top_p": top_p,
-        "log_min_p": math.log(min_p) if min_p > 0 else -math.inf,
-        "repetition_penalty": penalty,
-    }
+    additive = {}
     for name in ("presence_penalty", "frequency_penalty"):
         value = _number(body, name, 0.0)
         if not -2.0 <= value <= 2.0:
             raise bad(name, f"{name} must be between -2 and 2, got {value:g}")
-        settings[name] = value
+        additive[name] = value
+    return Settings(
+        temperature=temperature,
+        top_k=min(top_k, vocab),
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=penalty,
+        logit_bias=parse_logit_bias(body, vocab),
+        **additive,
+    )
+
+
+def parse_logit_bias(body: dict, vocab: int) -> tuple[tuple[int, float], ...]:
     bias = body.get("logit_bias")
-    if bias is not None:
-        if not isinstance(bias, dict):
-            raise bad("logit_bias", "logit_bias must map token ids to numbers from -100 to 100")
-        table = {}
-        for key, value in bias.items():
-            try:
-                token = int(key)
-            except ValueError:
-                raise bad("logit_bias", f"logit_bias key {key!r} is not a token id") from None
-            if not 0 <= token < vocab:
-                raise bad("logit_bias", f"logit_bias token {token} is outside 0..{vocab - 1}")
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, int | float)
-                or not -100 <= value <= 100
-            ):
-                raise bad(
-                    "logit_bias",
-                    f"logit_bias values must be numbers from -100 to 100, got {value!r}",
-                )
-            table[token] = float(value)
-        settings["logit_bias"] = table
-    return settings
+    if bias is None:
+        return ()
+    if not isinstance(bias, dict):
+        raise bad("logit_bias", "logit_bias must map token ids to numbers from -100 to 100")
+    table = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise bad("logit_bias", f"logit_bias key {key!r} is not a token id") from None
+        if not 0 <= token < vocab:
+            raise bad("logit_bias", f"logit_bias token {token} is outside 0..{vocab - 1}")
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not -100 <= value <= 100
+        ):
+            raise bad(
+                "logit_bias",
+                f"logit_bias values must be numbers from -100 to 100, got {value!r}",
+            )
+        table[token] = float(value)
+    return tuple(table.items())
 
 
 def parse_seed(body: dict) -> tuple[int, bool]:
@@ -333,13 +355,13 @@ def completion_plan(body: dict, *, models: set[str], tokenizer, config, max_batc
     for ids in prompts:
         check_context(ids, max_tokens, config.n_positions, "prompt")
     _check_n(common["n"] * len(prompts), max_batch)
+    common["settings"] = replace(common["settings"], logprobs=logprobs)
     return Plan(
         chat=False,
         prompts=prompts,
         prompt_texts=texts,
         max_tokens=[max_tokens] * len(prompts),
         echo=echo,
-        logprobs=logprobs,
         **common,
     )
 
@@ -421,12 +443,12 @@ def chat_plan(body: dict, *, models: set[str], tokenizer, config, max_batch: int
     check_context(ids, max_tokens, config.n_positions, "messages")
     _check_n(common["n"], max_batch)
     common["stop"] = TEMPLATES["chat"].stops + common["stop"]
+    common["settings"] = replace(common["settings"], logprobs=(top or 0) if logprobs else None)
     return Plan(
         chat=True,
         prompts=[ids],
         prompt_texts=[""],
         max_tokens=[max_tokens],
         echo=False,
-        logprobs=(top or 0) if logprobs else None,
         **common,
     )

@@ -1,4 +1,5 @@
-"""OpenAI's request fields -> a `Plan` of jobs, and the response and stream-chunk bodies back.
+"""OpenAI's request fields -> a `Plan` of jobs, and the response and stream-chunk bodies back
+(`Bodies`).
 
 Every field is implemented or refused with a 400 that names it; nothing is silently ignored.
 Validation is ours (not a schema library's), so every error keeps OpenAI's shape:
@@ -8,9 +9,11 @@ Validation is ours (not a schema library's), so every error keeps OpenAI's shape
 from __future__ import annotations
 
 import math
+import secrets
+import time
 from dataclasses import dataclass, replace
 
-from gpt2cli.chat import TEMPLATES, Template
+from gpt2cli.chat import TEMPLATES, Template, Trimmed
 from gpt2cli.errors import UserError
 from gpt2cli.sampling_checks import check_sampling
 
@@ -241,8 +244,6 @@ def parse_logit_bias(body: dict, vocab: int) -> tuple[tuple[int, float], ...]:
 def parse_seed(body: dict) -> tuple[int, bool]:
     seed = _number(body, "seed", None, integer=True)
     if seed is None:
-        import secrets
-
         return secrets.randbelow(SEED_RANGE), False
     return seed % SEED_RANGE, True
 
@@ -452,3 +453,202 @@ def chat_plan(body: dict, *, models: set[str], tokenizer, config, max_batch: int
         echo=False,
         **common,
     )
+
+
+# ---- other routes ----------------------------------------------------------------------
+
+
+def tokenize(body, tokenizer, n_positions: int) -> dict:
+    """/tokenize: a prompt, or chat messages as `chat_ids` writes them -> their token ids."""
+    if isinstance(body, dict) and "messages" in body:
+        check_fields(body, {"model", "messages"})
+        ids = chat_ids(body["messages"], tokenizer)
+    else:
+        check_fields(body, {"model", "prompt"})
+        if not isinstance(body.get("prompt"), str):
+            raise bad("prompt", "prompt must be a string")
+        ids = tokenizer.encode(body["prompt"])
+    return {"tokens": ids, "count": len(ids), "max_model_len": n_positions}
+
+
+def detokenize(body, tokenizer, vocab: int) -> dict:
+    """/detokenize: token ids -> their text."""
+    check_fields(body, {"model", "tokens"})
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list):
+        raise bad("tokens", "tokens must be a list of token ids")
+    return {"prompt": tokenizer.decode(check_ids(tokens, vocab, "tokens"))}
+
+
+def model_card(name: str, created: int, n_positions: int | None) -> dict:
+    card = {"id": name, "object": "model", "created": created, "owned_by": "gpt2cli"}
+    if n_positions is not None:
+        card["max_model_len"] = n_positions
+    return card
+
+
+# ---- response bodies ---------------------------------------------------------------------
+
+
+class Choice:
+    """The output of one choice, gathered or streamed (a chat reply without its outer spaces)."""
+
+    def __init__(self, chat: bool):
+        self.trim = Trimmed() if chat else None
+        self.text: list[str] = []
+        self.tokens: list = []  # the scheduler's TokenInfo: token, logprob, top (id, logprob)
+        self.finish: str | None = None
+        self.completion_tokens = 0
+
+    def add(self, text: str, tokens) -> str:
+        """Keep a delta's text and tokens; -> the text to show."""
+        if self.trim is not None:
+            text = "".join(self.trim.push(text))
+        self.text.append(text)
+        self.tokens.extend(tokens)
+        return text
+
+
+class Bodies:
+    """The response of one request in OpenAI's shapes: a whole body, or stream chunks.
+
+    Each choice's output is gathered here (`add` or `delta`, then `finish`) as the engine thread
+    sends it; `table` holds the raw bytes of every token id (`tokenizer.token_bytes`).
+    """
+
+    def __init__(self, plan: Plan, table: tuple[bytes, ...]):
+        self.plan = plan
+        self.table = table
+        self.id = f"{'chatcmpl' if plan.chat else 'cmpl'}-{secrets.token_hex(12)}"
+        self.created = int(time.time())
+        self.choices = [Choice(plan.chat) for _ in range(len(plan.prompts) * plan.n)]
+        self.offsets = [0] * len(self.choices)  # streamed text per choice, for text_offset
+
+    def add(self, index: int, text: str, tokens) -> str:
+        """Gather a choice's new text and tokens; -> the text it shows."""
+        return self.choices[index].add(text, tokens)
+
+    def delta(self, index: int, text: str, tokens) -> dict | None:
+        """`add`, and the chunk that streams what it adds (None: nothing to send)."""
+        text = self.add(index, text, tokens)
+        wanted = self.plan.settings.logprobs
+        if not text and not (wanted is not None and tokens):
+            return None
+        logprobs = None
+        if wanted is not None:
+            logprobs = self._logprobs(tokens, wanted, self.offsets[index])
+            self.offsets[index] += sum(len(self._text(t.token)) for t in tokens)
+        content = {"delta": {"content": text}} if self.plan.chat else {"text": text}
+        return self._chunk(
+            [{"index": index, **content, "logprobs": logprobs, "finish_reason": None}]
+        )
+
+    def finish(self, index: int, reason: str, completion_tokens: int) -> dict:
+        """A choice's end -> the chunk that streams it."""
+        choice = self.choices[index]
+        choice.finish, choice.completion_tokens = reason, completion_tokens
+        end = {"index": index, "logprobs": None, "finish_reason": reason}
+        end.update({"delta": {}} if self.plan.chat else {"text": ""})
+        return self._chunk([end])
+
+    def opening(self) -> list[dict]:
+        """The chunks before any token: each chat choice's role, or each echoed prompt."""
+        plan, chunks = self.plan, []
+        for index in range(len(self.choices)):
+            if plan.chat:
+                part = {"delta": {"role": "assistant", "content": ""}}
+            elif plan.echo:
+                text = plan.prompt_texts[index // plan.n]
+                self.offsets[index] = len(text)
+                part = {"text": text}
+            else:
+                continue
+            part.update(logprobs=None, finish_reason=None)
+            chunks.append(self._chunk([{"index": index, **part}]))
+        return chunks
+
+    def usage_chunk(self) -> dict | None:
+        """The last chunk, with the usage, if the request asked for it."""
+        if not self.plan.include_usage:
+            return None
+        return {**self._chunk([]), "usage": self._usage()}
+
+    def whole(self) -> dict:
+        """The body of a response that was not streamed, once every choice has finished."""
+        plan, out = self.plan, []
+        wanted = plan.settings.logprobs
+        for index, choice in enumerate(self.choices):
+            text = "".join(choice.text)
+            if plan.chat:
+                logprobs = None if wanted is None else self._logprobs(choice.tokens, wanted)
+                message = {"role": "assistant", "content": text.rstrip(), "refusal": None}
+                part = {"message": message, "logprobs": logprobs}
+            else:
+                prompt_text = plan.prompt_texts[index // plan.n] if plan.echo else ""
+                logprobs = None
+                if wanted is not None:
+                    logprobs = self._logprobs(choice.tokens, wanted, len(prompt_text))
+                part = {"text": prompt_text + text, "logprobs": logprobs}
+            out.append({"index": index, **part, "finish_reason": choice.finish})
+        return {
+            "id": self.id,
+            "object": "chat.completion" if plan.chat else "text_completion",
+            "created": int(time.time()),
+            "model": plan.model,
+            "choices": out,
+            "usage": self._usage(),
+        }
+
+    def _chunk(self, parts: list[dict]) -> dict:
+        body = {
+            "id": self.id,
+            "object": "chat.completion.chunk" if self.plan.chat else "text_completion",
+            "created": self.created,
+            "model": self.plan.model,
+            "choices": parts,
+        }
+        if self.plan.include_usage:
+            body["usage"] = None
+        return body
+
+    def _usage(self) -> dict:
+        prompt = sum(map(len, self.plan.prompts))
+        completion = sum(c.completion_tokens for c in self.choices)
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+
+    def _text(self, token: int) -> str:
+        return self.table[token].decode("utf-8", errors="replace")
+
+    def _logprobs(self, tokens, want_top: int, offset: int = 0) -> dict:
+        """Chat's `content` list of tokens with their bytes, or the completions' four lists."""
+        if self.plan.chat:
+            return {
+                "content": [
+                    {
+                        **self._token(t.token, t.logprob),
+                        "top_logprobs": [self._token(i, lp) for i, lp in t.top],
+                    }
+                    for t in tokens
+                ],
+                "refusal": None,
+            }
+        texts = [self._text(t.token) for t in tokens]
+        offsets = []
+        for text in texts:
+            offsets.append(offset)
+            offset += len(text)
+        return {
+            "tokens": texts,
+            "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [{self._text(i): lp for i, lp in t.top} for t in tokens]
+            if want_top
+            else None,
+            "text_offset": offsets,
+        }
+
+    def _token(self, token: int, logprob: float) -> dict:
+        return {"token": self._text(token), "logprob": logprob, "bytes": list(self.table[token])}

@@ -74,10 +74,16 @@ class Completion:
         return self.text
 
 
+def check_prompt(prompt: str | Sequence[int]) -> None:
+    """A prompt, as text or token ids, must hold something to continue (text that is not empty
+    always encodes to at least one token)."""
+    if len(prompt) == 0:
+        raise UserError("the prompt is empty: give some text to continue")
+
+
 def fit_prompt(ids: Sequence[int], max_new_tokens: int, n_positions: int, truncate: bool):
     """Check prompt + new tokens fit the context window; with `truncate`, keep the prompt's end."""
-    if not ids:
-        raise UserError("the prompt is empty: give some text to continue")
+    check_prompt(ids)
     if max_new_tokens < 1:
         raise UserError(f"max new tokens must be at least 1, got {max_new_tokens}")
     if max_new_tokens >= n_positions:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 
 from gpt2cli.chat import TEMPLATES, Template, Trimmed
 from gpt2cli.errors import UserError
+from gpt2cli.generate import check_prompt
 from gpt2cli.sampling_checks import check_sampling
 
 MAX_STOPS = 4  # OpenAI's limit
@@ -146,11 +147,12 @@ def _flag(body: dict, name: str, default: bool = False) -> bool:
     return value
 
 
-def _sampling_setting(name: str, value) -> None:
+def _checked(param: str, check, *args, **kwargs) -> None:
+    """Run a core check; its error becomes a 400 naming the request's field."""
     try:
-        check_sampling(**{name: value})
+        check(*args, **kwargs)
     except UserError as exc:
-        raise bad(name, str(exc)) from None
+        raise bad(param, str(exc)) from None
 
 
 def check_fields(body, allowed: set[str]) -> None:
@@ -196,7 +198,7 @@ def parse_settings(body: dict, vocab: int) -> Settings:
         ("repetition_penalty", penalty),
         ("top_k", top_k),
     ):
-        _sampling_setting(name, value)
+        _checked(name, check_sampling, **{name: value})
     additive = {}
     for name in ("presence_penalty", "frequency_penalty"):
         value = _number(body, name, 0.0)
@@ -332,8 +334,7 @@ def parse_prompts(prompt, tokenizer, vocab: int) -> tuple[list[list[int]], list[
             ids.append(check_ids(encoded, vocab, "prompt"))
             texts.append(p)
         else:
-            if not p:
-                raise bad("prompt", "a token-id prompt must not be empty")
+            _checked("prompt", check_prompt, p)
             ids.append(check_ids(p, vocab, "prompt"))
             texts.append(tokenizer.decode(p))
     return ids, texts

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -38,24 +39,13 @@ SAMPLINGS = [
 ]
 
 
-def settings_of(sp: SamplingParams) -> Settings:
-    return Settings(
-        temperature=sp.temperature,
-        top_k=sp.top_k,
-        top_p=sp.top_p,
-        min_p=sp.min_p,
-        repetition_penalty=sp.repetition_penalty,
-    )
-
-
-def make_job(prompt, max_tokens, sp: SamplingParams, stop=(), seed=None) -> Job:
-    """A choice of `max_tokens` tokens sampled as `sp` says (with its seed unless another is
-    given), its events gathered by a `Collector`."""
+def make_job(prompt, max_tokens, sp: SamplingParams, stop=()) -> Job:
+    """A choice of `max_tokens` tokens sampled as `sp` says, its events gathered by a
+    `Collector`."""
     return Job(
         prompt=prompt,
         max_tokens=max_tokens,
-        settings=settings_of(sp),
-        seed=sp.seed if seed is None else seed,
+        settings=Settings(sampling=sp),
         sample=0,
         stop=stop,
         sink=Collector(),
@@ -178,7 +168,7 @@ def test_stop_string_frees_the_row_and_is_never_shown(scheduler, tok):
 
 
 def test_cancel_frees_the_row(scheduler, tok):
-    long = make_job(tok.encode(PROMPTS[1]), 100, SAMPLINGS[1], seed=1)
+    long = make_job(tok.encode(PROMPTS[1]), 100, replace(SAMPLINGS[1], seed=1))
     scheduler.submit([long])
     while not long.sink.events:  # it is decoding
         threading.Event().wait(0.01)

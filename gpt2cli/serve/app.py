@@ -56,7 +56,6 @@ class Run:
                     prompt=ids,
                     max_tokens=plan.max_tokens[p],
                     settings=plan.settings,
-                    seed=plan.seed,
                     sample=j,
                     stop=plan.stop,
                     sink=sink,

@@ -20,7 +20,6 @@ prefill chunk), C prefill chunk, V vocabulary, L logprobs kept per token (TOP_LO
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -34,15 +33,8 @@ from gpt2cli.serve.protocol import Settings
 
 TOP_LOGPROBS = 20  # the most `top_logprobs` a request may ask for (OpenAI's limit)
 SHORT_PREFILL = 32  # the narrower prefill block, for short prompts and prompts' last chunks
-# what a row's `Settings` gives its rule as it is (min_p and logit_bias change form)
-RULE_FIELDS = (
-    "temperature",
-    "top_k",
-    "top_p",
-    "repetition_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-)
+# the fields of a row's rule that its `SamplingParams.rule` gives (the server adds the others)
+SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "log_min_p", "repetition_penalty")
 
 
 @struct.dataclass
@@ -95,10 +87,10 @@ def settings_arrays(rows: list[Settings | None], vocab: int) -> RowSettings:
         if row is None:
             continue
         active[i] = True
-        for name in RULE_FIELDS:
-            rule[name][i] = getattr(row, name)
-        # log in Python's double, as `SamplingParams.rule` takes it for the engine
-        rule["log_min_p"][i] = math.log(row.min_p) if row.min_p > 0.0 else -math.inf
+        for name in SAMPLING_FIELDS:  # as the engine's static rule has them
+            rule[name][i] = getattr(row.sampling.rule, name)
+        rule["presence_penalty"][i] = row.presence_penalty
+        rule["frequency_penalty"][i] = row.frequency_penalty
         for token, bias in row.logit_bias:
             rule["logit_bias"][i, token] = bias
         logprobs[i] = -1 if row.logprobs is None else row.logprobs

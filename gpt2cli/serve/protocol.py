@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 from gpt2cli.chat import TEMPLATES, Template, Trimmed
 from gpt2cli.errors import UserError
-from gpt2cli.generate import check_prompt
+from gpt2cli.generate import SamplingParams, check_prompt
 from gpt2cli.sampling_checks import check_sampling
 
 MAX_STOPS = 4  # OpenAI's limit
@@ -95,11 +95,7 @@ class Settings:
     here, carried by each `Job` to the engine thread, turned into device arrays there
     (`programs.settings_arrays`). The defaults are off (greedy, no penalty)."""
 
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
+    sampling: SamplingParams = SamplingParams()  # as `gpt2 generate` samples, seed included
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs
@@ -116,8 +112,6 @@ class Plan:
     max_tokens: list[int]  # per prompt
     n: int
     settings: Settings  # shared by every choice of the request
-    seed: int
-    seeded: bool
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool
@@ -182,7 +176,7 @@ def parse_stop(body: dict) -> tuple[str, ...]:
     return tuple(stops)
 
 
-def parse_settings(body: dict, vocab: int) -> Settings:
+def parse_settings(body: dict, vocab: int, seed: int) -> Settings:
     """The sampling fields (OpenAI's defaults where absent); logprobs are the plan's to add."""
     temperature = _number(body, "temperature", 1.0)
     top_p = _number(body, "top_p", 1.0)
@@ -205,15 +199,15 @@ def parse_settings(body: dict, vocab: int) -> Settings:
         if not -2.0 <= value <= 2.0:
             raise bad(name, f"{name} must be between -2 and 2, got {value:g}")
         additive[name] = value
-    return Settings(
+    sampling = SamplingParams(
         temperature=temperature,
         top_k=min(top_k, vocab),
         top_p=top_p,
         min_p=min_p,
         repetition_penalty=penalty,
-        logit_bias=parse_logit_bias(body, vocab),
-        **additive,
+        seed=seed,
     )
+    return Settings(sampling=sampling, logit_bias=parse_logit_bias(body, vocab), **additive)
 
 
 def parse_logit_bias(body: dict, vocab: int) -> tuple[tuple[int, float], ...]:
@@ -243,11 +237,9 @@ def parse_logit_bias(body: dict, vocab: int) -> tuple[tuple[int, float], ...]:
     return tuple(table.items())
 
 
-def parse_seed(body: dict) -> tuple[int, bool]:
+def parse_seed(body: dict) -> int:
     seed = _number(body, "seed", None, integer=True)
-    if seed is None:
-        return secrets.randbelow(SEED_RANGE), False
-    return seed % SEED_RANGE, True
+    return secrets.randbelow(SEED_RANGE) if seed is None else seed % SEED_RANGE
 
 
 def parse_common(body: dict, models: set[str], vocab: int) -> dict:
@@ -272,15 +264,13 @@ def parse_common(body: dict, models: set[str], vocab: int) -> dict:
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise bad("user", "user must be a string")
-    seed, seeded = parse_seed(body)
+    seed = parse_seed(body)
     return dict(
         model=model or sorted(models)[0],
         n=n,
         stream=stream,
         include_usage=include_usage,
-        settings=parse_settings(body, vocab),
-        seed=seed,
-        seeded=seeded,
+        settings=parse_settings(body, vocab, seed),
         stop=parse_stop(body),
     )
 

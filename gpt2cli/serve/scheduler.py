@@ -68,7 +68,6 @@ class Job:
     prompt: list[int]
     max_tokens: int
     settings: Settings  # the request's: how to pick each token, which logprobs to report
-    seed: int  # 0 <= seed < 2**32
     sample: int  # which random stream of the seed (the choice's index, as --num-samples)
     stop: tuple[str, ...]
     sink: Callable[[Delta | Finish | Failed], None]
@@ -347,7 +346,7 @@ class Scheduler:
             part,
             job.prefilled,
             job.prompt,
-            job.seed,
+            job.settings.sampling.seed,
             job.sample,
         )
         job.prefilled += len(part)

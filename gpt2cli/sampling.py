@@ -133,16 +133,17 @@ def pick(logits, rule: Rule, keys, step, seen=None, counts=None) -> jax.Array:
         | (rule.presence_penalty != 0.0)
         | (rule.frequency_penalty != 0.0)
     )
-    step_keys = jax.vmap(jax.random.fold_in)(keys, jnp.broadcast_to(step, keys.shape))
+
+    def sample(x):  # the step's keys are made here, where a draw needs them
+        step_keys = jax.vmap(jax.random.fold_in)(keys, jnp.broadcast_to(step, keys.shape))
+        return draw(warp(x, rule), step_keys)
 
     def ruled():
         x = _penalize(logits, rule, seen, counts)
         if isinstance(sampled, bool):
-            return draw(warp(x, rule), step_keys) if sampled else _argmax(x)
+            return sample(x) if sampled else _argmax(x)
         drawn = jax.lax.cond(
-            jnp.any(sampled),
-            lambda: draw(warp(x, rule), step_keys),
-            lambda: jnp.zeros(sampled.shape, jnp.int32),
+            jnp.any(sampled), lambda: sample(x), lambda: jnp.zeros(sampled.shape, jnp.int32)
         )
         return jnp.where(sampled, drawn, _argmax(x))
 

@@ -3,10 +3,10 @@
 Unlike `engine.py`, where every row of a batch starts together and shares one write index,
 a slot here is taken and freed at any time: each row keeps its own length (`cache.index` is
 [B]), writes its keys at its own position, and carries its own sampling settings as arrays
-(`RowSettings`: `sampling.Rule` in its per-row form), so a new mix of requests never
-recompiles. The model is the same `GPT2`: the
-decode step runs it on one row under `jax.vmap`, which turns the shared write into a per-row
-scatter, and the matrix products still read each weight once for all rows.
+(`RowSettings`: a `sampling.Rule` of one value per row), so a new mix of requests never
+recompiles. The model is the same `GPT2`: the decode step runs it on one row under `jax.vmap`,
+which turns the shared write into a per-row scatter, and the matrix products still read each
+weight once for all rows.
 
 A prompt is read into a one-row *stage* (prefill), then copied into a free row of the block
 (insert), so the prefill programs do not depend on the block's shape. The block has R rows and
@@ -98,8 +98,9 @@ def settings_arrays(rows: list[Settings | None], vocab: int) -> RowSettings:
 
 
 def choose(logits, seen, counts, s: RowSettings, keys, step) -> Picked:
-    """Each row's token by its own rule (`sampling.pick`, as `gpt2 generate` picks it, so a row's
-    tokens equal its tokens with the same settings and seed), and the logprobs it asks for.
+    """Each row's token, picked under its own rule by `sampling.pick` (as `gpt2 generate` picks,
+    so a row gives that command's tokens for the same settings and seed), and the logprobs the
+    row asks for.
 
     Work no row asks for is skipped by `lax.cond`s whose results are small: each pass over
     [B, V] costs, and so does a [B, V] result of a `cond` (XLA:CPU copies it).

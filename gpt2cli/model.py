@@ -142,7 +142,12 @@ class Attention(nn.Module):
         out, cache_kv = kernels.active().attention(
             q, k, v, new_mask, scale, drop, cache_kv, past_ok, index
         )  # [B, T, H, K]
-        if hooks.wanted(f"{at}.scores", f"{at}.pattern"):  # a lens run (no cache, no dropout)
+        if hooks.wanted(f"{at}.scores", f"{at}.pattern"):  # a lens run (no dropout)
+            if past_ok is not None:
+                raise ValueError(
+                    "attention scores and patterns are points of a forward pass over "
+                    "the whole sequence, not of a step over a KV cache"
+                )
             out = _pattern_points(at, q, k, v, new_mask, scale, out)
         out = hooks.point(f"{at}.z", out)
         out = Dense(D, proj_std, **dense, name="c_proj")(out.reshape(B, T, D))  # [B, T, D]

@@ -13,7 +13,7 @@ import pytest
 import gpt2cli
 from gpt2cli import hooks, lens
 from gpt2cli.errors import UserError
-from gpt2cli.model import GPT2
+from gpt2cli.model import GPT2, KVCache
 from tests.conftest import FIXTURES
 
 
@@ -276,6 +276,16 @@ def test_nothing_asked_traces_the_plain_program(tiny_b, b_ids):
         assert program() == plain
     with hooks.recording(hooks={"embed": [lambda x, name: x * 2]}):
         assert program() != plain
+
+
+def test_patterns_are_not_points_of_a_cached_step(tiny_b, b_ids):
+    config, params = tiny_b
+    cache = KVCache.empty(config, 1, 8)
+    with (
+        hooks.recording(keep=["blocks.0.attn.pattern"]),
+        pytest.raises(ValueError, match="not of a step over a KV cache"),
+    ):
+        GPT2(config).apply({"params": params}, b_ids[:1, :2], cache=cache)
 
 
 # ---- patching and steering ---------------------------------------------------------------

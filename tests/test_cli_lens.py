@@ -11,7 +11,7 @@ import pytest
 import gpt2cli
 from gpt2cli import lens
 from gpt2cli.tokenizer import bundled
-from tests.conftest import TINY_A, cli
+from tests.conftest import TINY_A, TINY_B, cli
 
 PROMPT = "The capital of France is"
 
@@ -126,6 +126,13 @@ def test_no_prompt_and_no_matplotlib(monkeypatch):
     done = cli("lens", PROMPT, "-m", str(TINY_A), "--attention", "0.0", "--png", "a.png")
     assert done.exit_code == 1
     assert "error: --png needs matplotlib, in the plot extra" in done.output
+
+
+def test_a_prompt_outside_the_models_vocabulary():
+    done = cli("lens", PROMPT, "-m", str(TINY_B))  # 512 ids, no tokenizer of its own
+    assert done.exit_code == 1
+    assert "but the model's vocabulary has 512 ids" in done.output
+    assert "pass the model's tokenizer with --tokenizer" in done.output
 
 
 def test_help_has_examples():

@@ -3,6 +3,7 @@ directions. The work is gpt2cli.lens's; this module reads flags and prints."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import io
 import json
@@ -80,20 +81,24 @@ def lens(
     """
     head = _check_flags(prompt, attention, png, save_direction, layer)
 
+    from gpt2cli import compile_cache
     from gpt2cli import lens as core
     from gpt2cli.cli.console import err
     from gpt2cli.hub import load_model, load_tokenizer
+    from gpt2cli.progress import hub_progress_class
 
+    compile_cache.enable()
     with err.status(f"loading {model}"):
-        config, params = load_model(model, finite=True)
-        tok = load_tokenizer(tokenizer, model)
+        config, params = load_model(model, finite=True, tqdm_class=hub_progress_class())
+        tok = load_tokenizer(tokenizer, model, tqdm_class=hub_progress_class())
+    encode = functools.partial(_ids, config, tok)
 
     if save_direction is not None:
         a, b, out = save_direction
         if out.exists() and not force:
             raise UserError(f"{out} exists: pass --force to overwrite it")
         _check_range(layer, config.n_layer, "--layer")
-        vector = core.direction(config, params, _ids(tok, a), _ids(tok, b), layer, dtype=dtype)
+        vector = core.direction(config, params, encode(a), encode(b), layer, dtype=dtype)
         core.save_vector(out, vector, force=True)
         err.print(
             f"wrote {out}: blocks.{layer}.resid_pre of {a!r} minus {b!r} (mean over positions), "
@@ -104,7 +109,7 @@ def lens(
         return
 
     check_utf8(prompt, "the prompt")
-    ids = _ids(tok, prompt)
+    ids = encode(prompt)
     tokens = [tok.decode([i]) for i in ids]
     if head is not None:
         _attention(core, config, params, ids, tokens, head, png, force, json_output, dtype)
@@ -151,10 +156,13 @@ def _check_range(value: int, size: int, flag: str) -> None:
         raise UserError(f"{flag} {value} is outside this model's 0..{size - 1}")
 
 
-def _ids(tok, text: str) -> list[int]:
+def _ids(config, tok, text: str) -> list[int]:
     ids = tok.encode(text)
     if not ids:
         raise UserError("the prompt is empty: give some text to look into")
+    config.check_ids(
+        ids, f"the prompt {text[:30]!r}", "; pass the model's tokenizer with --tokenizer"
+    )
     return ids
 
 

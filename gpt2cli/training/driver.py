@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from gpt2cli.errors import UserError
 from gpt2cli.training import memory
-from gpt2cli.training import plan as plans
+from gpt2cli.training.plan import Plan, initial_weights, load_data, start_folder
 
 
 class StepView(Protocol):
@@ -47,7 +47,7 @@ class Outcome:
         return self.step >= self.steps
 
 
-def run(plan: plans.Plan, view: View, *, force: bool, plot: bool) -> Outcome:
+def run(plan: Plan, view: View, *, force: bool, plot: bool) -> Outcome:
     """Train until the plan's step count, or until the view's stop request says so."""
     import jax
 
@@ -61,10 +61,10 @@ def run(plan: plans.Plan, view: View, *, force: bool, plot: bool) -> Outcome:
     compile_cache.enable()
     main = jax.process_index() == 0
     view = view if main else _Silent(view)
-    source = plan.spec["model"]
-    tokenizer = load_tokenizer(plan.spec["tokenizer"], source["source"])
+    source = plan.settings.model
+    tokenizer = load_tokenizer(source.tokenizer, source.model)
     with view.tokenizing() as progress:
-        data = plans.load_data(plan, tokenizer, progress)
+        data = load_data(plan, tokenizer, progress)
     trainer = Trainer.cached(plan.model_config, plan.train_config)
     fits = check_fits(plan, trainer.loss_chunks)  # before any weights reach the device
     with view.busy(
@@ -74,13 +74,13 @@ def run(plan: plans.Plan, view: View, *, force: bool, plot: bool) -> Outcome:
             state = trainer.create_state(plan.start_params)
             plan.start_params = None  # the device holds them now; free the host copy
         else:
-            state = plans.initial_weights(plan, trainer, load_model)
+            state = initial_weights(plan, trainer, load_model)
     start = int(jax.device_get(state.step))
-    loop = plan.loop
+    loop = plan.settings.loop
     if loop.steps < start:
         raise UserError(f"--steps {loop.steps} is below the run's step {start}; give more")
     if main:
-        plans.start_folder(plan)
+        start_folder(plan)
         if plan.resumed:
             plan.folder.truncate_metrics(start)
             plan.folder.remove_partial()
@@ -89,7 +89,7 @@ def run(plan: plans.Plan, view: View, *, force: bool, plot: bool) -> Outcome:
 
     def save(state, step) -> Path | None:
         params, opt_state = to_host((state.params, state.opt_state))  # all processes take part
-        return folder.save(step, config, params, opt_state, plan.keep) if main else None
+        return folder.save(step, config, params, opt_state, loop.keep) if main else None
 
     steps_done, stop_requested = 0, None
 
@@ -103,7 +103,7 @@ def run(plan: plans.Plan, view: View, *, force: bool, plot: bool) -> Outcome:
 
     what = "resuming" if plan.resumed else "training"
     view.say(
-        f"{what} {source['source'] or 'a fresh ' + source['init']} ({config.n_layer} layers, "
+        f"{what} {source.model or 'a fresh ' + source.init} ({config.n_layer} layers, "
         f"{config.n_head} heads, width {config.n_embd}, context {config.n_positions}: "
         f"{config.num_params() / 1e6:.1f}M params) in {folder.path} from step {start} "
         f"to {loop.steps}; {len(data.train)} train blocks of {data.train.seq} tokens"
@@ -136,7 +136,7 @@ def run(plan: plans.Plan, view: View, *, force: bool, plot: bool) -> Outcome:
     return Outcome(start, step, loop.steps, folder.path, written, folder.plot() if plot else None)
 
 
-def check_fits(plan: plans.Plan, loss_chunks: int = 1) -> str:
+def check_fits(plan: Plan, loss_chunks: int = 1) -> str:
     """The line that says what the run will hold against what the device has; a UserError,
     with what to change, when it cannot fit."""
     import jax

@@ -29,7 +29,8 @@ METRICS_FILE = "metrics.jsonl"
 LOCK_FILE = ".lock"
 RUN_FORMAT = "gpt2cli-run"
 CKPT_FORMAT = "gpt2cli-train-ckpt"
-VERSION = 1
+VERSION = 1  # of a checkpoint's header
+RUN_VERSION = 2  # run.json's shape; gpt2 also reads version 1 (see plan.py)
 _HEADER = "__train__"
 _CKPT = re.compile(r"^ckpt-(\d+)\.npz$")
 
@@ -93,7 +94,7 @@ class RunFolder:
         return cls(path)
 
     def write_spec(self, spec: dict[str, Any]) -> None:
-        spec = {"format": RUN_FORMAT, "version": VERSION, **spec}
+        spec = {"format": RUN_FORMAT, "version": RUN_VERSION, **spec}
         text = json.dumps(spec, indent=2, allow_nan=False) + "\n"
         write_text(self.path / RUN_FILE, text)
 
@@ -105,9 +106,10 @@ class RunFolder:
             raise UserError(f"cannot read {file}: {exc}") from None
         if not isinstance(spec, dict) or spec.get("format") != RUN_FORMAT:
             raise UserError(f"{file} is not a gpt2 training run file")
-        if spec.get("version") != VERSION:
+        if spec.get("version") not in (1, RUN_VERSION):
             raise UserError(
-                f"{file} has run format version {spec.get('version')!r}; expected {VERSION}"
+                f"{file} has run format version {spec.get('version')!r}; expected 1 or "
+                f"{RUN_VERSION} (a newer gpt2 may read it)"
             )
         return spec
 

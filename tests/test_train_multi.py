@@ -39,7 +39,8 @@ MODES = textwrap.dedent(
         trainer = Trainer(config, tc)
         logged = []
         hooks = type("H", (), {"on_log": lambda self, r: logged.append(r["loss"]),
-                               "on_save": lambda self, s, k: None})()
+                               "on_save": lambda self, s, k: None,
+                               "compiling": lambda self, what: contextlib.nullcontext()})()
         train_data = TrainData(blocks, None, data.Sampler(len(blocks), 0), 4, 1)
         state, _ = train_loop(trainer, trainer.create_state(params), train_data,
                               LoopSettings(steps=4, log_every=1), hooks)

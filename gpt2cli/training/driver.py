@@ -8,7 +8,7 @@ one line, and writes the final file. It draws nothing: the command renders throu
 from __future__ import annotations
 
 import time
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -110,9 +110,8 @@ def run(plan: Plan, view: View, *, force: bool, plot: bool) -> Outcome:
     )
     try:
         with view.stopping() as stop_requested, view.steps(loop.steps, start) as steps:
-            hooks = _Hooks(folder, steps, save, main)
-            announcing = _Announcing(trainer, view)
-            state, step = train_loop(announcing, state, data, loop, hooks, should_stop)
+            hooks = _Hooks(folder, view, steps, save, main)
+            state, step = train_loop(trainer, state, data, loop, hooks, should_stop)
     except Diverged as exc:
         last = folder.latest()
         kept = (
@@ -176,8 +175,8 @@ def check_fits(plan: Plan, loss_chunks: int = 1) -> str:
 class _Hooks:
     """The loop's hooks: metrics.jsonl and checkpoints, shown through the view."""
 
-    def __init__(self, folder, steps: StepView, save, main: bool) -> None:
-        self.folder, self.steps, self._save, self.main = folder, steps, save, main
+    def __init__(self, folder, view: View, steps: StepView, save, main: bool) -> None:
+        self.folder, self.view, self.steps, self._save, self.main = folder, view, steps, save, main
 
     def on_log(self, record: dict) -> None:
         if self.main:
@@ -189,32 +188,13 @@ class _Hooks:
         if path:
             self.steps.saved(path)
 
-
-class _Announcing:
-    """The trainer, with a status line while XLA compiles its first step and evaluation."""
-
-    def __init__(self, trainer, view: View) -> None:
-        self._trainer, self._view = trainer, view
-        self._compiled: set[str] = set()
-
-    def __getattr__(self, name: str):
-        return getattr(self._trainer, name)
-
-    def _first(self, what: str, call):
-        if what in self._compiled:
-            return call()
+    @contextmanager
+    def compiling(self, what: str):
+        """A status line while XLA compiles, then how long it took."""
         started = time.perf_counter()
-        with self._view.busy(f"compiling the {what} (XLA, once per shape; cached for next time)"):
-            result = call()
-        self._compiled.add(what)
-        self._view.say(f"compiled the {what} in {time.perf_counter() - started:.1f} s")
-        return result
-
-    def step(self, state, batch):
-        return self._first("training step", lambda: self._trainer.step(state, batch))
-
-    def eval_loss(self, params, batches):
-        return self._first("evaluation", lambda: self._trainer.eval_loss(params, batches))
+        with self.view.busy(f"compiling the {what} (XLA, once per shape; cached for next time)"):
+            yield
+        self.view.say(f"compiled the {what} in {time.perf_counter() - started:.1f} s")
 
 
 class _Silent:

@@ -37,15 +37,18 @@ def _checked(check: Callable[[Any], None]) -> Callable[[Any], Any]:
 
 
 @contextmanager
-def flags_for(names: Collection[str]) -> Iterator[None]:
+def flags_for(names: Collection[str], **renamed: str) -> Iterator[None]:
     """A command's flag where the core names its parameter (`lr` becomes `--lr`): the core
-    knows no flags (ARCHITECTURE.md, 16). `names`: the parameters that are the command's flags."""
+    knows no flags (ARCHITECTURE.md, 16). `names`: parameters whose flag is their name;
+    `renamed`: parameter -> flag for the others."""
     try:
         yield
     except ParameterError as exc:
-        if exc.name not in names:
-            raise
-        raise UserError(f"{flag(exc.name)} {exc.problem}") from None
+        if exc.name in renamed:
+            raise UserError(f"{renamed[exc.name]} {exc.problem}") from None
+        if exc.name in names:
+            raise UserError(f"{flag(exc.name)} {exc.problem}") from None
+        raise
 
 
 seed_callback = _checked(check_seed)  # also for train's --seed, whose help differs

@@ -13,6 +13,7 @@ import typer
 
 from gpt2cli.cli.app import app
 from gpt2cli.config import preset
+from gpt2cli.errors import ParameterError
 from gpt2cli.training import config_file, settings
 from gpt2cli.training.plan import train_config_for
 from gpt2cli.training.trainer import TrainConfig
@@ -113,3 +114,11 @@ def test_run_json_records_the_settings_and_resume_reads_them(tmp_path):
     assert same.exit_code == 0, same.output  # the file's fixed values equal the run's
     metrics = (tmp_path / "run/metrics.jsonl").read_text().splitlines()
     assert json.loads(metrics[-1])["step"] == 3
+
+
+def test_the_core_names_the_parameter_and_the_command_its_flag(tmp_path):
+    with pytest.raises(ParameterError, match="^min_lr must be >= 0, got -1.0$"):
+        train_config_for(preset("tiny"), min_lr=-1.0)
+    done = gpt2("train", "--init", "tiny", "-d", str(write_corpus(tmp_path / "c.txt")),
+                "--min-lr", "-1", "--steps", "1")  # fmt: skip
+    assert done.exit_code == 1 and "error: --min-lr must be >= 0, got -1.0" in done.output

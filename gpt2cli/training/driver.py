@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from gpt2cli.errors import UserError
+from gpt2cli.errors import ParameterError, UserError
 from gpt2cli.training import memory
 from gpt2cli.training.plan import Plan, initial_weights, load_data, start_folder
 
@@ -78,7 +78,7 @@ def run(plan: Plan, view: View, *, force: bool, plot: bool) -> Outcome:
     start = int(jax.device_get(state.step))
     loop = plan.settings.loop
     if loop.steps < start:
-        raise UserError(f"--steps {loop.steps} is below the run's step {start}; give more")
+        raise ParameterError("steps", f"{loop.steps} is below the run's step {start}; give more")
     if main:
         start_folder(plan)
         if plan.resumed:

@@ -130,7 +130,7 @@ def new_plan(
     if main_process and output.exists() and not force:
         raise UserError(f"{output} already exists (use --force to overwrite, or --output)")
     if output.is_dir():
-        raise UserError(f"--output {output} is a folder; give a .npz file name")
+        raise ParameterError("output", f"{output} is a folder; give a .npz file name")
     s = settings.resolve(s, model_config, val_fraction).replace(
         out=str(folder.resolve()), output=str(output.resolve())
     )
@@ -399,9 +399,10 @@ def _prepared_folder(dataset: list[str], data_dir: str | None) -> Path | None:
     folders = [Path(data_dir or "", os.path.expanduser(d)) for d in dataset]
     prepared = [f for f in folders if is_prepared(f)]
     if prepared and len(dataset) > 1:
-        raise UserError(
-            f"--dataset {prepared[0]} is a prepared folder: give it alone (prepare the other "
-            "files into it, or into a folder of their own)"
+        raise ParameterError(
+            "dataset",
+            f"{prepared[0]} is a prepared folder: give it alone (prepare the other files into "
+            "it, or into a folder of their own)",
         )
     return prepared[0] if prepared else None
 

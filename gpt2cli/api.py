@@ -54,8 +54,5 @@ def logits(config: GPT2Config, params: Params, input_ids, *, dtype: str = "float
             f"input_ids must be integers shaped [batch, seq], got {ids.dtype} {ids.shape}"
         )
     config.check_fits(ids.shape[1], "input_ids length")
-    if ids.min() < 0 or ids.max() >= config.vocab_size:
-        raise UserError(
-            f"token ids must lie in [0, {config.vocab_size}), got {ids.min()}..{ids.max()}"
-        )
+    config.check_ids(ids, "input_ids")
     return _forward(config, dtype)(params, jnp.asarray(ids, jnp.int32))

@@ -12,6 +12,7 @@ import numpy as np
 from gpt2cli.atomic import write_npz
 from gpt2cli.config import GPT2Config
 from gpt2cli.errors import UserError
+from gpt2cli.headers import check_header
 from gpt2cli.weights import Params, check_arrays, name_map
 
 FORMAT = "gpt2cli-npz"
@@ -94,14 +95,7 @@ def _read_header(data: np.lib.npyio.NpzFile, path: Path) -> dict:
         header = json.loads(str(data[HEADER_KEY]))
     except (ValueError, TypeError) as exc:
         raise UserError(f"{path} has an unreadable header: {exc}") from exc
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise UserError(f"{path} is not a gpt2 checkpoint (header format is not {FORMAT!r})")
-    if header.get("version") != VERSION:
-        raise UserError(
-            f"{path} has checkpoint format version {header.get('version')!r}; "
-            f"this gpt2 reads version {VERSION}"
-        )
-    return header
+    return check_header(header, path, format=FORMAT, version=VERSION, what="a gpt2 checkpoint")
 
 
 def load_npz(path: str | Path) -> tuple[GPT2Config, Params]:

@@ -68,6 +68,22 @@ class GPT2Config:
                 what, f"{length} exceeds the model's context window of {self.n_positions} tokens"
             )
 
+    def check_ids(self, ids: Any, what: str, fix: str = "") -> None:
+        """The one vocabulary check: every token id in `ids` (its caller's name for them: `what`)
+        must name a row of the embedding, whose lookup would clamp any other id silently.
+        `fix`, appended, says what the caller's user can do."""
+        import numpy as np
+
+        ids = np.asarray(ids)
+        if ids.size == 0:
+            return
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= self.vocab_size:
+            raise UserError(
+                f"{what} has token id {low if low < 0 else high} but the model's vocabulary has "
+                f"{self.vocab_size} ids: token ids must lie in [0, {self.vocab_size}){fix}"
+            )
+
     def replace(self, **changes: Any) -> GPT2Config:
         return dataclasses.replace(self, **changes)
 

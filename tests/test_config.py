@@ -60,3 +60,14 @@ def test_heads_must_divide_width():
 def test_unknown_preset_lists_choices():
     with pytest.raises(UserError, match="gpt2-medium"):
         preset("gpt3")
+
+
+def test_token_ids_in_the_vocabulary_pass_and_others_are_named():
+    config = GPT2Config(vocab_size=512, n_positions=8, n_embd=16, n_layer=1, n_head=2)
+    config.check_ids([0, 511], "ids")
+    config.check_ids([], "ids")
+    message = "has token id {} but the model's vocabulary has 512 ids: token ids must lie in"
+    with pytest.raises(UserError, match=r"^input_ids " + message.format(512) + r" \[0, 512\)$"):
+        config.check_ids([[3, 512]], "input_ids")
+    with pytest.raises(UserError, match=r"^prompt " + message.format(-1) + r" .*; try again$"):
+        config.check_ids([-1, 9999], "prompt", "; try again")

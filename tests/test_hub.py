@@ -9,7 +9,7 @@ from huggingface_hub import errors as hub_errors
 
 from gpt2cli.errors import UserError
 from gpt2cli.hub import load_model, load_tokenizer, resolve
-from tests.conftest import TINY_A, TINY_B
+from tests.conftest import TINY_A, TINY_B, cli
 
 
 def _http_error(cls):
@@ -92,6 +92,30 @@ def test_tokenizer_comes_from_the_model_folder_or_the_bundle(tmp_path):
     assert load_tokenizer(model_ref=str(TINY_B)).eos_id == 50256  # no files there: bundled
     with pytest.raises(UserError, match="no tokenizer files"):
         load_tokenizer(str(TINY_B))
+
+
+def test_the_caller_chooses_what_draws_a_download(fake_hub, tmp_path):
+    from gpt2cli.progress import hub_progress_class
+
+    shutil.copytree(TINY_A, tmp_path / "snap")
+    calls = fake_hub(tmp_path / "snap")
+    bars = hub_progress_class()
+    load_model("someone/tiny", tqdm_class=bars)
+    load_tokenizer("someone/tiny", tqdm_class=bars)
+    load_tokenizer(model_ref="someone/tiny", tqdm_class=bars)
+    assert [kwargs["tqdm_class"] for _, kwargs in calls] == [bars, bars, bars]
+    load_model("someone/tiny")  # the Python API: no terminal of its own, so nothing drawn
+    quiet = calls[-1][1]["tqdm_class"](total=10, desc="model.safetensors")
+    assert quiet is not bars and quiet.disable
+
+
+def test_commands_draw_downloads_on_stderr(fake_hub, tmp_path):
+    shutil.copytree(TINY_A, tmp_path / "snap")
+    calls = fake_hub(tmp_path / "snap")
+    assert cli("inspect", "someone/tiny").exit_code == 0
+    assert cli("convert", "someone/tiny", str(tmp_path / "m.npz")).exit_code == 0
+    assert all(hasattr(kwargs["tqdm_class"], "rich_progress") for _, kwargs in calls)
+    assert len(calls) == 2
 
 
 def test_download_progress_adapter_counts_bytes_like_tqdm():

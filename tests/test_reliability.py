@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import TINY_A, cli, gpt2_exe, run_gpt2
+from tests.conftest import TINY_A, TINY_B, cli, gpt2_exe, run_gpt2
 
 CHAT = ("chat", "-m", str(TINY_A), "--temperature", "0", "--max-new-tokens", "3")
 RAW_ERRORS = ("Traceback", "TypeError", "OverflowError", "AttributeError", "IsADirectoryError")
@@ -255,6 +255,14 @@ def test_a_preamble_too_long_for_the_window_says_so():
     assert done.returncode == 0, done.stderr
     assert "the preamble is 300 tokens: too long for the model's 128-token window" in done.stderr
     assert "<= -" not in done.stderr
+
+
+def test_a_prompt_outside_the_models_vocabulary_names_the_tokenizer_flag():
+    # tiny-b has 512 ids and no tokenizer of its own: GPT-2's ids for "Hello" lie beyond it
+    line = one_error_line(cli("generate", "Hello", "-m", str(TINY_B)), "the prompt 'Hello'")
+    assert "vocabulary has 512 ids" in line and line.endswith(
+        "pass the model's tokenizer with --tokenizer"
+    )
 
 
 # ---- 11, 12. one error shape; pipes ---------------------------------------------------------

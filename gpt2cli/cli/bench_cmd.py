@@ -89,11 +89,12 @@ def bench(
     from gpt2cli.cli.console import err
     from gpt2cli.generate import Engine, SamplingParams
     from gpt2cli.hub import load_model
+    from gpt2cli.progress import hub_progress_class
 
     sampling = SamplingParams(temperature, top_k, top_p)  # checks the ranges
     compile_cache.enable()
     with err.status(f"loading {model}"):
-        config, params = load_model(model, finite=True)
+        config, params = load_model(model, finite=True, tqdm_class=hub_progress_class())
     config.check_fits(prompt_tokens + new_tokens, "--prompt-tokens + --new-tokens =")
     engine = Engine(config, params, dtype, batch=batch)
     with err.status("measuring"):

@@ -293,6 +293,7 @@ def chat(
     from gpt2cli import compile_cache
     from gpt2cli.generate import Engine, SamplingParams
     from gpt2cli.hub import load_model, load_tokenizer
+    from gpt2cli.progress import hub_progress_class
 
     chosen = chat_core.template(template)
     sampling = SamplingParams(
@@ -306,8 +307,8 @@ def chat(
     compile_cache.enable()
     interactive = sys.stdin.isatty()
     with err.status("loading the model", spinner="dots") if interactive else nullcontext():
-        config, params = load_model(model, finite=True)
-        tok = load_tokenizer(tokenizer, model)
+        config, params = load_model(model, finite=True, tqdm_class=hub_progress_class())
+        tok = load_tokenizer(tokenizer, model, tqdm_class=hub_progress_class())
         engine = Engine(config, params, dtype=dtype)
     session = chat_core.ChatSession(
         engine,

@@ -45,9 +45,10 @@ def convert(
         raise UserError(f"{dest} already exists (use --force to overwrite)")
 
     from gpt2cli.hub import load_model
+    from gpt2cli.progress import hub_progress_class
 
     with err.status(f"reading {source}"):
-        config, params = load_model(source)
+        config, params = load_model(source, tqdm_class=hub_progress_class())
     if dtype is not None:
         params = _cast(params, dtype)
     with err.status(f"writing {dest}"):

@@ -68,7 +68,7 @@ def evaluate(
 
     from gpt2cli import compile_cache
     from gpt2cli.hub import load_model, load_tokenizer
-    from gpt2cli.progress import task_progress
+    from gpt2cli.progress import hub_progress_class, task_progress
     from gpt2cli.training import data
     from gpt2cli.training import evaluate as evaluation
 
@@ -76,12 +76,14 @@ def evaluate(
     names = list(dataset or []) + list(more_files or [])
     prepared = _prepared(names)
     files = [] if prepared else data.resolve_files(names, os.environ.get("DATA_DIR"))
-    config, params = load_model(model, finite=True)
+    config, params = load_model(model, finite=True, tqdm_class=hub_progress_class())
     if prepared:
-        prepared.check_tokenizer(load_tokenizer(tokenizer, model))
+        prepared.check_tokenizer(load_tokenizer(tokenizer, model, tqdm_class=hub_progress_class()))
         tokens = np.asarray(prepared.validation())
     else:
-        tokens = data.load_tokens(files, load_tokenizer(tokenizer, model), errors=errors)
+        tokens = data.load_tokens(
+            files, load_tokenizer(tokenizer, model, tqdm_class=hub_progress_class()), errors=errors
+        )
     length = seq_length or config.n_positions
     with task_progress() as progress, flags_for({"stride", "batch_size"}, length="--seq-length"):
         task = progress.add_task("evaluating", total=None)

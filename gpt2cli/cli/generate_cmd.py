@@ -168,20 +168,19 @@ def generate(
         stream_generate,
     )
     from gpt2cli.hub import load_model, load_tokenizer
+    from gpt2cli.progress import hub_progress_class
 
     sampling = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
     compile_cache.enable()
     started = time.perf_counter()
     with err.status(f"loading {model}"):
-        config, params = load_model(model, finite=True)
-        tok = load_tokenizer(tokenizer, model)
+        config, params = load_model(model, finite=True, tqdm_class=hub_progress_class())
+        tok = load_tokenizer(tokenizer, model, tqdm_class=hub_progress_class())
     prompts = [tok.encode(text) for text in texts]
     for text, ids in zip(texts, prompts, strict=True):
-        if max(ids) >= config.vocab_size:
-            raise UserError(
-                f"the prompt {text[:30]!r} has token id {max(ids)} but the model's vocabulary has "
-                f"{config.vocab_size} ids; pass the model's tokenizer with --tokenizer"
-            )
+        config.check_ids(
+            ids, f"the prompt {text[:30]!r}", "; pass the model's tokenizer with --tokenizer"
+        )
     new_tokens = _new_tokens(max_new_tokens, max_length, max(map(len, prompts)))
     prompts = [fit_prompt(ids, new_tokens, config.n_positions, truncate) for ids in prompts]
     engine = Engine(config, params, dtype, batch=len(prompts) * num_samples)

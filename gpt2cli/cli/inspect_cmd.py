@@ -29,9 +29,10 @@ def inspect(
     from gpt2cli.checkpoint import describe_nonfinite, flatten, nonfinite
     from gpt2cli.cli.console import err
     from gpt2cli.hub import load_model, resolve
+    from gpt2cli.progress import hub_progress_class
 
     with err.status(f"reading {model}"):
-        path = resolve(model)
+        path = resolve(model, tqdm_class=hub_progress_class())
         config, params = load_model(str(path))
     leaves = {
         name: {"shape": list(a.shape), "dtype": str(a.dtype), "count": int(a.size)}

@@ -91,6 +91,7 @@ def serve(
     from gpt2cli.cli.console import err
     from gpt2cli.engine import Engine
     from gpt2cli.hub import load_model, load_tokenizer
+    from gpt2cli.progress import hub_progress_class
     from gpt2cli.serve.app import create_app
     from gpt2cli.serve.metrics import Metrics
     from gpt2cli.serve.programs import SlotPrograms
@@ -98,8 +99,8 @@ def serve(
 
     compile_cache.enable()
     with err.status(f"loading {model}"):
-        config, params = load_model(model)
-        tok = load_tokenizer(tokenizer, model)
+        config, params = load_model(model, tqdm_class=hub_progress_class())
+        tok = load_tokenizer(tokenizer, model, tqdm_class=hub_progress_class())
     if tok.vocab_size > config.vocab_size:
         raise UserError(
             f"the tokenizer has {tok.vocab_size} ids but the model's vocabulary has "

@@ -209,16 +209,20 @@ def _start_processes(parallel) -> None:
 
 
 def _new(s, force: bool):
+    import functools
+
     from gpt2cli.cli.options import DEFAULT_MODEL
     from gpt2cli.config import SHAPE_FIELDS
     from gpt2cli.hub import load_model
+    from gpt2cli.progress import hub_progress_class
     from gpt2cli.training.plan import new_plan, source_config
 
     _start_processes(s.parallel)
     if not s.model.init and not s.model.model:
         s = s.replace(model=DEFAULT_MODEL)
     shape = {k: getattr(s.model, k) for k in SHAPE_FIELDS}
-    model_config, start_params = source_config(s.model.model, s.model.init, load_model, shape)
+    load = functools.partial(load_model, tqdm_class=hub_progress_class())
+    model_config, start_params = source_config(s.model.model, s.model.init, load, shape)
     plan = new_plan(s, model_config, force=force, main_process=_is_main())
     plan.start_params = start_params
     return plan
@@ -253,10 +257,11 @@ def _is_main() -> bool:
 
 
 def _run(plan, force: bool, plot: bool) -> None:
+    from gpt2cli.progress import hub_progress_class
     from gpt2cli.training.driver import run
 
     view = _View()
-    outcome = run(plan, view, force=force, plot=plot)
+    outcome = run(plan, view, force=force, plot=plot, tqdm_class=hub_progress_class())
     if not outcome.finished:
         err.print(
             f"stopped at step {outcome.step} of {outcome.steps}. "

@@ -47,8 +47,11 @@ class Outcome:
         return self.step >= self.steps
 
 
-def run(plan: Plan, view: View, *, force: bool, plot: bool) -> Outcome:
-    """Train until the plan's step count, or until the view's stop request says so."""
+def run(plan: Plan, view: View, *, force: bool, plot: bool, tqdm_class=None) -> Outcome:
+    """Train until the plan's step count, or until the view's stop request says so.
+    `tqdm_class` draws a Hub download (see hub.resolve)."""
+    import functools
+
     import jax
 
     from gpt2cli import compile_cache
@@ -62,7 +65,7 @@ def run(plan: Plan, view: View, *, force: bool, plot: bool) -> Outcome:
     main = jax.process_index() == 0
     view = view if main else _Silent(view)
     source = plan.settings.model
-    tokenizer = load_tokenizer(source.tokenizer, source.model)
+    tokenizer = load_tokenizer(source.tokenizer, source.model, tqdm_class=tqdm_class)
     with view.tokenizing() as progress:
         data = load_data(plan, tokenizer, progress)
     trainer = Trainer.cached(plan.model_config, plan.train_config)
@@ -74,7 +77,8 @@ def run(plan: Plan, view: View, *, force: bool, plot: bool) -> Outcome:
             state = trainer.create_state(plan.start_params)
             plan.start_params = None  # the device holds them now; free the host copy
         else:
-            state = initial_weights(plan, trainer, load_model)
+            load = functools.partial(load_model, tqdm_class=tqdm_class)
+            state = initial_weights(plan, trainer, load)
     start = int(jax.device_get(state.step))
     loop = plan.settings.loop
     if loop.steps < start:

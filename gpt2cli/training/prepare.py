@@ -28,6 +28,7 @@ import numpy as np
 
 from gpt2cli.atomic import atomic_write
 from gpt2cli.errors import UserError
+from gpt2cli.headers import check_header, read_json
 from gpt2cli.training.settings import PrepareSettings
 from gpt2cli.training.sources import BadInput, Piece, SourceReader, kind_of, piece_texts
 
@@ -179,7 +180,7 @@ def prepare(
     request = _request(files, settings)
     state = _open_folder(Path(out), request, force)
     if state is None:
-        return Prepared(json.loads((Path(out) / INDEX).read_text("utf-8")), None)
+        return Prepared(read_index(Path(out)), None)
     resumed_at = state.tokens
     _run(files, Path(out), settings, request, state, workers, progress)
     index = _index(request, state, settings)
@@ -315,13 +316,22 @@ def _eos_id() -> int:
     return bundled().eos_id
 
 
+def read_index(folder: Path) -> dict[str, Any]:
+    """The index.json that `_index` wrote into `folder`, refused if another format or version."""
+    file = folder / INDEX
+    return check_header(
+        read_json(file),
+        file,
+        format=FORMAT,
+        version=VERSION,
+        what="an index written by gpt2 prepare",
+        fix=": prepare the dataset again",
+    )
+
+
 def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        value = json.loads(path.read_text("utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"cannot read {path}: {exc}") from None
+    """What an earlier run left at `path`: None when there is no file or no JSON object."""
+    value = read_json(path) if path.exists() else None
     return value if isinstance(value, dict) else None
 
 

@@ -23,6 +23,7 @@ from gpt2cli.atomic import atomic_write, remove_stale_temps, write_npz, write_te
 from gpt2cli.checkpoint import flatten, unflatten
 from gpt2cli.config import GPT2Config
 from gpt2cli.errors import UserError
+from gpt2cli.headers import check_header, read_json
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
@@ -100,18 +101,16 @@ class RunFolder:
 
     def spec(self) -> dict[str, Any]:
         file = self.path / RUN_FILE
-        try:
-            spec = json.loads(file.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise UserError(f"cannot read {file}: {exc}") from None
-        if not isinstance(spec, dict) or spec.get("format") != RUN_FORMAT:
-            raise UserError(f"{file} is not a gpt2 training run file")
-        if spec.get("version") not in (1, RUN_VERSION):
-            raise UserError(
-                f"{file} has run format version {spec.get('version')!r}; expected 1 or "
-                f"{RUN_VERSION} (a newer gpt2 may read it)"
-            )
-        return spec
+        header = read_json(file)
+        # Version 1 is still read: plan.py turns its shape into version 2's.
+        old = isinstance(header, dict) and header.get("version") == 1
+        return check_header(
+            header,
+            file,
+            format=RUN_FORMAT,
+            version=1 if old else RUN_VERSION,
+            what="a gpt2 training run file",
+        )
 
     # ---- metrics -----------------------------------------------------------------------
 
@@ -201,12 +200,13 @@ def load_checkpoint(path: Path, params_like: Any, opt_like: Any) -> tuple[int, A
     try:
         with np.load(path, allow_pickle=False) as data:
             header = json.loads(str(data[_HEADER]))
+            check_header(
+                header, path, format=CKPT_FORMAT, version=VERSION, what="a training checkpoint"
+            )
             flat = {k[len("params/") :]: data[k] for k in data.files if k.startswith("params/")}
             opt = [data[f"opt/{i:05d}"] for i in range(header["opt_leaves"])]
     except (zipfile.BadZipFile, EOFError, OSError, KeyError, ValueError) as exc:
         raise UserError(f"checkpoint {path} is unreadable ({exc})") from None
-    if header.get("format") != CKPT_FORMAT:
-        raise UserError(f"{path} is not a training checkpoint")
 
     expected = {k: tuple(v.shape) for k, v in flatten(params_like).items()}
     got = {k: tuple(v.shape) for k, v in flat.items()}

@@ -7,7 +7,6 @@ multi-process run touches only its own rows.
 
 from __future__ import annotations
 
-import json
 import mmap
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from gpt2cli.errors import UserError
-from gpt2cli.training.prepare import DTYPE, FORMAT, INDEX, VERSION
+from gpt2cli.training.prepare import DTYPE, INDEX, read_index
 
 
 class TokenStream:
@@ -114,18 +113,7 @@ def is_prepared(path: str | Path) -> bool:
 def open_prepared(folder: str | Path) -> PreparedData:
     """Check the index and the shard files' sizes, then map the shards."""
     folder = Path(folder)
-    file = folder / INDEX
-    try:
-        index = json.loads(file.read_text("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"cannot read {file}: {exc}") from None
-    if not isinstance(index, dict) or index.get("format") != FORMAT:
-        raise UserError(f"{file} is not an index written by gpt2 prepare")
-    if index.get("version") != VERSION:
-        raise UserError(
-            f"{file} has format version {index.get('version')!r}; this gpt2 reads {VERSION}: "
-            "prepare the dataset again"
-        )
+    index = read_index(folder)
     shards = []
     for shard in index["shards"]:
         path = folder / shard["file"]

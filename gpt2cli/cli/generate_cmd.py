@@ -73,8 +73,6 @@ def _read_prompts(
         text = decode(sys.stdin.buffer.read(), "stdin")
         text = text[:-1] if text.endswith("\n") else text
     check_utf8(text, "the prompt")
-    if not text:
-        raise UserError("the prompt is empty: give some text to continue")
     return [text]
 
 
@@ -164,13 +162,23 @@ def generate(
         Engine,
         SamplingParams,
         batch_generate,
+        check_prompt,
         fit_prompt,
         stream_generate,
     )
     from gpt2cli.hub import load_model, load_tokenizer
     from gpt2cli.progress import hub_progress_class
 
-    sampling = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+    for text in texts:  # before the model loads
+        check_prompt(text)
+    sampling = SamplingParams(
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+    )
     compile_cache.enable()
     started = time.perf_counter()
     with err.status(f"loading {model}"):

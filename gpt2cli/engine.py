@@ -9,6 +9,7 @@ first token; `decode` samples a few tokens per call inside one `fori_loop` over 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import jax
@@ -34,7 +35,7 @@ DEFAULT_CACHE_BLOCK = 128
 CHUNKED_RUNS = {"cpu"}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SamplingParams:
     """How to pick each token. temperature 0 = greedy; top_k 0, top_p 1, min_p 0 = off."""
 
@@ -47,16 +48,41 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         check_sampling(
-            self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
         )
         check_seed(self.seed)
 
     @property
-    def rule(self) -> tuple:
-        """What the compiled step depends on (the seed is data, not code)."""
-        if self.temperature == 0.0:
-            return (0.0, 0, 1.0, 0.0, self.repetition_penalty)
-        return (self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty)
+    def rule(self) -> sampling.Rule:
+        """What the compiled step depends on, a jit static (the seed is data, not code)."""
+        penalty = self.repetition_penalty
+        if self.temperature == 0.0:  # greedy: the draw's settings would only add programs
+            return sampling.Rule(repetition_penalty=penalty)
+        return sampling.Rule(
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            log_min_p=math.log(self.min_p) if self.min_p > 0.0 else -math.inf,
+            repetition_penalty=penalty,
+        )
+
+
+@struct.dataclass
+class PromptBlock:
+    """A prefill's inputs besides the cache: a block of prompt tokens and how to read it."""
+
+    ids: jax.Array  # [B, T] int32, padded
+    positions: jax.Array  # [B, T] int32
+    mask: jax.Array  # [B, T]: 1 on real tokens
+    last: jax.Array  # [B]: the column of each row's last real token
+    advance: jax.Array  # [] int32: slots the cache keeps (T when left-padded, else the real count)
+    seen: jax.Array | None  # [B, V] bool: the prompt's tokens, only for a repetition penalty
+    seed: jax.Array  # [] uint32
+    rows: jax.Array  # [B] int32: each row's random stream of the seed (its sample index)
 
 
 @struct.dataclass
@@ -69,15 +95,6 @@ class DecodeState:
     seen: jax.Array | None  # [B, V] bool: tokens so far, kept only for a repetition penalty
     keys: jax.Array  # [B] PRNG keys, one stream per row
     step: jax.Array  # [] int32: tokens sampled so far (folded into the keys)
-
-
-def _pick(rule: tuple, logits, seen, keys, step) -> jax.Array:
-    """Process the logits [B, V] and draw one token per row -> [B] int32."""
-    temperature, top_k, top_p, min_p, penalty = rule
-    for process in sampling.make_logits_processors(penalty):
-        logits = process(logits, seen)
-    step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
-    return sampling.make_sampler(temperature, top_k, top_p, min_p)(logits, step_keys)
 
 
 def _mark_seen(seen, token):
@@ -149,24 +166,24 @@ class _Programs:
             self._decode_run, static_argnames=("rule", "length"), donate_argnames="state"
         )
 
-    def _prefill(
-        self, params, cache, ids, positions, mask, last, advance, seen, seed, rows, *, rule
-    ):
-        # ids, positions, mask: [B, T]; last: [B] column of each row's last real token;
-        # advance: how many slots the cache keeps (T when left-padded, the real count if not).
+    def _prefill(self, params, cache, block: PromptBlock, *, rule):
+        """Run `block` into the cache and sample the first token -> (state, tokens [B, 1])."""
         self.traces += 1
         start = cache.index
-        logits, cache = self._forward(params, ids, positions, cache, mask, last)  # [B, 1, V]
-        cache = cache.replace(index=start + advance)
-        batch = jnp.arange(ids.shape[0])
-        keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.key(seed), r))(rows)  # [B]
+        logits, cache = self._forward(
+            params, block.ids, block.positions, cache, block.mask, block.last
+        )  # [B, 1, V]
+        cache = cache.replace(index=start + block.advance)
+        batch = jnp.arange(block.ids.shape[0])
+        seed = jax.random.key(block.seed)
+        keys = jax.vmap(lambda r: jax.random.fold_in(seed, r))(block.rows)  # [B]
         step = jnp.zeros((), jnp.int32)
-        token = _pick(rule, logits[:, 0], seen, keys, step)  # [B]
+        token = sampling.pick(logits[:, 0], rule, keys, step, seen=block.seen)  # [B]
         state = DecodeState(
             cache=cache,
             token=token,
-            position=positions[batch, last] + 1,
-            seen=_mark_seen(seen, token),
+            position=block.positions[batch, block.last] + 1,
+            seen=_mark_seen(block.seen, token),
             keys=keys,
             step=step + 1,
         )
@@ -225,7 +242,7 @@ class _Programs:
         # steps past the last position only happen in a chunk's junk columns, never read
         position = jnp.minimum(state.position, self.config.n_positions - 1)
         logits, cache = self._forward(params, state.token[:, None], position[:, None], state.cache)
-        token = _pick(rule, logits[:, 0], state.seen, state.keys, state.step)  # [B]
+        token = sampling.pick(logits[:, 0], rule, state.keys, state.step, seen=state.seen)
         state = state.replace(
             cache=cache,
             token=token,

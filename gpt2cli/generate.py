@@ -19,11 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpt2cli.detokenizer import StreamingDetokenizer
-from gpt2cli.engine import DecodeState, Engine, SamplingParams
+from gpt2cli.engine import DecodeState, Engine, PromptBlock, SamplingParams
 from gpt2cli.errors import UserError
 from gpt2cli.model import KVCache
-from gpt2cli.tokenizer import GPT2Tokenizer
+from gpt2cli.tokenizer import GPT2Tokenizer, StreamingDetokenizer
 
 MIN_PREFILL = 16  # prompt blocks are powers of two from here
 
@@ -57,15 +56,6 @@ class GenerationResponse:
     prompt_seconds: float = 0.0  # start until the first token
     generation_seconds: float = 0.0  # first token until this one
 
-    @property
-    def prompt_tps(self) -> float:
-        return self.prefilled_tokens / self.prompt_seconds if self.prompt_seconds else 0.0
-
-    @property
-    def generation_tps(self) -> float:
-        steps = self.generated_tokens - 1
-        return steps / self.generation_seconds if self.generation_seconds > 0 else 0.0
-
 
 @dataclass(frozen=True)
 class Completion:
@@ -84,10 +74,16 @@ class Completion:
         return self.text
 
 
+def check_prompt(prompt: str | Sequence[int]) -> None:
+    """A prompt, as text or token ids, must hold something to continue (text that is not empty
+    always encodes to at least one token)."""
+    if len(prompt) == 0:
+        raise UserError("the prompt is empty: give some text to continue")
+
+
 def fit_prompt(ids: Sequence[int], max_new_tokens: int, n_positions: int, truncate: bool):
     """Check prompt + new tokens fit the context window; with `truncate`, keep the prompt's end."""
-    if not ids:
-        raise UserError("the prompt is empty: give some text to continue")
+    check_prompt(ids)
     if max_new_tokens < 1:
         raise UserError(f"max new tokens must be at least 1, got {max_new_tokens}")
     if max_new_tokens >= n_positions:
@@ -170,8 +166,8 @@ class TokenRun:
         self.prompt_seconds = 0.0
         self.produced: list[np.ndarray] = []
 
-    def _inputs(self):
-        """Host-side arrays for the prefill, and the cache to prefill into."""
+    def _inputs(self) -> tuple[KVCache, PromptBlock]:
+        """The cache to prefill into, and the prompt block (host arrays) to run into it."""
         engine, chunk = self.engine, self.engine.chunk
         batch = len(self.prompts)
         if batch == 1:
@@ -215,27 +211,25 @@ class TokenRun:
             seen = np.zeros((batch, engine.config.vocab_size), np.bool_)
             for row, prompt in enumerate(self.prompts):
                 seen[row, prompt] = True
-        return cache, ids, positions, mask, last, advance, seen
+        block = PromptBlock(
+            ids=ids,
+            positions=positions,
+            mask=mask,
+            last=last,
+            advance=np.int32(advance),
+            seen=seen,
+            seed=np.uint32(self.sampling.seed),
+            rows=np.asarray(self.sample_ids, np.int32),
+        )
+        return cache, block
 
     def __iter__(self) -> Iterator[np.ndarray]:
         engine, rule = self.engine, self.sampling.rule
         start = time.perf_counter()
-        cache, ids, positions, mask, last, advance, seen = self._inputs()
+        cache, block = self._inputs()
         if self.prompt_cache is not None:
             self.prompt_cache.reset()  # its buffers are donated to the prefill
-        state, inflight = engine.programs.prefill(
-            engine.params,
-            cache,
-            ids,
-            positions,
-            mask,
-            last,
-            np.int32(advance),
-            seen,
-            np.uint32(self.sampling.seed),
-            np.asarray(self.sample_ids, np.int32),
-            rule=rule,
-        )
+        state, inflight = engine.programs.prefill(engine.params, cache, block, rule=rule)
         todo = self.max_new_tokens - 1  # tokens still to ask the decode program for
         try:
             while inflight is not None:

@@ -1,8 +1,11 @@
-"""GPT-2 byte-level BPE: the bundled OpenAI files, or another HF folder's tokenizer."""
+"""GPT-2 byte-level BPE: the bundled OpenAI files, or another HF folder's tokenizer, and the
+streaming detokenizer that turns ids into text one token at a time."""
 
 from __future__ import annotations
 
+import codecs
 from dataclasses import dataclass
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
@@ -55,7 +58,7 @@ def fast_encoder(vocab_json: str):
 
     import tiktoken
 
-    byte_of = {char: byte for byte, char in _bytes_to_unicode().items()}
+    byte_of = _unicode_to_bytes()
     vocab = json.loads(vocab_json)
     ranks = {bytes(byte_of[c] for c in token): i for token, i in vocab.items() if token != EOS_TEXT}
     return tiktoken.Encoding(
@@ -66,6 +69,7 @@ def fast_encoder(vocab_json: str):
     )
 
 
+@lru_cache(maxsize=1)
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character table (OpenAI's encoder.py)."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
@@ -76,6 +80,11 @@ def _bytes_to_unicode() -> dict[int, str]:
             table[b] = chr(256 + extra)
             extra += 1
     return table
+
+
+@lru_cache(maxsize=1)
+def _unicode_to_bytes() -> dict[str, int]:
+    return {char: byte for byte, char in _bytes_to_unicode().items()}
 
 
 def from_bpe_files(vocab: Path, merges: Path) -> GPT2Tokenizer:
@@ -109,3 +118,42 @@ def from_folder(folder: Path) -> GPT2Tokenizer | None:
         except Exception as exc:
             raise UserError(f"cannot read the tokenizer files in {folder}: {exc}") from exc
     return None
+
+
+@lru_cache(maxsize=4)
+def token_bytes(tokenizer: GPT2Tokenizer) -> tuple[bytes, ...]:
+    """The raw bytes of every token id (special tokens, and tokens outside GPT-2's byte
+    alphabet, as the UTF-8 of their decoded text)."""
+    alphabet = _unicode_to_bytes()
+    backend = tokenizer.backend
+    special = {t.content for t in backend.get_added_tokens_decoder().values()}
+    table = []
+    for token_id in range(backend.get_vocab_size()):
+        piece = backend.id_to_token(token_id) or ""
+        if piece in special or any(ch not in alphabet for ch in piece):
+            table.append(backend.decode([token_id], skip_special_tokens=False).encode())
+        else:
+            table.append(bytes(alphabet[ch] for ch in piece))
+    return tuple(table)
+
+
+class StreamingDetokenizer:
+    """Token ids -> text, one token at a time, never splitting a multi-byte UTF-8 character.
+
+    Byte-level BPE can cut an emoji or a CJK character across tokens, and decoding each token
+    alone would print U+FFFD. Each token becomes its raw bytes, fed to an incremental UTF-8
+    decoder that holds an incomplete character back until its last byte arrives. `add` returns
+    the text a token completes; `finish` flushes the rest.
+    """
+
+    def __init__(self, tokenizer: GPT2Tokenizer):
+        self._bytes = token_bytes(tokenizer)
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def add(self, token_id: int) -> str:
+        piece = self._bytes[token_id] if 0 <= token_id < len(self._bytes) else b""
+        return self._decoder.decode(piece)
+
+    def finish(self) -> str:
+        """Whatever is still held (a truncated character becomes U+FFFD, like `decode`)."""
+        return self._decoder.decode(b"", final=True)

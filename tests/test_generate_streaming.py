@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 
-from gpt2cli.detokenizer import StreamingDetokenizer
 from gpt2cli.generate import Engine, TokenRun, generate, stream_generate
 from gpt2cli.tokenizer import bundled
 
@@ -19,20 +18,6 @@ def test_the_text_really_splits_characters_across_tokens(tok):
     ids = tok.encode(TEXT)
     alone = [tok.decode([i]) for i in ids]
     assert sum("\ufffd" in piece for piece in alone) >= 4
-
-
-def test_detokenizer_streams_whole_characters_only(tok):
-    detok = StreamingDetokenizer(tok)
-    pieces = [detok.add(i) for i in tok.encode(TEXT)] + [detok.finish()]
-    assert not any("\ufffd" in piece for piece in pieces)
-    assert "".join(pieces) == TEXT
-
-
-def test_detokenizer_flushes_a_truncated_character_like_decode(tok):
-    ids = tok.encode("🎉")
-    detok = StreamingDetokenizer(tok)
-    text = "".join(detok.add(i) for i in ids[:-1]) + detok.finish()
-    assert text == tok.decode(ids[:-1])
 
 
 @pytest.fixture

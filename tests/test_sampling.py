@@ -1,20 +1,23 @@
 """Samplers and logits processors on small hand-made logits, against HF semantics."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gpt2cli.engine import SamplingParams
 from gpt2cli.errors import UserError
 from gpt2cli.sampling import (
+    Rule,
     apply_min_p,
     apply_repetition_penalty,
     apply_top_k,
     apply_top_p,
     draw,
-    make_logits_processors,
-    make_sampler,
-    warp_logits,
+    pick,
+    warp,
 )
 
 # probabilities 0.4, 0.3, 0.15, 0.1, 0.05 in a shuffled order
@@ -28,6 +31,11 @@ def kept(logits) -> set[int]:
 
 def keys(n, seed=0):
     return jax.random.split(jax.random.key(seed), n)
+
+
+def sampler(rule: Rule):
+    """`pick` at step 0 under `rule` as a jit static, as the engine runs it."""
+    return jax.jit(lambda logits, row_keys: pick(logits, rule, row_keys, 0))
 
 
 def test_top_k_keeps_the_k_most_likely():
@@ -80,9 +88,9 @@ def test_top_p_keeps_what_transformers_keeps_on_random_logits(p):
 
 
 def test_min_p_scales_with_the_top_probability():
-    assert kept(apply_min_p(LOGITS, 0.5)) == {1, 3}  # >= 0.2
-    assert kept(apply_min_p(LOGITS, 0.3)) == {1, 3, 0}  # >= 0.12
-    assert kept(apply_min_p(LOGITS, 1.0)) == {1}
+    assert kept(apply_min_p(LOGITS, math.log(0.5))) == {1, 3}  # >= 0.2
+    assert kept(apply_min_p(LOGITS, math.log(0.3))) == {1, 3, 0}  # >= 0.12
+    assert kept(apply_min_p(LOGITS, math.log(1.0))) == {1}
 
 
 def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
@@ -90,26 +98,25 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
     seen = jnp.asarray([[True, True, False, False]])
     out = apply_repetition_penalty(logits, seen, 2.0)
     np.testing.assert_allclose(out, [[1.0, -4.0, 2.0, -2.0]])
-    assert make_logits_processors(1.0) == []
-    (process,) = make_logits_processors(2.0)
-    np.testing.assert_allclose(process(logits, seen), out)
+    assert pick(logits, Rule(), keys(1), 0, seen=seen).tolist() == [0]
+    assert pick(logits, Rule(repetition_penalty=2.0), keys(1), 0, seen=seen).tolist() == [2]
 
 
 def test_greedy_and_top_k_1_pick_the_argmax():
     logits = jax.random.normal(jax.random.key(1), (6, 50))
     expected = np.argmax(np.asarray(logits), axis=-1)
-    np.testing.assert_array_equal(jax.jit(make_sampler(0.0))(logits, keys(6)), expected)
-    top1 = jax.jit(make_sampler(1.5, top_k=1))
+    np.testing.assert_array_equal(sampler(Rule())(logits, keys(6)), expected)
+    top1 = sampler(Rule(temperature=1.5, top_k=1))
     np.testing.assert_array_equal(top1(logits, keys(6, 3)), expected)
 
 
 def test_sampled_frequencies_match_the_processed_distribution():
-    sampler = make_sampler(0.7, top_k=4, top_p=0.95, min_p=0.05)
+    rule = Rule(temperature=0.7, top_k=4, top_p=0.95, log_min_p=math.log(0.05))
     n = 20000
     logits = jnp.broadcast_to(LOGITS, (n, 5))
-    draws = np.asarray(jax.jit(sampler)(logits, keys(n, 7)))
+    draws = np.asarray(sampler(rule)(logits, keys(n, 7)))
     observed = np.bincount(draws, minlength=5) / n
-    expected = np.asarray(jax.nn.softmax(warp_logits(LOGITS, 0.7, 4, 0.95, 0.05))[0])
+    expected = np.asarray(jax.nn.softmax(warp(LOGITS, rule))[0])
     assert expected[2] == 0.0 and observed[2] == 0.0  # removed by top-k
     assert expected[4] > 0.0  # ... and the others survive
     np.testing.assert_allclose(observed, expected, atol=4 * np.sqrt(0.25 / n))
@@ -122,11 +129,11 @@ def test_a_draw_never_lands_on_a_removed_token_at_either_end():
 
 
 def test_a_row_draws_the_same_token_alone_or_in_a_batch():
-    sampler = jax.jit(make_sampler(1.0))
+    sample = sampler(Rule(temperature=1.0))
     logits = jax.random.normal(jax.random.key(2), (4, 100))
     row_keys = keys(4, 9)
-    together = np.asarray(sampler(logits, row_keys))
-    alone = [int(sampler(logits[i : i + 1], row_keys[i : i + 1])[0]) for i in range(4)]
+    together = np.asarray(sample(logits, row_keys))
+    alone = [int(sample(logits[i : i + 1], row_keys[i : i + 1])[0]) for i in range(4)]
     assert together.tolist() == alone
 
 
@@ -144,10 +151,49 @@ def test_a_row_draws_the_same_token_alone_or_in_a_batch():
 )
 def test_bad_sampler_values_name_the_allowed_range(kwargs, words):
     with pytest.raises(UserError, match=words.replace("(", r"\(").replace("[", r"\[")):
-        make_sampler(**kwargs)
+        SamplingParams(**kwargs)
 
 
 @pytest.mark.parametrize("penalty", [0.0, -1.0, 1000.0])
 def test_bad_repetition_penalty_names_the_range(penalty):
     with pytest.raises(UserError, match=r"repetition_penalty must be in \(0, 100\]"):
-        make_logits_processors(penalty)
+        SamplingParams(repetition_penalty=penalty)
+
+
+RULES = [
+    Rule(),
+    Rule(repetition_penalty=1.3),
+    Rule(temperature=0.9),
+    Rule(temperature=1.0, top_k=20, top_p=0.9),
+    Rule(temperature=0.7, log_min_p=math.log(0.05), repetition_penalty=1.3),
+    Rule(temperature=1.2, top_k=3),
+]
+
+
+def test_a_rule_picks_the_same_tokens_as_numbers_or_as_per_row_arrays():
+    """The engine's rule is a jit static of numbers, the server's one array per setting with a
+    row per request: each row of a mixed batch picks the token its own static rule picks."""
+    rows, vocab = len(RULES), 300
+    logits = jax.random.normal(jax.random.key(3), (rows, vocab)) * 3
+    seen = jax.random.bernoulli(jax.random.key(4), 0.1, (rows, vocab))
+    row_keys, step = keys(rows, 11), jnp.full((rows,), 2, jnp.int32)
+    fields = ("temperature", "top_k", "top_p", "log_min_p", "repetition_penalty")
+    per_row = Rule(
+        **{
+            name: jnp.asarray(
+                [getattr(r, name) for r in RULES], jnp.int32 if name == "top_k" else jnp.float32
+            )
+            for name in fields
+        },
+        presence_penalty=jnp.zeros(rows),
+        frequency_penalty=jnp.zeros(rows),
+        logit_bias=jnp.zeros((rows, vocab)),
+    )
+    counts = jnp.zeros((rows, vocab), jnp.int32)
+    mixed = jax.jit(pick)(logits, per_row, row_keys, step, seen=seen, counts=counts)
+    alone = [
+        int(pick(logits[i : i + 1], rule, row_keys[i : i + 1], 2, seen=seen[i : i + 1])[0])
+        for i, rule in enumerate(RULES)
+    ]
+    assert mixed.tolist() == alone
+    assert len(set(alone)) > 2  # the rules really pick differently

@@ -3,15 +3,16 @@ tokens `gpt2 generate` gives it, alone or batched; a cancelled request frees its
 
 from __future__ import annotations
 
-import math
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 
 from gpt2cli.engine import Engine, SamplingParams
 from gpt2cli.generate import generate
 from gpt2cli.serve.programs import SlotPrograms, length_buckets
+from gpt2cli.serve.protocol import Settings
 from gpt2cli.serve.scheduler import (
     QUEUE_FULL,
     Delta,
@@ -38,14 +39,17 @@ SAMPLINGS = [
 ]
 
 
-def settings_of(sp: SamplingParams) -> dict:
-    return {
-        "temperature": sp.temperature,
-        "top_k": sp.top_k,
-        "top_p": sp.top_p,
-        "log_min_p": math.log(sp.min_p) if sp.min_p > 0 else -math.inf,
-        "repetition_penalty": sp.repetition_penalty,
-    }
+def make_job(prompt, max_tokens, sp: SamplingParams, stop=()) -> Job:
+    """A choice of `max_tokens` tokens sampled as `sp` says, its events gathered by a
+    `Collector`."""
+    return Job(
+        prompt=prompt,
+        max_tokens=max_tokens,
+        settings=Settings(sampling=sp),
+        sample=0,
+        stop=stop,
+        sink=Collector(),
+    )
 
 
 class Collector:
@@ -86,10 +90,7 @@ def scheduler(tiny_a, tok):
 
 
 def run(scheduler, tok, specs, max_tokens=24):
-    jobs = [
-        Job(tok.encode(prompt), max_tokens, settings_of(sp), sp.seed, 0, (), Collector())
-        for prompt, sp in specs
-    ]
+    jobs = [make_job(tok.encode(prompt), max_tokens, sp) for prompt, sp in specs]
     scheduler.submit(jobs)
     for job in jobs:
         assert job.sink.done.wait(120)
@@ -138,10 +139,7 @@ def test_rows_growing_past_cache_lengths_keep_their_tokens(scheduler, tok, tiny_
         return decode(params, slots, *args, **kwargs)
 
     monkeypatch.setattr(scheduler.programs, "decode", watched)
-    jobs = [
-        Job(tok.encode(p), n, settings_of(sp), sp.seed, 0, (), Collector())
-        for (p, sp), n in ((long, long_tokens), (short, 24))
-    ]
+    jobs = [make_job(tok.encode(p), n, sp) for (p, sp), n in ((long, long_tokens), (short, 24))]
     scheduler.submit(jobs)
     for job in jobs:
         assert job.sink.done.wait(120)
@@ -161,7 +159,7 @@ def test_stop_string_frees_the_row_and_is_never_shown(scheduler, tok):
     (job,) = run(scheduler, tok, [(PROMPTS[0], SAMPLINGS[0])])
     full = job.sink.text
     stop = full[5:9]
-    stopped = Job(tok.encode(PROMPTS[0]), 24, settings_of(SAMPLINGS[0]), 0, 0, (stop,), Collector())
+    stopped = make_job(tok.encode(PROMPTS[0]), 24, SAMPLINGS[0], stop=(stop,))
     scheduler.submit([stopped])
     assert stopped.sink.done.wait(60)
     assert stopped.sink.text == full[: full.index(stop)]
@@ -170,7 +168,7 @@ def test_stop_string_frees_the_row_and_is_never_shown(scheduler, tok):
 
 
 def test_cancel_frees_the_row(scheduler, tok):
-    long = Job(tok.encode(PROMPTS[1]), 100, settings_of(SAMPLINGS[1]), 1, 0, (), Collector())
+    long = make_job(tok.encode(PROMPTS[1]), 100, replace(SAMPLINGS[1], seed=1))
     scheduler.submit([long])
     while not long.sink.events:  # it is decoding
         threading.Event().wait(0.01)
@@ -182,7 +180,7 @@ def test_cancel_frees_the_row(scheduler, tok):
 
 
 def test_queue_full_is_refused_whole(scheduler, tok):
-    jobs = [Job([1, 2], 4, {}, 0, 0, (), Collector()) for _ in range(7)]
+    jobs = [make_job([1, 2], 4, SamplingParams()) for _ in range(7)]
     with pytest.raises(QueueFull):
         scheduler.submit(jobs)
     assert scheduler.queue_length == 0
@@ -192,14 +190,11 @@ def test_a_choice_waiting_past_the_queue_timeout_gets_503(scheduler, tok, monkey
     """--queue-timeout: with every row busy, a waiting choice is refused once it has waited
     longer than the timeout (0 here: at the engine's next round); the busy rows go on."""
     monkeypatch.setattr(scheduler, "queue_timeout", 0.0)
-    busy = [
-        Job(tok.encode(PROMPTS[1]), 100, settings_of(SAMPLINGS[0]), 0, 0, (), Collector())
-        for _ in range(scheduler.max_batch)
-    ]
+    busy = [make_job(tok.encode(PROMPTS[1]), 100, SAMPLINGS[0]) for _ in range(scheduler.max_batch)]
     scheduler.submit(busy)
     while scheduler.queue_length:  # every busy job has a row
         time.sleep(0.005)
-    late = Job(tok.encode(PROMPTS[0]), 4, settings_of(SAMPLINGS[0]), 0, 0, (), Collector())
+    late = make_job(tok.encode(PROMPTS[0]), 4, SAMPLINGS[0])
     scheduler.submit([late])
     assert late.sink.done.wait(30)
     assert late.sink.events == [Failed(503, QUEUE_FULL)]

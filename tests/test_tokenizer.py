@@ -3,7 +3,7 @@
 import hashlib
 from importlib import resources
 
-from gpt2cli.tokenizer import bundled, from_folder
+from gpt2cli.tokenizer import StreamingDetokenizer, bundled, from_folder, token_bytes
 from tests.conftest import TINY_A
 
 SHA256 = {
@@ -44,3 +44,30 @@ def test_golden_prompt_ids_match_transformers_tokenization(golden):
 
 def test_folder_tokenizer_files_are_used():
     assert from_folder(TINY_A).encode("Hello world") == [15496, 995]
+
+
+# emoji, CJK and accents: characters that byte-level BPE splits across tokens
+SPLIT_TEXT = " Café 🎉 東京タワー 👍🏽 naïve — ok"
+
+
+def test_detokenizer_streams_whole_characters_only():
+    tok = bundled()
+    detok = StreamingDetokenizer(tok)
+    pieces = [detok.add(i) for i in tok.encode(SPLIT_TEXT)] + [detok.finish()]
+    assert not any("\ufffd" in piece for piece in pieces)
+    assert "".join(pieces) == SPLIT_TEXT
+
+
+def test_detokenizer_flushes_a_truncated_character_like_decode():
+    tok = bundled()
+    ids = tok.encode("🎉")
+    detok = StreamingDetokenizer(tok)
+    text = "".join(detok.add(i) for i in ids[:-1]) + detok.finish()
+    assert text == tok.decode(ids[:-1])
+
+
+def test_token_bytes_are_the_raw_bytes_of_each_token():
+    tok = bundled()
+    table = token_bytes(tok)
+    assert b"".join(table[i] for i in tok.encode(SPLIT_TEXT)) == SPLIT_TEXT.encode()
+    assert table[tok.eos_id] == b"<|endoftext|>"

@@ -91,7 +91,7 @@ def bench(
     from gpt2cli.hub import load_model
     from gpt2cli.progress import hub_progress_class
 
-    sampling = SamplingParams(temperature, top_k, top_p)  # checks the ranges
+    sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)  # checks ranges
     compile_cache.enable()
     with err.status(f"loading {model}"):
         config, params = load_model(model, finite=True, tqdm_class=hub_progress_class())

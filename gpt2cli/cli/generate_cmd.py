@@ -73,8 +73,6 @@ def _read_prompts(
         text = decode(sys.stdin.buffer.read(), "stdin")
         text = text[:-1] if text.endswith("\n") else text
     check_utf8(text, "the prompt")
-    if not text:
-        raise UserError("the prompt is empty: give some text to continue")
     return [text]
 
 
@@ -115,7 +113,10 @@ def generate(
     max_new_tokens: MaxNewTokens = None,
     max_length: Annotated[
         int | None,
-        typer.Option("--max-length", help="Total length, prompt included (the seed's flag)."),
+        typer.Option(
+            "--max-length",
+            help="Total length, prompt included (kept from the original script's flags).",
+        ),
     ] = None,
     temperature: Temperature = 0.0,
     top_k: TopK = 0,
@@ -131,7 +132,8 @@ def generate(
         Path | None, typer.Option(help="One prompt per line, all decoded in one batch.")
     ] = None,
     prompt_option: Annotated[
-        str | None, typer.Option("--prompt", help="The prompt (the seed's flag).")
+        str | None,
+        typer.Option("--prompt", help="The prompt (kept from the original script's flags)."),
     ] = None,
     no_stream: Annotated[bool, typer.Option("--no-stream", help="Print at the end.")] = False,
     json_output: JsonOutput = False,
@@ -160,13 +162,23 @@ def generate(
         Engine,
         SamplingParams,
         batch_generate,
+        check_prompt,
         fit_prompt,
         stream_generate,
     )
     from gpt2cli.hub import load_model, load_tokenizer
     from gpt2cli.progress import hub_progress_class
 
-    sampling = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+    for text in texts:  # before the model loads
+        check_prompt(text)
+    sampling = SamplingParams(
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+    )
     compile_cache.enable()
     started = time.perf_counter()
     with err.status(f"loading {model}"):

@@ -12,7 +12,6 @@ import contextlib
 import hmac
 import json
 import logging
-import secrets
 import time
 from html import escape
 from importlib import resources
@@ -25,12 +24,11 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from gpt2cli.chat import Trimmed
-from gpt2cli.detokenizer import token_bytes
 from gpt2cli.serve import protocol
 from gpt2cli.serve.metrics import Metrics
 from gpt2cli.serve.protocol import APIError, Plan
 from gpt2cli.serve.scheduler import Delta, Failed, Finish, Job, QueueFull, Scheduler
+from gpt2cli.tokenizer import token_bytes
 
 RETRY_AFTER_S = 1
 log = logging.getLogger("uvicorn.error")
@@ -45,7 +43,6 @@ class Run:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.started = time.monotonic()
         loop = asyncio.get_running_loop()
-        settings = {**plan.settings, "top_logprobs": -1 if plan.logprobs is None else plan.logprobs}
         self.jobs = []
         for p, ids in enumerate(plan.prompts):
             for j in range(plan.n):
@@ -55,9 +52,15 @@ class Run:
                     with contextlib.suppress(RuntimeError):  # the loop closed: nobody listens
                         loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
 
-                self.jobs.append(
-                    Job(ids, plan.max_tokens[p], settings, plan.seed, j, plan.stop, sink)
+                job = Job(
+                    prompt=ids,
+                    max_tokens=plan.max_tokens[p],
+                    settings=plan.settings,
+                    sample=j,
+                    stop=plan.stop,
+                    sink=sink,
                 )
+                self.jobs.append(job)
         self.open = len(self.jobs)
         self.cancelled = False
 
@@ -123,25 +126,6 @@ class EventStream:
             self.run.cancel()
 
 
-class Choice:
-    """The output of one choice, gathered or streamed."""
-
-    def __init__(self, chat: bool):
-        self.trim = Trimmed() if chat else None
-        self.text: list[str] = []
-        self.tokens: list = []
-        self.finish: str | None = None
-        self.completion_tokens = 0
-
-    def add(self, delta: Delta) -> str:
-        text = delta.text
-        if self.trim is not None:
-            text = "".join(self.trim.push(text))
-        self.text.append(text)
-        self.tokens.extend(delta.tokens)
-        return text
-
-
 class Server:
     """What the routes share: the scheduler, the tokenizer, the served model's name."""
 
@@ -203,9 +187,6 @@ class Server:
                 400, f"the request body is not valid JSON: {exc}", None, "invalid_json"
             ) from None
 
-    def token_text(self, token: int) -> str:
-        return token_bytes(self.scheduler.tokenizer)[token].decode("utf-8", errors="replace")
-
     # ---- routes ----------------------------------------------------------------------
 
     async def health(self, request: Request) -> Response:
@@ -228,15 +209,9 @@ class Server:
         return JSONResponse(self.model_card())
 
     def model_card(self) -> dict:
-        card = {
-            "id": self.model_name,
-            "object": "model",
-            "created": self.created,
-            "owned_by": "gpt2cli",
-        }
-        if self.scheduler.programs is not None:
-            card["max_model_len"] = self.scheduler.programs.config.n_positions
-        return card
+        programs = self.scheduler.programs
+        n_positions = None if programs is None else programs.config.n_positions
+        return protocol.model_card(self.model_name, self.created, n_positions)
 
     async def metrics_text(self, request: Request) -> Response:
         self.authorize(request)
@@ -246,28 +221,15 @@ class Server:
         self.authorize(request)
         body = await self.read_json(request)
         self.require_ready()
-        config, tok = self.scheduler.programs.config, self.scheduler.tokenizer
-        if isinstance(body, dict) and "messages" in body:
-            protocol.check_fields(body, {"model", "messages"})
-            ids = protocol.chat_ids(body["messages"], tok)
-        else:
-            protocol.check_fields(body, {"model", "prompt"})
-            if not isinstance(body.get("prompt"), str):
-                raise protocol.bad("prompt", "prompt must be a string")
-            ids = tok.encode(body["prompt"])
-        return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": config.n_positions})
+        n_positions = self.scheduler.programs.config.n_positions
+        return JSONResponse(protocol.tokenize(body, self.scheduler.tokenizer, n_positions))
 
     async def detokenize(self, request: Request) -> Response:
         self.authorize(request)
         body = await self.read_json(request)
         self.require_ready()
-        protocol.check_fields(body, {"model", "tokens"})
-        tokens = body.get("tokens")
         vocab = self.scheduler.programs.config.vocab_size
-        if not isinstance(tokens, list):
-            raise protocol.bad("tokens", "tokens must be a list of token ids")
-        ids = protocol.check_ids(tokens, vocab, "tokens")
-        return JSONResponse({"prompt": self.scheduler.tokenizer.decode(ids)})
+        return JSONResponse(protocol.detokenize(body, self.scheduler.tokenizer, vocab))
 
     async def completions(self, request: Request) -> Response:
         return await self.generate(request, chat=False)
@@ -290,60 +252,17 @@ class Server:
         self.metrics.prompt_tokens.inc(sum(map(len, plan.prompts)))
         run = Run(plan, self.scheduler)
         run.start()
-        ident = f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}"
         if plan.stream:
-            return EventStream(run, self.stream_chunks(run, ident, chat))
-        return await self.complete(request, run, ident, chat)
+            return EventStream(run, self.stream_chunks(run))
+        return await self.complete(request, run)
 
-    # ---- bodies ----------------------------------------------------------------------
+    # ---- answers -----------------------------------------------------------------------
 
-    def usage(self, run: Run, choices: list[Choice]) -> dict:
-        prompt = sum(map(len, run.plan.prompts))
-        completion = sum(c.completion_tokens for c in choices)
-        return {
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-        }
+    def bodies(self, plan: Plan) -> protocol.Bodies:
+        return protocol.Bodies(plan, token_bytes(self.scheduler.tokenizer))
 
-    def logprobs(self, choice_tokens, chat: bool, want_top: int, offset: int = 0):
-        if chat:
-            return {
-                "content": [
-                    {
-                        "token": self.token_text(t.token),
-                        "logprob": t.logprob,
-                        "bytes": list(token_bytes(self.scheduler.tokenizer)[t.token]),
-                        "top_logprobs": [
-                            {
-                                "token": self.token_text(i),
-                                "logprob": lp,
-                                "bytes": list(token_bytes(self.scheduler.tokenizer)[i]),
-                            }
-                            for i, lp in t.top
-                        ],
-                    }
-                    for t in choice_tokens
-                ],
-                "refusal": None,
-            }
-        texts = [self.token_text(t.token) for t in choice_tokens]
-        offsets = []
-        for text in texts:
-            offsets.append(offset)
-            offset += len(text)
-        return {
-            "tokens": texts,
-            "token_logprobs": [t.logprob for t in choice_tokens],
-            "top_logprobs": [{self.token_text(i): lp for i, lp in t.top} for t in choice_tokens]
-            if want_top
-            else None,
-            "text_offset": offsets,
-        }
-
-    async def complete(self, request: Request, run: Run, ident: str, chat: bool) -> Response:
-        plan = run.plan
-        choices = [Choice(chat) for _ in run.jobs]
+    async def complete(self, request: Request, run: Run) -> Response:
+        bodies = self.bodies(run.plan)
         watcher = asyncio.create_task(watch_disconnect(request.receive, run))
         try:
             async for index, event in run.events():
@@ -351,121 +270,36 @@ class Server:
                     run.cancel()
                     raise APIError(event.status, event.message)
                 if isinstance(event, Delta):
-                    choices[index].add(event)
+                    bodies.add(index, event.text, event.tokens)
                 else:
-                    choices[index].finish = event.reason
-                    choices[index].completion_tokens = event.completion_tokens
+                    bodies.finish(index, event.reason, event.completion_tokens)
         finally:
             watcher.cancel()
         if run.cancelled:  # the client is gone: nobody reads this
             return Response(status_code=499)
         self.metrics.duration.observe(time.monotonic() - run.started)
-        created = int(time.time())
-        out = []
-        for index, choice in enumerate(choices):
-            text = "".join(choice.text)
-            logprobs = None
-            if chat:
-                if plan.logprobs is not None:
-                    logprobs = self.logprobs(choice.tokens, True, plan.logprobs)
-                message = {"role": "assistant", "content": text.rstrip(), "refusal": None}
-                out.append(
-                    {
-                        "index": index,
-                        "message": message,
-                        "logprobs": logprobs,
-                        "finish_reason": choice.finish,
-                    }
-                )
-            else:
-                prompt_text = plan.prompt_texts[index // plan.n] if plan.echo else ""
-                if plan.logprobs is not None:
-                    logprobs = self.logprobs(choice.tokens, False, plan.logprobs, len(prompt_text))
-                out.append(
-                    {
-                        "index": index,
-                        "text": prompt_text + text,
-                        "logprobs": logprobs,
-                        "finish_reason": choice.finish,
-                    }
-                )
-        return JSONResponse(
-            {
-                "id": ident,
-                "object": "chat.completion" if chat else "text_completion",
-                "created": created,
-                "model": plan.model,
-                "choices": out,
-                "usage": self.usage(run, choices),
-            }
-        )
+        return JSONResponse(bodies.whole())
 
-    async def stream_chunks(self, run: Run, ident: str, chat: bool):
-        plan = run.plan
-        created = int(time.time())
-        choices = [Choice(chat) for _ in run.jobs]
-        offsets = [0] * len(choices)
-
-        def chunk(choice_list) -> dict:
-            body = {
-                "id": ident,
-                "object": "chat.completion.chunk" if chat else "text_completion",
-                "created": created,
-                "model": plan.model,
-                "choices": choice_list,
-            }
-            if plan.include_usage:
-                body["usage"] = None
-            return body
-
-        for index in range(len(choices)):
-            if chat:
-                delta = {"role": "assistant", "content": ""}
-                yield chunk(
-                    [{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}]
-                )
-            elif plan.echo:
-                text = plan.prompt_texts[index // plan.n]
-                offsets[index] = len(text)
-                yield chunk(
-                    [{"index": index, "text": text, "logprobs": None, "finish_reason": None}]
-                )
+    async def stream_chunks(self, run: Run):
+        bodies = self.bodies(run.plan)
+        for chunk in bodies.opening():
+            yield chunk
         async for index, event in run.events():
-            choice = choices[index]
             if isinstance(event, Failed):
                 yield {"error": APIError(event.status, event.message).body()["error"]}
                 run.cancel()
                 break
             if isinstance(event, Finish):
-                choice.finish = event.reason
-                choice.completion_tokens = event.completion_tokens
-                end = {"index": index, "logprobs": None, "finish_reason": event.reason}
-                end.update({"delta": {}} if chat else {"text": ""})
-                yield chunk([end])
+                yield bodies.finish(index, event.reason, event.completion_tokens)
                 continue
-            text = choice.add(event)
-            if not text and not (plan.logprobs is not None and event.tokens):
-                continue
-            logprobs = None
-            if plan.logprobs is not None:
-                logprobs = self.logprobs(event.tokens, chat, plan.logprobs, offsets[index])
-                offsets[index] += sum(len(self.token_text(t.token)) for t in event.tokens)
-            if chat:
-                part = {
-                    "index": index,
-                    "delta": {"content": text},
-                    "logprobs": logprobs,
-                    "finish_reason": None,
-                }
-            else:
-                part = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": None}
-            yield chunk([part])
+            chunk = bodies.delta(index, event.text, event.tokens)
+            if chunk is not None:
+                yield chunk
         else:
             self.metrics.duration.observe(time.monotonic() - run.started)
-            if plan.include_usage:
-                body = chunk([])
-                body["usage"] = self.usage(run, choices)
-                yield body
+            usage = bodies.usage_chunk()
+            if usage is not None:
+                yield usage
         yield "[DONE]"
 
     async def page(self, request: Request) -> Response:

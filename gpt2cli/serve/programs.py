@@ -3,9 +3,10 @@
 Unlike `engine.py`, where every row of a batch starts together and shares one write index,
 a slot here is taken and freed at any time: each row keeps its own length (`cache.index` is
 [B]), writes its keys at its own position, and carries its own sampling settings as arrays
-(`RowSettings`), so a new mix of requests never recompiles. The model is the same `GPT2`: the
-decode step runs it on one row under `jax.vmap`, which turns the shared write into a per-row
-scatter, and the matrix products still read each weight once for all rows.
+(`RowSettings`: a `sampling.Rule` of one value per row), so a new mix of requests never
+recompiles. The model is the same `GPT2`: the decode step runs it on one row under `jax.vmap`,
+which turns the shared write into a per-row scatter, and the matrix products still read each
+weight once for all rows.
 
 A prompt is read into a one-row *stage* (prefill), then copied into a free row of the block
 (insert), so the prefill programs do not depend on the block's shape. The block has R rows and
@@ -28,9 +29,12 @@ from flax import struct
 from gpt2cli import kernels, sampling
 from gpt2cli.engine import Engine
 from gpt2cli.model import KVCache
+from gpt2cli.serve.protocol import Settings
 
 TOP_LOGPROBS = 20  # the most `top_logprobs` a request may ask for (OpenAI's limit)
 SHORT_PREFILL = 32  # the narrower prefill block, for short prompts and prompts' last chunks
+# the fields of a row's rule that its `SamplingParams.rule` gives (the server adds the others)
+SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "log_min_p", "repetition_penalty")
 
 
 @struct.dataclass
@@ -47,18 +51,10 @@ class Slots:
 
 @struct.dataclass
 class RowSettings:
-    """How each row samples, as arrays; the host builds them (see `settings_arrays`)."""
+    """What a step reads about each row, as arrays; the host builds them (`settings_arrays`)."""
 
-    temperature: jax.Array  # [B] float32, 0 = greedy
-    top_k: jax.Array  # [B] int32, 0 = off
-    top_p: jax.Array  # [B] float32, 1 = off
-    log_min_p: jax.Array  # [B] float32: log(min_p), -inf = off
-    repetition_penalty: jax.Array  # [B] float32, 1 = off (HF's multiplicative penalty)
-    presence_penalty: jax.Array  # [B] float32, OpenAI's additive penalties, 0 = off
-    frequency_penalty: jax.Array  # [B] float32
-    logit_bias: jax.Array  # [B, V] float32, added to the logits
-    # [B] int32: how many top logprobs the row wants (0..L); -1: not even the token's own
-    top_logprobs: jax.Array
+    rule: sampling.Rule  # each field [B] (logit_bias [B, V]): how the row picks its token
+    logprobs: jax.Array  # [B] int32: -1 none; 0 the token's own; n > 0 and the top L too
     active: jax.Array  # [B] bool: the row decodes (false: a free row)
 
 
@@ -72,10 +68,10 @@ class Picked:
     top_logprobs: jax.Array  # [..., L] float32
 
 
-def settings_arrays(rows: list[dict | None], vocab: int) -> RowSettings:
-    """Host arrays for B rows; a row is a dict of `RowSettings` field values, or None (idle)."""
+def settings_arrays(rows: list[Settings | None], vocab: int) -> RowSettings:
+    """Host arrays for B rows: each row's request settings, or None for a free row."""
     b = len(rows)
-    out = {
+    rule = {
         "temperature": np.zeros(b, np.float32),
         "top_k": np.zeros(b, np.int32),
         "top_p": np.ones(b, np.float32),
@@ -84,64 +80,38 @@ def settings_arrays(rows: list[dict | None], vocab: int) -> RowSettings:
         "presence_penalty": np.zeros(b, np.float32),
         "frequency_penalty": np.zeros(b, np.float32),
         "logit_bias": np.zeros((b, vocab), np.float32),
-        "top_logprobs": np.full(b, -1, np.int32),
-        "active": np.zeros(b, np.bool_),
     }
+    logprobs = np.full(b, -1, np.int32)
+    active = np.zeros(b, np.bool_)
     for i, row in enumerate(rows):
-        for name, value in (row or {}).items():
-            if name == "logit_bias":
-                for token, bias in value.items():
-                    out[name][i, token] = bias
-            else:
-                out[name][i] = value
-    return RowSettings(**out)
+        if row is None:
+            continue
+        active[i] = True
+        for name in SAMPLING_FIELDS:  # as the engine's static rule has them
+            rule[name][i] = getattr(row.sampling.rule, name)
+        rule["presence_penalty"][i] = row.presence_penalty
+        rule["frequency_penalty"][i] = row.frequency_penalty
+        for token, bias in row.logit_bias:
+            rule["logit_bias"][i, token] = bias
+        logprobs[i] = -1 if row.logprobs is None else row.logprobs
+    return RowSettings(rule=sampling.Rule(**rule), logprobs=logprobs, active=active)
 
 
-def pick(logits, seen, counts, s: RowSettings, keys, step) -> Picked:
-    """Process each row's logits [B, V] with its own settings and draw one token per row.
+def choose(logits, seen, counts, s: RowSettings, keys, step) -> Picked:
+    """Each row's token, picked under its own rule by `sampling.pick` (as `gpt2 generate` picks,
+    so a row gives that command's tokens for the same settings and seed), and the logprobs the
+    row asks for.
 
-    The same operations, in the same order, as `engine._pick` with `sampling`'s functions, so a
-    row's tokens equal `gpt2 generate`'s with the same settings and seed. A setting that is off
-    leaves the logits bit-identical (x / 1, x - 0, x + 0). Work that no row asks for (penalties,
-    sampling, logprobs) is skipped by `lax.cond`s whose results are small: each pass over
+    Work no row asks for is skipped by `lax.cond`s whose results are small: each pass over
     [B, V] costs, and so does a [B, V] result of a `cond` (XLA:CPU copies it).
     """
-    col = lambda a: a[:, None]  # noqa: E731 - [B] -> [B, 1]
     rows = logits.shape[0]
-    greedy = s.temperature == 0.0
-    penalized = (
-        (s.repetition_penalty != 1.0) | (s.presence_penalty != 0.0) | (s.frequency_penalty != 0.0)
-    )
-
-    def when(wanted, rule, x):
-        """Apply `rule` to the rows that want it, and only if some row does."""
-        return jax.lax.cond(jnp.any(wanted), lambda: jnp.where(col(wanted), rule(x), x), lambda: x)
-
-    def sample(x):
-        warped = x / col(jnp.where(greedy, 1.0, s.temperature))
-        warped = when(s.top_k > 0, lambda x: sampling.apply_top_k_rows(x, col(s.top_k)), warped)
-        warped = when(s.top_p < 1.0, lambda x: sampling.apply_top_p(x, col(s.top_p)), warped)
-        warped = when(
-            s.log_min_p > -jnp.inf, lambda x: sampling.apply_min_p_rows(x, col(s.log_min_p)), warped
-        )
-        return sampling.draw(warped, jax.vmap(jax.random.fold_in)(keys, step))
-
-    def ruled():
-        x = sampling.apply_repetition_penalty(logits, seen, col(s.repetition_penalty))
-        x = x - col(s.presence_penalty) * (counts > 0) - col(s.frequency_penalty) * counts
-        x = x + s.logit_bias
-        drawn = jax.lax.cond(jnp.any(~greedy), lambda: sample(x), lambda: jnp.zeros_like(s.top_k))
-        return jnp.where(greedy, jnp.argmax(x, axis=-1).astype(jnp.int32), drawn)
-
-    def plain():  # every row greedy without penalties: the same tokens, fewer passes
-        return jnp.argmax(logits + s.logit_bias, axis=-1).astype(jnp.int32)
-
-    token = jax.lax.cond(jnp.any(penalized | ~greedy), ruled, plain)
+    token = sampling.pick(logits, s.rule, keys, step, seen=seen, counts=counts)
 
     def scores():
         logprobs = jax.nn.log_softmax(logits, axis=-1)  # the model's, before any rule
         top_lp, top_ids = jax.lax.cond(
-            jnp.any(s.top_logprobs > 0),
+            jnp.any(s.logprobs > 0),
             lambda: tuple(jax.lax.top_k(logprobs, TOP_LOGPROBS)),
             lambda: _no_top(rows),
         )
@@ -151,7 +121,7 @@ def pick(logits, seen, counts, s: RowSettings, keys, step) -> Picked:
         top_lp, top_ids = _no_top(rows)
         return jnp.zeros(rows, jnp.float32), top_ids, top_lp
 
-    logprob, top_ids, top_lp = jax.lax.cond(jnp.any(s.top_logprobs >= 0), scores, no_scores)
+    logprob, top_ids, top_lp = jax.lax.cond(jnp.any(s.logprobs >= 0), scores, no_scores)
     return Picked(token, logprob, top_ids, top_lp)
 
 
@@ -274,7 +244,7 @@ class SlotPrograms:
             )  # [1, 1, V]
         key = jax.random.fold_in(jax.random.key(seed), sample)
         counts = jnp.zeros((1, seen.shape[0]), jnp.int32)
-        picked = pick(
+        picked = choose(
             logits[:, 0], seen[None], counts, settings, key[None], jnp.zeros(1, jnp.int32)
         )
         token = picked.token[0]
@@ -317,7 +287,7 @@ class SlotPrograms:
             logits, keys, values, mask = jax.vmap(forward)(
                 slots.token, c.index, c.keys, c.values, c.mask
             )
-            picked = pick(logits, slots.seen, slots.counts, settings, slots.keys, slots.step)
+            picked = choose(logits, slots.seen, slots.counts, settings, slots.keys, slots.step)
             cache = KVCache(keys, values, mask, jnp.where(active, c.index + 1, c.index))
             slots = _record(slots.replace(cache=cache), picked.token, active)
             out = jax.tree_util.tree_map(lambda o, p: o.at[:, i].set(p), out, picked)

@@ -1,4 +1,5 @@
-"""OpenAI's request fields -> a `Plan` of jobs, and the response and stream-chunk bodies back.
+"""OpenAI's request fields -> a `Plan` of jobs, and the response and stream-chunk bodies back
+(`Bodies`).
 
 Every field is implemented or refused with a 400 that names it; nothing is silently ignored.
 Validation is ours (not a schema library's), so every error keeps OpenAI's shape:
@@ -8,11 +9,14 @@ Validation is ours (not a schema library's), so every error keeps OpenAI's shape
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import secrets
+import time
+from dataclasses import dataclass, replace
 
-from gpt2cli import sampling
-from gpt2cli.chat import TEMPLATES, Template
+from gpt2cli.chat import TEMPLATES, Template, Trimmed
 from gpt2cli.errors import UserError
+from gpt2cli.generate import SamplingParams, check_prompt
+from gpt2cli.sampling_checks import check_sampling
 
 MAX_STOPS = 4  # OpenAI's limit
 COMPLETION_DEFAULT_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
@@ -85,7 +89,20 @@ def bad(param: str, message: str, code: str | None = None) -> APIError:
     return APIError(400, message, param, code)
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """How every choice of a request picks its tokens, and what it reports about them: checked
+    here, carried by each `Job` to the engine thread, turned into device arrays there
+    (`programs.settings_arrays`). The defaults are off (greedy, no penalty)."""
+
+    sampling: SamplingParams = SamplingParams()  # as `gpt2 generate` samples, seed included
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs
+    logprobs: int | None = None  # None: none; else how many top logprobs per token (0..20)
+
+
+@dataclass(frozen=True, kw_only=True)
 class Plan:
     """A validated request: prompts as token ids, and how to generate from each."""
 
@@ -94,14 +111,11 @@ class Plan:
     prompt_texts: list[str]
     max_tokens: list[int]  # per prompt
     n: int
-    settings: dict  # RowSettings values shared by every row of the request
-    seed: int
-    seeded: bool
+    settings: Settings  # shared by every choice of the request
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool
     echo: bool
-    logprobs: int | None  # None: none; else how many top logprobs per token (0..20)
     model: str
 
 
@@ -127,11 +141,12 @@ def _flag(body: dict, name: str, default: bool = False) -> bool:
     return value
 
 
-def _sampling_setting(name: str, value) -> None:
+def _checked(param: str, check, *args, **kwargs) -> None:
+    """Run a core check; its error becomes a 400 naming the request's field."""
     try:
-        sampling.check_sampling(**{name: value})
+        check(*args, **kwargs)
     except UserError as exc:
-        raise bad(name, str(exc)) from None
+        raise bad(param, str(exc)) from None
 
 
 def check_fields(body, allowed: set[str]) -> None:
@@ -161,8 +176,8 @@ def parse_stop(body: dict) -> tuple[str, ...]:
     return tuple(stops)
 
 
-def parse_settings(body: dict, vocab: int) -> dict:
-    """The sampling fields -> RowSettings values (see programs.py)."""
+def parse_settings(body: dict, vocab: int, seed: int) -> Settings:
+    """The sampling fields (OpenAI's defaults where absent); logprobs are the plan's to add."""
     temperature = _number(body, "temperature", 1.0)
     top_p = _number(body, "top_p", 1.0)
     min_p = _number(body, "min_p", 0.0)
@@ -177,52 +192,54 @@ def parse_settings(body: dict, vocab: int) -> dict:
         ("repetition_penalty", penalty),
         ("top_k", top_k),
     ):
-        _sampling_setting(name, value)
-    settings = {
-        "temperature": temperature,
-        "top_k": min(top_k, vocab),
-        "top_p": top_p,
-        "log_min_p": math.log(min_p) if min_p > 0 else -math.inf,
-        "repetition_penalty": penalty,
-    }
+        _checked(name, check_sampling, **{name: value})
+    additive = {}
     for name in ("presence_penalty", "frequency_penalty"):
         value = _number(body, name, 0.0)
         if not -2.0 <= value <= 2.0:
             raise bad(name, f"{name} must be between -2 and 2, got {value:g}")
-        settings[name] = value
+        additive[name] = value
+    sampling = SamplingParams(
+        temperature=temperature,
+        top_k=min(top_k, vocab),
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=penalty,
+        seed=seed,
+    )
+    return Settings(sampling=sampling, logit_bias=parse_logit_bias(body, vocab), **additive)
+
+
+def parse_logit_bias(body: dict, vocab: int) -> tuple[tuple[int, float], ...]:
     bias = body.get("logit_bias")
-    if bias is not None:
-        if not isinstance(bias, dict):
-            raise bad("logit_bias", "logit_bias must map token ids to numbers from -100 to 100")
-        table = {}
-        for key, value in bias.items():
-            try:
-                token = int(key)
-            except ValueError:
-                raise bad("logit_bias", f"logit_bias key {key!r} is not a token id") from None
-            if not 0 <= token < vocab:
-                raise bad("logit_bias", f"logit_bias token {token} is outside 0..{vocab - 1}")
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, int | float)
-                or not -100 <= value <= 100
-            ):
-                raise bad(
-                    "logit_bias",
-                    f"logit_bias values must be numbers from -100 to 100, got {value!r}",
-                )
-            table[token] = float(value)
-        settings["logit_bias"] = table
-    return settings
+    if bias is None:
+        return ()
+    if not isinstance(bias, dict):
+        raise bad("logit_bias", "logit_bias must map token ids to numbers from -100 to 100")
+    table = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise bad("logit_bias", f"logit_bias key {key!r} is not a token id") from None
+        if not 0 <= token < vocab:
+            raise bad("logit_bias", f"logit_bias token {token} is outside 0..{vocab - 1}")
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not -100 <= value <= 100
+        ):
+            raise bad(
+                "logit_bias",
+                f"logit_bias values must be numbers from -100 to 100, got {value!r}",
+            )
+        table[token] = float(value)
+    return tuple(table.items())
 
 
-def parse_seed(body: dict) -> tuple[int, bool]:
+def parse_seed(body: dict) -> int:
     seed = _number(body, "seed", None, integer=True)
-    if seed is None:
-        import secrets
-
-        return secrets.randbelow(SEED_RANGE), False
-    return seed % SEED_RANGE, True
+    return secrets.randbelow(SEED_RANGE) if seed is None else seed % SEED_RANGE
 
 
 def parse_common(body: dict, models: set[str], vocab: int) -> dict:
@@ -247,15 +264,13 @@ def parse_common(body: dict, models: set[str], vocab: int) -> dict:
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise bad("user", "user must be a string")
-    seed, seeded = parse_seed(body)
+    seed = parse_seed(body)
     return dict(
         model=model or sorted(models)[0],
         n=n,
         stream=stream,
         include_usage=include_usage,
-        settings=parse_settings(body, vocab),
-        seed=seed,
-        seeded=seeded,
+        settings=parse_settings(body, vocab, seed),
         stop=parse_stop(body),
     )
 
@@ -309,8 +324,7 @@ def parse_prompts(prompt, tokenizer, vocab: int) -> tuple[list[list[int]], list[
             ids.append(check_ids(encoded, vocab, "prompt"))
             texts.append(p)
         else:
-            if not p:
-                raise bad("prompt", "a token-id prompt must not be empty")
+            _checked("prompt", check_prompt, p)
             ids.append(check_ids(p, vocab, "prompt"))
             texts.append(tokenizer.decode(p))
     return ids, texts
@@ -333,13 +347,13 @@ def completion_plan(body: dict, *, models: set[str], tokenizer, config, max_batc
     for ids in prompts:
         check_context(ids, max_tokens, config.n_positions, "prompt")
     _check_n(common["n"] * len(prompts), max_batch)
+    common["settings"] = replace(common["settings"], logprobs=logprobs)
     return Plan(
         chat=False,
         prompts=prompts,
         prompt_texts=texts,
         max_tokens=[max_tokens] * len(prompts),
         echo=echo,
-        logprobs=logprobs,
         **common,
     )
 
@@ -421,12 +435,211 @@ def chat_plan(body: dict, *, models: set[str], tokenizer, config, max_batch: int
     check_context(ids, max_tokens, config.n_positions, "messages")
     _check_n(common["n"], max_batch)
     common["stop"] = TEMPLATES["chat"].stops + common["stop"]
+    common["settings"] = replace(common["settings"], logprobs=(top or 0) if logprobs else None)
     return Plan(
         chat=True,
         prompts=[ids],
         prompt_texts=[""],
         max_tokens=[max_tokens],
         echo=False,
-        logprobs=(top or 0) if logprobs else None,
         **common,
     )
+
+
+# ---- other routes ----------------------------------------------------------------------
+
+
+def tokenize(body, tokenizer, n_positions: int) -> dict:
+    """/tokenize: a prompt, or chat messages as `chat_ids` writes them -> their token ids."""
+    if isinstance(body, dict) and "messages" in body:
+        check_fields(body, {"model", "messages"})
+        ids = chat_ids(body["messages"], tokenizer)
+    else:
+        check_fields(body, {"model", "prompt"})
+        if not isinstance(body.get("prompt"), str):
+            raise bad("prompt", "prompt must be a string")
+        ids = tokenizer.encode(body["prompt"])
+    return {"tokens": ids, "count": len(ids), "max_model_len": n_positions}
+
+
+def detokenize(body, tokenizer, vocab: int) -> dict:
+    """/detokenize: token ids -> their text."""
+    check_fields(body, {"model", "tokens"})
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list):
+        raise bad("tokens", "tokens must be a list of token ids")
+    return {"prompt": tokenizer.decode(check_ids(tokens, vocab, "tokens"))}
+
+
+def model_card(name: str, created: int, n_positions: int | None) -> dict:
+    card = {"id": name, "object": "model", "created": created, "owned_by": "gpt2cli"}
+    if n_positions is not None:
+        card["max_model_len"] = n_positions
+    return card
+
+
+# ---- response bodies ---------------------------------------------------------------------
+
+
+class Choice:
+    """The output of one choice, gathered or streamed (a chat reply without its outer spaces)."""
+
+    def __init__(self, chat: bool):
+        self.trim = Trimmed() if chat else None
+        self.text: list[str] = []
+        self.tokens: list = []  # the scheduler's TokenInfo: token, logprob, top (id, logprob)
+        self.finish: str | None = None
+        self.completion_tokens = 0
+
+    def add(self, text: str, tokens) -> str:
+        """Keep a delta's text and tokens; -> the text to show."""
+        if self.trim is not None:
+            text = "".join(self.trim.push(text))
+        self.text.append(text)
+        self.tokens.extend(tokens)
+        return text
+
+
+class Bodies:
+    """The response of one request in OpenAI's shapes: a whole body, or stream chunks.
+
+    Each choice's output is gathered here (`add` or `delta`, then `finish`) as the engine thread
+    sends it; `table` holds the raw bytes of every token id (`tokenizer.token_bytes`).
+    """
+
+    def __init__(self, plan: Plan, table: tuple[bytes, ...]):
+        self.plan = plan
+        self.table = table
+        self.id = f"{'chatcmpl' if plan.chat else 'cmpl'}-{secrets.token_hex(12)}"
+        self.created = int(time.time())
+        self.choices = [Choice(plan.chat) for _ in range(len(plan.prompts) * plan.n)]
+        self.offsets = [0] * len(self.choices)  # streamed text per choice, for text_offset
+
+    def add(self, index: int, text: str, tokens) -> str:
+        """Gather a choice's new text and tokens; -> the text it shows."""
+        return self.choices[index].add(text, tokens)
+
+    def delta(self, index: int, text: str, tokens) -> dict | None:
+        """`add`, and the chunk that streams what it adds (None: nothing to send)."""
+        text = self.add(index, text, tokens)
+        wanted = self.plan.settings.logprobs
+        if not text and not (wanted is not None and tokens):
+            return None
+        logprobs = None
+        if wanted is not None:
+            logprobs = self._logprobs(tokens, wanted, self.offsets[index])
+            self.offsets[index] += sum(len(self._text(t.token)) for t in tokens)
+        content = {"delta": {"content": text}} if self.plan.chat else {"text": text}
+        return self._chunk(
+            [{"index": index, **content, "logprobs": logprobs, "finish_reason": None}]
+        )
+
+    def finish(self, index: int, reason: str, completion_tokens: int) -> dict:
+        """A choice's end -> the chunk that streams it."""
+        choice = self.choices[index]
+        choice.finish, choice.completion_tokens = reason, completion_tokens
+        end = {"index": index, "logprobs": None, "finish_reason": reason}
+        end.update({"delta": {}} if self.plan.chat else {"text": ""})
+        return self._chunk([end])
+
+    def opening(self) -> list[dict]:
+        """The chunks before any token: each chat choice's role, or each echoed prompt."""
+        plan, chunks = self.plan, []
+        for index in range(len(self.choices)):
+            if plan.chat:
+                part = {"delta": {"role": "assistant", "content": ""}}
+            elif plan.echo:
+                text = plan.prompt_texts[index // plan.n]
+                self.offsets[index] = len(text)
+                part = {"text": text}
+            else:
+                continue
+            part.update(logprobs=None, finish_reason=None)
+            chunks.append(self._chunk([{"index": index, **part}]))
+        return chunks
+
+    def usage_chunk(self) -> dict | None:
+        """The last chunk, with the usage, if the request asked for it."""
+        if not self.plan.include_usage:
+            return None
+        return {**self._chunk([]), "usage": self._usage()}
+
+    def whole(self) -> dict:
+        """The body of a response that was not streamed, once every choice has finished."""
+        plan, out = self.plan, []
+        wanted = plan.settings.logprobs
+        for index, choice in enumerate(self.choices):
+            text = "".join(choice.text)
+            if plan.chat:
+                logprobs = None if wanted is None else self._logprobs(choice.tokens, wanted)
+                message = {"role": "assistant", "content": text.rstrip(), "refusal": None}
+                part = {"message": message, "logprobs": logprobs}
+            else:
+                prompt_text = plan.prompt_texts[index // plan.n] if plan.echo else ""
+                logprobs = None
+                if wanted is not None:
+                    logprobs = self._logprobs(choice.tokens, wanted, len(prompt_text))
+                part = {"text": prompt_text + text, "logprobs": logprobs}
+            out.append({"index": index, **part, "finish_reason": choice.finish})
+        return {
+            "id": self.id,
+            "object": "chat.completion" if plan.chat else "text_completion",
+            "created": int(time.time()),
+            "model": plan.model,
+            "choices": out,
+            "usage": self._usage(),
+        }
+
+    def _chunk(self, parts: list[dict]) -> dict:
+        body = {
+            "id": self.id,
+            "object": "chat.completion.chunk" if self.plan.chat else "text_completion",
+            "created": self.created,
+            "model": self.plan.model,
+            "choices": parts,
+        }
+        if self.plan.include_usage:
+            body["usage"] = None
+        return body
+
+    def _usage(self) -> dict:
+        prompt = sum(map(len, self.plan.prompts))
+        completion = sum(c.completion_tokens for c in self.choices)
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+
+    def _text(self, token: int) -> str:
+        return self.table[token].decode("utf-8", errors="replace")
+
+    def _logprobs(self, tokens, want_top: int, offset: int = 0) -> dict:
+        """Chat's `content` list of tokens with their bytes, or the completions' four lists."""
+        if self.plan.chat:
+            return {
+                "content": [
+                    {
+                        **self._token(t.token, t.logprob),
+                        "top_logprobs": [self._token(i, lp) for i, lp in t.top],
+                    }
+                    for t in tokens
+                ],
+                "refusal": None,
+            }
+        texts = [self._text(t.token) for t in tokens]
+        offsets = []
+        for text in texts:
+            offsets.append(offset)
+            offset += len(text)
+        return {
+            "tokens": texts,
+            "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [{self._text(i): lp for i, lp in t.top} for t in tokens]
+            if want_top
+            else None,
+            "text_offset": offsets,
+        }
+
+    def _token(self, token: int, logprob: float) -> dict:
+        return {"token": self._text(token), "logprob": logprob, "bytes": list(self.table[token])}

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gpt2cli.generate import RowText
+from gpt2cli.serve.protocol import Settings
 
 QUEUE_FULL = "the server is busy: the request queue is full, retry shortly"
 
@@ -60,14 +61,13 @@ class Failed:
     message: str
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, kw_only=True)
 class Job:
     """One choice of one request: what to generate, and where its output goes."""
 
     prompt: list[int]
     max_tokens: int
-    settings: dict  # `programs.RowSettings` field values for this row (sampling, bias, logprobs)
-    seed: int  # 0 <= seed < 2**32
+    settings: Settings  # the request's: how to pick each token, which logprobs to report
     sample: int  # which random stream of the seed (the choice's index, as --num-samples)
     stop: tuple[str, ...]
     sink: Callable[[Delta | Finish | Failed], None]
@@ -209,7 +209,7 @@ class Scheduler:
             stage = p.empty(1, length)
             for width in p.widths:
                 stage, picked = p.prefill_stage(
-                    stage, settings_arrays([{}], vocab), [0] * width, 0, [0], 0, 0
+                    stage, settings_arrays([Settings()], vocab), [0] * width, 0, [0], 0, 0
                 )
             for other in p.lengths:
                 if other != length:
@@ -317,9 +317,9 @@ class Scheduler:
         if self._settings is None:
             from gpt2cli.serve.programs import settings_arrays
 
-            rows: list[dict | None] = [None] * self._slots_rows
+            rows: list[Settings | None] = [None] * self._slots_rows
             for job in self._jobs:
-                rows[job.row] = {**job.settings, "active": True}
+                rows[job.row] = job.settings
             self._settings = settings_arrays(rows, self.programs.config.vocab_size)
         return self._settings
 
@@ -346,7 +346,7 @@ class Scheduler:
             part,
             job.prefilled,
             job.prompt,
-            job.seed,
+            job.settings.sampling.seed,
             job.sample,
         )
         job.prefilled += len(part)
@@ -398,7 +398,7 @@ class Scheduler:
         """Feed a row's new tokens ([k] arrays) to its text; send what it shows."""
         if job.cancelled or job.text.finish_reason:
             return
-        want_top = max(0, int(job.settings.get("top_logprobs", -1)))
+        want_top = job.settings.logprobs or 0
         text, infos = [], []
         eos = self.programs.config.eos_token_id
         for i, token in enumerate(picked["token"].tolist()):

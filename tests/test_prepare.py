@@ -475,3 +475,23 @@ def test_text_without_any_break_is_cut_at_a_character_to_bound_memory(tmp_path, 
     ids = sum((tok.encode(p.decode()) for p in pieces), [])
     assert tok.decode(ids) == text  # the same text; a token may be split in two at a cut
     assert abs(len(ids) - len(tok.encode(text))) <= len(pieces)
+
+
+def test_the_fingerprint_covers_the_tokens_and_is_unchanged_for_an_old_index(
+    tmp_path, prepared_once
+):
+    import hashlib
+
+    _, _, index = _prepared(tmp_path, prepared_once)
+    assert (
+        open_prepared(tmp_path / "out").fingerprint == open_prepared(prepared_once[1]).fingerprint
+    )
+    _damage_shard(tmp_path / "out" / "shard-00002.bin")
+    with pytest.raises(UserError, match="shard-00002.bin does not match the sha256 its index"):
+        open_prepared(tmp_path / "out").fingerprint  # noqa: B018 - reading it checks the shards
+    for shard in index["shards"]:
+        del shard["sha256"]
+    (tmp_path / "out" / prep.INDEX).write_text(json.dumps(index))
+    before = [index["tokenizer"]["fingerprint"], *(s["sha256"] for s in index["sources"])]
+    legacy = hashlib.sha256("\n".join(before).encode()).hexdigest()[:16]
+    assert open_prepared(tmp_path / "out").fingerprint == legacy  # its runs still resume

@@ -191,6 +191,18 @@ def test_a_shard_with_ids_beyond_the_vocabulary_is_refused_where_it_is_read(tmp_
     )
 
 
+def test_resume_refuses_a_prepared_shard_changed_under_its_index(tmp_path):
+    _prepared_by_hand(tmp_path / "p")
+    done = cli("train", "--dataset", "p", "-m", str(TINY_A), "--steps", "1",
+               "--batch-size", "2", "--seq-length", "16", "--out", "run")  # fmt: skip
+    assert done.exit_code == 0, done.output
+    ids = np.fromfile(tmp_path / "p/shard-00000.bin", np.uint16)
+    ids[:50] = ids[50:100]  # other tokens, all in the vocabulary, the same size
+    ids.tofile(tmp_path / "p/shard-00000.bin")
+    one_error_line(cli("train", "--resume", "run", "--steps", "2"),
+                   "shard-00000.bin does not match the sha256", "run the same gpt2 prepare again")  # fmt: skip
+
+
 def test_a_shard_index_whose_weight_map_is_not_a_mapping(tmp_path):
     folder = tmp_path / "sharded"
     folder.mkdir()

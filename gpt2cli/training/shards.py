@@ -15,7 +15,14 @@ from typing import Any
 import numpy as np
 
 from gpt2cli.errors import UserError
-from gpt2cli.training.index import DTYPE, INDEX, read_index, size_problem, vocabulary_problem
+from gpt2cli.training.index import (
+    DTYPE,
+    INDEX,
+    damage,
+    read_index,
+    size_problem,
+    vocabulary_problem,
+)
 
 
 class TokenStream:
@@ -99,11 +106,21 @@ class PreparedData:
 
     @property
     def fingerprint(self) -> str:
-        """Identifies the token stream: the inputs' hashes and the tokenizer."""
+        """Identifies the token stream: the tokenizer, the inputs' hashes and the shards' sha256.
+
+        It reads every shard to check it against its sha256 (as a text file's tokens are hashed
+        each time), so a resumed run refuses tokens changed under an unchanged index. An index
+        written before gpt2 kept shard checksums has none: it is fingerprinted as it was then,
+        so its runs still resume (`gpt2 prepare --force` gives the folder checksums).
+        """
         import hashlib
 
+        problem = damage(self.folder, self.tokens.vocab_size)
+        if problem:
+            raise UserError(f"{problem}; run the same gpt2 prepare again")
         parts = [self.index["tokenizer"]["fingerprint"]]
         parts += [s["sha256"] for s in self.index["sources"]]
+        parts += [s["sha256"] for s in self.index["shards"] if s.get("sha256")]
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
     @property

@@ -101,17 +101,14 @@ class _Shard:
 
 def read_index(folder: Path) -> dict[str, Any]:
     """The index.json that `build_index` wrote into `folder`, every field checked."""
-    try:
-        return _checked_index(folder)
-    except _Inconsistent as exc:
-        raise UserError(f"{exc}{FIX}") from None
+    index, problem = _read(folder)
+    if problem:
+        raise UserError(f"{problem}{FIX}")
+    return index
 
 
-class _Inconsistent(UserError):
-    """The index's fields or the folder disagree with what `build_index` writes."""
-
-
-def _checked_index(folder: Path) -> dict[str, Any]:
+def _read(folder: Path) -> tuple[dict[str, Any], str | None]:
+    """The index, and what disagrees in it or with the folder (None: nothing)."""
     file = folder / INDEX
     index = check_header(
         read_json(file),
@@ -126,8 +123,8 @@ def _checked_index(folder: Path) -> dict[str, Any]:
         _check_counts(index, file)
         _check_folder(index, folder, file)
     except UserError as exc:
-        raise _Inconsistent(str(exc)) from None
-    return index
+        return index, str(exc)
+    return index, None
 
 
 def _check_fields(index: dict[str, Any], file: Path) -> None:
@@ -217,10 +214,9 @@ def damage(folder: Path, vocab_size: int) -> str | None:
     Reads every shard: its ids must lie in the vocabulary, and its bytes match the sha256 the
     index lists (an index written before gpt2 kept shard checksums lists none).
     """
-    try:
-        index = _checked_index(folder)
-    except _Inconsistent as exc:
-        return str(exc)
+    index, problem = _read(folder)
+    if problem:
+        return problem
     for shard in index["shards"]:
         path = folder / shard["file"]
         problem = size_problem(path, shard["tokens"]) or _content_problem(

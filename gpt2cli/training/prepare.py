@@ -212,15 +212,16 @@ def _make_folder(out: Path) -> list[Path]:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
+        _unmake(made)  # the parents it made before it failed
         raise UserError(f"cannot make the folder {out}: {exc.strerror}") from None
     return made
 
 
 def _unmake(made: list[Path]) -> None:
     """Remove the folders a failed call created, with the files it wrote in them."""
-    if made:
+    if made and made[0].is_dir():
         _remove([p for p in made[0].iterdir() if _is_ours(p.name)])
-    for folder in made:
+    for folder in filter(Path.is_dir, made):  # mkdir may have failed below some of them
         try:
             folder.rmdir()
         except OSError:  # something else was put there meanwhile: leave it

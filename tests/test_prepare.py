@@ -495,3 +495,13 @@ def test_the_fingerprint_covers_the_tokens_and_is_unchanged_for_an_old_index(
     before = [index["tokenizer"]["fingerprint"], *(s["sha256"] for s in index["sources"])]
     legacy = hashlib.sha256("\n".join(before).encode()).hexdigest()[:16]
     assert open_prepared(tmp_path / "out").fingerprint == legacy  # its runs still resume
+
+
+def test_the_tokenizer_gets_bounded_runs_cut_where_no_token_changes(tok):
+    texts = {200: TRICKY + _text(1500), 40: _cjk(2000, 20) + "<|endoftext|>" + _cjk(500, 20, 1)}
+    for size, text in texts.items():
+        runs = sources.bounded_runs(text, size)
+        assert len(runs) > 10 and max(map(len, runs)) <= 2 * size
+        assert sum((tok.encode(run) for run in runs), []) == tok.encode(text)
+    run = _cjk(2000, None)
+    assert [len(r) for r in sources.bounded_runs(run, 40)][:3] == [40, 40, 40]

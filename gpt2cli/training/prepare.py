@@ -32,7 +32,14 @@ from gpt2cli.errors import UserError
 from gpt2cli.headers import read_json
 from gpt2cli.training.index import DTYPE, INDEX, build_index, damage, read_index, shard_name
 from gpt2cli.training.settings import PrepareSettings
-from gpt2cli.training.sources import BadInput, Piece, SourceReader, kind_of, piece_texts
+from gpt2cli.training.sources import (
+    BadInput,
+    Piece,
+    SourceReader,
+    bounded_runs,
+    kind_of,
+    piece_texts,
+)
 
 PROGRESS = ".progress.json"
 
@@ -86,7 +93,8 @@ def encode_piece(piece: Piece, text_field: str, errors: str, eos: int):
     for i, text in enumerate(texts):
         if i:
             parts.append(np.asarray([eos], DTYPE))
-        parts.append(_encoder.encode_to_numpy(text, allowed_special="all").astype(DTYPE))
+        for run in bounded_runs(text):
+            parts.append(_encoder.encode_to_numpy(run, allowed_special="all").astype(DTYPE))
     docs = int(piece.starts_doc) if piece.kind == "text" else len(texts)
     return (np.concatenate(parts) if parts else np.empty(0, DTYPE)), docs
 

@@ -3,8 +3,9 @@
 A plain text file is one document; a JSON-lines file (`.jsonl`, `.ndjson`) holds one document
 per line in a string field. Either may be gzip-compressed (`.gz`). A source is read in blocks
 and cut into pieces of about `PIECE_BYTES` that tokenize exactly as the whole text would (but
-inside a run of letters longer than a piece: see `text_cut`), so memory stays bounded for any
-text and the pieces can be tokenized in parallel.
+in a long stretch without a space or punctuation mark: see `text_cut`), so memory stays bounded
+for any text and the pieces can be tokenized in parallel; `bounded_runs` bounds the tokenizer's
+own memory the same way.
 """
 
 from __future__ import annotations
@@ -22,18 +23,21 @@ from pathlib import Path
 from gpt2cli.errors import UserError
 
 PIECE_BYTES = 1 << 20
+RUN_CHARS = 1 << 15  # the longest text handed to the tokenizer at once, about (see bounded_runs)
 _BLOCK = 1 << 20
 
 # A cut just before a space or newline that sits between two printable ASCII characters
 # changes no token: GPT-2's pre-tokenizer ends a word, number or punctuation run at the
 # space or newline, and the space (or newline) starts the next piece as it would have anyway.
-_SAFE_CUT = re.compile(rb"[\x21-\x7e](?=[ \n][\x21-\x7e])")
-
+_SPACE = r"[\x21-\x7e](?=[ \n][\x21-\x7e])"
 # Text without spaces (Chinese, Japanese) has no such cut. A cut between a letter or digit and a
 # non-ASCII punctuation mark or symbol that follows it (。、「！) changes no token either: the
 # pre-tokenizer ends a run of letters or of digits there, and the mark starts the next pre-token
 # wherever the text begins. (ASCII marks are left out so "<|endoftext|>" is never cut.)
-_SCRIPT_CUT = re.compile(r"[^\W_](?=[^\w\s\x00-\x7f])")
+_MARK = r"[^\W_](?=[^\w\s\x00-\x7f])"
+_SAFE_CUT = re.compile(_SPACE.encode())
+_SCRIPT_CUT = re.compile(_MARK)
+_ANY_CUT = re.compile(f"{_SPACE}|{_MARK}")
 
 
 def kind_of(path: Path) -> str:
@@ -172,6 +176,23 @@ def text_cut(buffer: bytes, size: int) -> int:
     if mark:
         return start + len(window[: mark.end()].encode("utf-8", errors="surrogateescape"))
     return start
+
+
+def bounded_runs(text: str, size: int = RUN_CHARS) -> list[str]:
+    """`text` in parts of at most 2 * `size` characters, cut where no token changes.
+
+    The tokenizer's memory grows with its longest pre-token: about 40 MB for a 1 MB run of
+    letters. A stretch of more than `size` characters with no cut that changes no token is cut
+    at `size`, where a token may split in two (as `text_cut` says).
+    """
+    parts, start = [], 0
+    while len(text) - start > 2 * size:
+        found = _ANY_CUT.search(text, start + size, start + 2 * size)
+        cut = found.end() if found else start + size
+        parts.append(text[start:cut])
+        start = cut
+    parts.append(text[start:])
+    return parts
 
 
 def _char_start(buffer: bytes, at: int) -> int:

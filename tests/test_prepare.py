@@ -14,7 +14,7 @@ from gpt2cli.tokenizer import bundled, bundled_files, fast_encoder
 from gpt2cli.training import data, sources
 from gpt2cli.training import prepare as prep
 from gpt2cli.training.shards import TokenStream, open_prepared
-from tests.conftest import run_gpt2
+from tests.conftest import cli, run_gpt2
 
 # gpt2 prepare's encoder; a GPU machine running the checkout may lack it
 pytest.importorskip("tiktoken", reason="gpt2 prepare needs tiktoken (pip install tiktoken)")
@@ -382,10 +382,10 @@ def test_the_cli_says_it_prepared_a_damaged_folder_again(tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text(_text(200))
     command = ("prepare", str(corpus), "--out", str(tmp_path / "p"), "--workers", "1")
-    assert run_gpt2(*command).returncode == 0
+    assert cli(*command).exit_code == 0
     (tmp_path / "p" / "shard-00000.bin").unlink()
-    again = run_gpt2(*command)
-    assert again.returncode == 0, again.stderr
+    again = cli(*command)
+    assert again.exit_code == 0, again.stderr
     assert "shard-00000.bin is missing: prepared again" in again.stderr
     assert "already prepared" not in again.stderr
 

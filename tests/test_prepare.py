@@ -345,9 +345,12 @@ def test_prepare_rebuilds_a_shard_that_was_deleted_truncated_or_changed(
 ):
     files, settings, index = _prepared(tmp_path, prepared_once)
     before = np.asarray(open_prepared(tmp_path / "out").tokens)
+    first = (tmp_path / "out" / "shard-00000.bin").stat().st_ino
     harm(tmp_path / "out" / "shard-00001.bin")
     again = prep.prepare(files, tmp_path / "out", settings, workers=1)
-    assert again.resumed_at == 0 and said in again.repaired
+    assert said in again.repaired
+    assert again.resumed_at == index["shards"][0]["tokens"]  # shard 0 kept, the rest made again
+    assert (tmp_path / "out" / "shard-00000.bin").stat().st_ino == first
     assert again.index == index
     assert np.array_equal(np.asarray(open_prepared(tmp_path / "out").tokens), before)
     assert prep.prepare(files, tmp_path / "out", settings).resumed_at is None
@@ -358,7 +361,7 @@ def test_an_index_without_shard_checksums_still_reads_and_ids_beyond_the_vocabul
 ):
     files, settings, index = _prepared(tmp_path, prepared_once)
     for shard in index["shards"]:
-        del shard["sha256"]  # as gpt2 wrote it before it kept checksums
+        del shard["sha256"], shard["after"]  # as gpt2 wrote it before it kept them
     (tmp_path / "out" / prep.INDEX).write_text(json.dumps(index))
     assert prep.prepare(files, tmp_path / "out", settings).resumed_at is None
     shard = tmp_path / "out" / "shard-00002.bin"
@@ -375,6 +378,7 @@ def test_an_index_without_shard_checksums_still_reads_and_ids_beyond_the_vocabul
         blocks.gather(np.array([first // 16]))
     again = prep.prepare(files, tmp_path / "out", settings, workers=1)
     assert "has token id 60000" in again.repaired
+    assert again.resumed_at == 0  # without "after", where shard 2 began is not known
     assert int(np.asarray(open_prepared(tmp_path / "out").tokens).max()) < 50257
 
 
@@ -490,7 +494,7 @@ def test_the_fingerprint_covers_the_tokens_and_is_unchanged_for_an_old_index(
     with pytest.raises(UserError, match="shard-00002.bin does not match the sha256 its index"):
         open_prepared(tmp_path / "out").fingerprint  # noqa: B018 - reading it checks the shards
     for shard in index["shards"]:
-        del shard["sha256"]
+        del shard["sha256"], shard["after"]
     (tmp_path / "out" / prep.INDEX).write_text(json.dumps(index))
     before = [index["tokenizer"]["fingerprint"], *(s["sha256"] for s in index["sources"])]
     legacy = hashlib.sha256("\n".join(before).encode()).hexdigest()[:16]

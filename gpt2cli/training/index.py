@@ -1,9 +1,10 @@
 """A prepared folder's index.json: written by `gpt2 prepare`, read by train and eval.
 
-The index lists the shard files with their token counts and sha256, the sources they came
-from, the validation split and the tokenizer. Reading it checks every field and that the
-counts agree with each other and with the folder, so a damaged or hand-edited index is one line
-naming the file and the field, never a wrong number of tokens or a read outside the folder.
+The index lists the shard files with their token counts, sha256 and where the work stood after
+each, the sources they came from, the validation split and the tokenizer. Reading it checks
+every field and that the counts agree with each other and with the folder, so a damaged or
+hand-edited index is one line naming the file and the field, never a wrong number of tokens or
+a read outside the folder.
 """
 
 from __future__ import annotations
@@ -97,6 +98,17 @@ class _Shard:
     file: str
     tokens: int
     sha256: str | None = None  # an index written before gpt2 kept shard checksums has none
+    after: dict | None = None  # where the work stood after it (then too)
+
+
+@dataclass(frozen=True)
+class _After:
+    sources: int
+    offset: int
+    line: int
+    source_tokens: int
+    source_docs: int
+    documents: int
 
 
 def read_index(folder: Path) -> dict[str, Any]:
@@ -135,6 +147,8 @@ def _check_fields(index: dict[str, Any], file: Path) -> None:
         _check_object(_Source, source, f"{file}: sources[{i}].")
     for i, shard in enumerate(index["shards"]):
         _check_object(_Shard, shard, f"{file}: shards[{i}].")
+        if shard.get("after") is not None:
+            _check_object(_After, shard["after"], f"{file}: shards[{i}].after.")
 
 
 def _check_object(kind: type, value: Any, where: str) -> None:
@@ -208,7 +222,13 @@ def size_problem(path: Path, tokens: int) -> str | None:
     return None
 
 
-def damage(folder: Path, vocab_size: int) -> str | None:
+@dataclass(frozen=True)
+class Damage:
+    problem: str  # what is wrong, naming the file
+    good_shards: int  # the shards before the first damaged one (0: the index itself is wrong)
+
+
+def damage(folder: Path, vocab_size: int) -> Damage | None:
     """What is wrong with a prepared folder (its index, a shard's size or contents), or None.
 
     Reads every shard: its ids must lie in the vocabulary, and its bytes match the sha256 the
@@ -216,14 +236,14 @@ def damage(folder: Path, vocab_size: int) -> str | None:
     """
     index, problem = _read(folder)
     if problem:
-        return problem
-    for shard in index["shards"]:
+        return Damage(problem, 0)
+    for number, shard in enumerate(index["shards"]):
         path = folder / shard["file"]
         problem = size_problem(path, shard["tokens"]) or _content_problem(
             path, shard.get("sha256"), vocab_size
         )
         if problem:
-            return problem
+            return Damage(problem, number)
     return None
 
 

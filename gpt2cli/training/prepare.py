@@ -7,7 +7,9 @@ by <|endoftext|>, exactly the stream `gpt2 train` makes of the same files) and `
 Worker processes tokenize pieces of the inputs (see sources.py) while this process reads
 ahead a bounded number of pieces and writes the results in order, so memory stays bounded.
 A shard is written under a temporary name and renamed when complete; `.progress.json`
-records where the last complete shard ended, so an interrupted run continues from there.
+records where the last complete shard ended, so an interrupted run continues from there. The
+index keeps that record for every shard, so a shard found damaged later is made again from
+where it began (with the shards after it).
 """
 
 from __future__ import annotations
@@ -118,6 +120,22 @@ class _State:
     def tokens(self) -> int:
         return sum(s["tokens"] for s in self.shards)
 
+    def close_shard(self, shard: dict[str, Any]) -> None:
+        """Add a finished shard, with where the work stood after it (for `before_shard`)."""
+        after = {"sources": len(self.sources), "offset": self.offset, "line": self.line}
+        after |= {"source_tokens": self.source_tokens, "source_docs": self.source_docs}
+        self.shards.append({**shard, "after": after | {"documents": self.documents}})
+
+    @classmethod
+    def before_shard(cls, index: dict[str, Any], number: int) -> _State:
+        """Where the work stood when shard `number` of a finished index began (the start when
+        it is the first, or the index is older than the shards' "after")."""
+        if number == 0 or "after" not in index["shards"][number - 1]:
+            return cls()
+        after = dict(index["shards"][number - 1]["after"])
+        finished = index["sources"][: after.pop("sources")]
+        return cls(shards=index["shards"][:number], sources=finished, **after)
+
 
 class _ShardWriter:
     """Appends ids to a temporary shard file, hashing them; `close` renames it into place."""
@@ -189,12 +207,13 @@ def prepare(
     request, out = _request(files, settings), Path(out)
     made = _make_folder(out)
     try:
-        repaired = None
+        damaged = None
         if not force and _holds(out, request):
-            repaired = damage(out, _vocab_size())
-            if repaired is None:
+            damaged = damage(out, _vocab_size())
+            if damaged is None:
                 return Prepared(read_index(out), None)
-        state = _open_folder(out, request, force or repaired is not None)
+            _go_back(out, request, damaged.good_shards)
+        state = _open_folder(out, request, force)
         resumed_at = state.tokens
         _run(files, out, settings, request, state, workers, progress)
         index = _index(request, state, settings)
@@ -203,13 +222,20 @@ def prepare(
         _unmake(made)
         raise
     (out / PROGRESS).unlink(missing_ok=True)
-    return Prepared(index, resumed_at, repaired)
+    return Prepared(index, resumed_at, damaged and damaged.problem)
 
 
 def _holds(out: Path, request: dict[str, Any]) -> bool:
     """Whether `out` has an index of this very request (its shards may be damaged)."""
     index = _read_json(out / INDEX)
     return index is not None and index.get("request") == request
+
+
+def _go_back(out: Path, request: dict[str, Any], good_shards: int) -> None:
+    """Turn a damaged folder back into an interrupted run that kept its first `good_shards`."""
+    state = _State.before_shard(read_json(out / INDEX), good_shards)
+    _write_json(out / PROGRESS, {"request": request, "state": state.__dict__})
+    (out / INDEX).unlink()
 
 
 def _make_folder(out: Path) -> list[Path]:
@@ -306,7 +332,7 @@ def _run(files, out, settings, request, state: _State, workers: int, progress) -
                 progress(done_before, total)
         closed = writer.close()
         if closed:
-            state.shards.append(closed)
+            state.close_shard(closed)
     finally:
         writer.abort()
         pool.shutdown(wait=True, cancel_futures=True)
@@ -328,7 +354,7 @@ def _write(item, writer: _ShardWriter, state: _State, out, request, settings, pa
     state.offset = piece.end
     state.line = piece.first_line + (piece.data.count(b"\n") if piece.kind == "jsonl" else 0)
     if writer.tokens >= settings.shard_tokens:
-        state.shards.append(writer.close())
+        state.close_shard(writer.close())
         _write_json(out / PROGRESS, {"request": request, "state": state.__dict__})
 
 

@@ -115,9 +115,9 @@ class PreparedData:
         """
         import hashlib
 
-        problem = damage(self.folder, self.tokens.vocab_size)
-        if problem:
-            raise UserError(f"{problem}; run the same gpt2 prepare again")
+        damaged = damage(self.folder, self.tokens.vocab_size)
+        if damaged:
+            raise UserError(f"{damaged.problem}; run the same gpt2 prepare again")
         parts = [self.index["tokenizer"]["fingerprint"]]
         parts += [s["sha256"] for s in self.index["sources"]]
         parts += [s["sha256"] for s in self.index["shards"] if s.get("sha256")]

@@ -23,7 +23,7 @@ from pathlib import Path
 from gpt2cli.errors import UserError
 
 PIECE_BYTES = 1 << 20
-RUN_CHARS = 1 << 15  # the longest text handed to the tokenizer at once, about (see bounded_runs)
+RUN_CHARS = 1 << 15  # the tokenizer gets at most twice this many characters at once
 _BLOCK = 1 << 20
 
 # A cut just before a space or newline that sits between two printable ASCII characters

@@ -24,7 +24,7 @@ from flax import struct
 
 from gpt2cli import hooks, kernels, precision, sampling
 from gpt2cli.config import GPT2Config
-from gpt2cli.errors import UserError
+from gpt2cli.errors import ParameterError
 from gpt2cli.model import GPT2, KVCache
 from gpt2cli.sampling_checks import check_sampling, check_seed
 
@@ -91,11 +91,11 @@ class Steering:
     def checked(self, config: GPT2Config) -> Steering | None:
         """This steering for a model of `config`, as float32 arrays (None at scale 0)."""
         if not 0 <= self.layer < config.n_layer:
-            raise UserError(f"steering layer must lie in [0, {config.n_layer}), got {self.layer}")
+            raise ParameterError("layer", f"must lie in [0, {config.n_layer}), got {self.layer}")
         vector = jnp.asarray(self.vector, jnp.float32)
         if vector.shape != (config.n_embd,):
-            raise UserError(
-                f"a steering vector must be [n_embd] = [{config.n_embd}], got {vector.shape}"
+            raise ParameterError(
+                "vector", f"must be [n_embd] = [{config.n_embd}], got {vector.shape}"
             )
         if self.scale == 0:
             return None

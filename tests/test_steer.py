@@ -10,7 +10,7 @@ import pytest
 import gpt2cli
 from gpt2cli import lens
 from gpt2cli.engine import Engine, SamplingParams, Steering
-from gpt2cli.errors import UserError
+from gpt2cli.errors import ParameterError
 from gpt2cli.generate import TokenRun
 from tests.conftest import TINY_A
 from tests.conftest import cli as gpt2
@@ -90,9 +90,9 @@ def test_a_new_vector_or_scale_reuses_the_steered_programs(tiny_b, vector, promp
 
 
 def test_steering_the_model_lacks_is_refused(tiny_b, vector):
-    with pytest.raises(UserError, match=r"steering layer must lie in \[0, 3\), got 3"):
+    with pytest.raises(ParameterError, match=r"^layer must lie in \[0, 3\), got 3$"):
         Engine(*tiny_b, steering=Steering(3, vector))
-    with pytest.raises(UserError, match=r"must be \[n_embd\] = \[32\], got \(16,\)"):
+    with pytest.raises(ParameterError, match=r"^vector must be \[n_embd\] = \[32\], got \(16,\)$"):
         Engine(*tiny_b, steering=Steering(0, vector[:16], 0.0))
 
 

@@ -4,10 +4,16 @@
 first token; `decode` samples a few tokens per call inside one `fori_loop` over a small
 `DecodeState` that stays on the device; `decode_run` samples a whole run's tokens in one call.
 `generate.py` drives them and turns tokens into text.
+
+An engine may steer what it generates (`Steering`: activation addition at one block's input).
+The programs take the steering as an argument, its vector an array and its layer part of the
+argument's structure, so a new vector or scale reuses the compiled programs; without steering
+(or at scale 0) the argument is None and the programs are exactly the unsteered ones.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass
@@ -16,8 +22,9 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from gpt2cli import kernels, precision, sampling
+from gpt2cli import hooks, kernels, precision, sampling
 from gpt2cli.config import GPT2Config
+from gpt2cli.errors import ParameterError
 from gpt2cli.model import GPT2, KVCache
 from gpt2cli.sampling_checks import check_sampling, check_seed
 
@@ -72,6 +79,39 @@ class SamplingParams:
 
 
 @struct.dataclass
+class Steering:
+    """Steer generation: add `scale` x `vector` [D] to the residual stream entering block
+    `layer` (`blocks.{layer}.resid_pre`, where `lens.direction` takes its vectors) at every
+    position, in the prefill and in every decode step."""
+
+    layer: int = struct.field(pytree_node=False)
+    vector: jax.Array  # [D]
+    scale: jax.Array | float = 1.0
+
+    def checked(self, config: GPT2Config) -> Steering | None:
+        """This steering for a model of `config`, as float32 arrays (None at scale 0)."""
+        if not 0 <= self.layer < config.n_layer:
+            raise ParameterError("layer", f"must lie in [0, {config.n_layer}), got {self.layer}")
+        vector = jnp.asarray(self.vector, jnp.float32)
+        if vector.shape != (config.n_embd,):
+            raise ParameterError(
+                "vector", f"must be [n_embd] = [{config.n_embd}], got {vector.shape}"
+            )
+        if self.scale == 0:
+            return None
+        return self.replace(vector=vector, scale=jnp.float32(self.scale))
+
+
+def steered(steering: Steering | None):
+    """The context to trace the model in: with `steering`, its vector joins the residual stream
+    at its block's input; without, the model's hook points stay the identity."""
+    if steering is None:
+        return contextlib.nullcontext()
+    add = hooks.AddVector(steering.vector, steering.scale)
+    return hooks.recording(hooks={f"blocks.{steering.layer}.resid_pre": [add]})
+
+
+@struct.dataclass
 class PromptBlock:
     """A prefill's inputs besides the cache: a block of prompt tokens and how to read it."""
 
@@ -109,7 +149,8 @@ class Engine:
     `dtype` is a precision's name (precision.py); `batch`, the rows it will mostly decode, picks
     the weight layout (kernels.py). Engines of the same config, kernels and chunk share their
     compiled programs. `whole_runs`: a run that is not streamed decodes in one call;
-    `cache_block`: KV cache lengths are multiples of it.
+    `cache_block`: KV cache lengths are multiples of it. `steering`: what the engine adds while
+    it generates (see `Steering`); its programs take `engine.steering` as their argument.
     """
 
     def __init__(
@@ -120,6 +161,7 @@ class Engine:
         chunk: int | None = None,
         batch: int = 1,
         chosen: kernels.Kernels | None = None,  # instead of the kernels.choose() of this batch
+        steering: Steering | None = None,
     ):
         policy = precision.get(dtype)
         self.config = config
@@ -130,6 +172,7 @@ class Engine:
         self.cache_block = CACHE_BLOCK.get(self.kernels.backend, DEFAULT_CACHE_BLOCK)
         self.params = _prepare(params, policy.compute, self.kernels.out_in)
         self.programs = _programs(config, policy.compute, self.kernels, self.chunk)
+        self.steering = None if steering is None else steering.checked(config)
 
     def new_cache(self, batch: int, length: int) -> KVCache:
         dtype = self.kernels.cache_dtype(self.params["wte"]["embedding"].dtype)
@@ -166,12 +209,12 @@ class _Programs:
             self._decode_run, static_argnames=("rule", "length"), donate_argnames="state"
         )
 
-    def _prefill(self, params, cache, block: PromptBlock, *, rule):
+    def _prefill(self, params, cache, block: PromptBlock, steering=None, *, rule):
         """Run `block` into the cache and sample the first token -> (state, tokens [B, 1])."""
         self.traces += 1
         start = cache.index
         logits, cache = self._forward(
-            params, block.ids, block.positions, cache, block.mask, block.last
+            params, steering, block.ids, block.positions, cache, block.mask, block.last
         )  # [B, 1, V]
         cache = cache.replace(index=start + block.advance)
         batch = jnp.arange(block.ids.shape[0])
@@ -189,17 +232,16 @@ class _Programs:
         )
         return state, token[:, None]
 
-    def _decode(self, params, state, *, rule):
+    def _decode(self, params, state, steering=None, *, rule):
         """The next `chunk` tokens -> the state after them, the tokens [B, chunk]."""
         self.traces += 1
         out = jnp.zeros((state.token.shape[0], self.chunk), jnp.int32)  # [B, chunk]
+        step = functools.partial(self._step, params, steering, rule)
         if self.chunk == 1:  # straight-line code: XLA copies a cache that enters a while loop
-            return self._step(params, rule, 0, (state, out))
-        return jax.lax.fori_loop(
-            0, self.chunk, functools.partial(self._step, params, rule), (state, out)
-        )
+            return step(0, (state, out))
+        return jax.lax.fori_loop(0, self.chunk, step, (state, out))
 
-    def _decode_run(self, params, state, count, *, rule, length):
+    def _decode_run(self, params, state, count, steering=None, *, rule, length):
         """The next `count` tokens in one call, rounded up to whole chunks -> the state after
         them, the tokens [B, length] (columns past the last chunk are zeros). `count` is data,
         so a program serves every count up to its `length`.
@@ -214,34 +256,37 @@ class _Programs:
 
         def chunk(c, carry):
             def step(i, carry):
-                return self._step(params, rule, c * self.chunk + i, carry)
+                return self._step(params, steering, rule, c * self.chunk + i, carry)
 
             return jax.lax.fori_loop(0, self.chunk, step, carry)
 
         chunks = (count + self.chunk - 1) // self.chunk
         return jax.lax.fori_loop(0, chunks, chunk, (state, out))
 
-    def _forward(self, params, ids, positions, cache, mask=None, logits_at=None):
-        """The model on ids [B, T] -> (logits [B, T or 1, V], cache). A cache of more rows
-        than B (one row decoded as two, `Kernels.cache_rows`) runs the row on each of them."""
+    def _forward(self, params, steering, ids, positions, cache, mask=None, logits_at=None):
+        """The model on ids [B, T], steered if asked -> (logits [B, T or 1, V], cache). A cache
+        of more rows than B (one row decoded as two, `Kernels.cache_rows`) runs the row on each
+        of them."""
         rows, cached = ids.shape[0], cache.mask.shape[0]
         if cached != rows:
             ids, positions, mask, logits_at = (
                 None if a is None else jnp.broadcast_to(a, (cached, *a.shape[1:]))
                 for a in (ids, positions, mask, logits_at)
             )
-        with kernels.use(self.kernels):
+        with kernels.use(self.kernels), steered(steering):
             logits, cache = self.model.apply(
                 {"params": params}, ids, positions, mask, cache=cache, logits_at=logits_at
             )
         return logits[:rows], cache
 
-    def _step(self, params, rule, i, carry):
+    def _step(self, params, steering, rule, i, carry):
         """Sample one token per row and write it to column i of `out`."""
         state, out = carry
         # steps past the last position only happen in a chunk's junk columns, never read
         position = jnp.minimum(state.position, self.config.n_positions - 1)
-        logits, cache = self._forward(params, state.token[:, None], position[:, None], state.cache)
+        logits, cache = self._forward(
+            params, steering, state.token[:, None], position[:, None], state.cache
+        )
         token = sampling.pick(logits[:, 0], rule, state.keys, state.step, seen=state.seen)
         state = state.replace(
             cache=cache,

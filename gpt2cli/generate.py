@@ -225,11 +225,12 @@ class TokenRun:
 
     def __iter__(self) -> Iterator[np.ndarray]:
         engine, rule = self.engine, self.sampling.rule
+        params, steering = engine.params, engine.steering
         start = time.perf_counter()
         cache, block = self._inputs()
         if self.prompt_cache is not None:
             self.prompt_cache.reset()  # its buffers are donated to the prefill
-        state, inflight = engine.programs.prefill(engine.params, cache, block, rule=rule)
+        state, inflight = engine.programs.prefill(params, cache, block, steering, rule=rule)
         todo = self.max_new_tokens - 1  # tokens still to ask the decode program for
         try:
             while inflight is not None:
@@ -237,11 +238,11 @@ class TokenRun:
                 if todo > 0 and self.whole:  # the rest in one call, of a bucketed length
                     length = _power_of_two(_round_up(todo, engine.chunk), engine.chunk)
                     state, ahead = engine.programs.decode_run(
-                        engine.params, state, np.int32(todo), rule=rule, length=length
+                        params, state, np.int32(todo), steering, rule=rule, length=length
                     )
                     todo = 0
                 elif todo > 0:  # queue the next chunk before blocking on this one
-                    state, ahead = engine.programs.decode(engine.params, state, rule=rule)
+                    state, ahead = engine.programs.decode(params, state, steering, rule=rule)
                     todo -= engine.chunk
                 block = np.asarray(inflight)  # [B, k]
                 if not self.produced:

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import jax
+from flax import struct
 
 from gpt2cli.errors import UserError
 
@@ -122,3 +123,15 @@ def wanted(*points: str) -> bool:
     forms its [B, H, T, T] pattern only then (the kernels never need it whole)."""
     run = _ACTIVE.get()
     return run is not None and any(p in run.keep or p in run.hooks for p in points)
+
+
+@struct.dataclass
+class AddVector:
+    """Add `scale` x `vector` [D] to a residual stream at every position (activation addition:
+    the lens's steering hook, and the engine's while it decodes)."""
+
+    vector: jax.Array  # [D]
+    scale: jax.Array  # []
+
+    def __call__(self, x: jax.Array, name: str) -> jax.Array:
+        return x + (self.scale * self.vector).astype(x.dtype)

@@ -33,7 +33,7 @@ from gpt2cli.api import checked_ids
 from gpt2cli.atomic import atomic_write
 from gpt2cli.config import GPT2Config
 from gpt2cli.errors import UserError
-from gpt2cli.hooks import Hook
+from gpt2cli.hooks import AddVector, Hook
 from gpt2cli.model import GPT2
 
 Hooks = Mapping[str, Hook | Sequence[Hook]]
@@ -267,17 +267,6 @@ def patch_sweep(
             rows.append(np.asarray(logits[:, -1]))
         out.append(rows)
     return np.asarray(out, np.float32)
-
-
-@struct.dataclass
-class AddVector:
-    """Add `scale` x `vector` [D] to a residual stream at every position (activation addition)."""
-
-    vector: jax.Array  # [D]
-    scale: jax.Array  # []
-
-    def __call__(self, x: jax.Array, name: str) -> jax.Array:
-        return x + (self.scale * self.vector).astype(x.dtype)
 
 
 def add_vector(vector, scale: float = 1.0, n_embd: int | None = None) -> AddVector:

@@ -307,10 +307,10 @@ def test_bfloat16_decode_never_widens_a_weight_matrix_in_memory(tiny_a, golden):
         def __init__(self, programs):
             self.prefill = programs.prefill
 
-        def decode(self, params, state, *, rule):
+        def decode(self, params, state, steering, *, rule):
             shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
             seen.append((params, shapes, rule))
-            return decode(params, state, rule=rule)
+            return decode(params, state, steering, rule=rule)
 
     engine.programs = Recorder(engine.programs)
     greedy_tokens(engine, golden["arrays"]["tiny_a/gen1/prompt_ids"].tolist(), 6)

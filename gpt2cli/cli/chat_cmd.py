@@ -31,11 +31,16 @@ from gpt2cli.cli.options import (
     ModelRef,
     RepetitionPenalty,
     Seed,
+    Steer,
+    SteerLayer,
+    SteerScale,
     Stop,
     Temperature,
     TokenizerRef,
     TopK,
     TopP,
+    check_steer_flags,
+    steering,
 )
 from gpt2cli.cli.text import check as check_utf8
 from gpt2cli.cli.text import decode
@@ -274,6 +279,9 @@ def chat(
     seed: Seed = 0,
     stop: Stop = None,
     json_output: JsonOutput = False,
+    steer: Steer = None,
+    steer_layer: SteerLayer = None,
+    steer_scale: SteerScale = None,
 ) -> None:
     """Chat with a model: streamed replies, slash commands (/help), Ctrl-D to quit.
 
@@ -289,6 +297,7 @@ def chat(
     """
     if system is not None:
         check_utf8(system, "--system")
+    check_steer_flags(steer, steer_layer, steer_scale)
     from gpt2cli import chat as chat_core
     from gpt2cli import compile_cache
     from gpt2cli.generate import Engine, SamplingParams
@@ -309,7 +318,8 @@ def chat(
     with err.status("loading the model", spinner="dots") if interactive else nullcontext():
         config, params = load_model(model, finite=True, tqdm_class=hub_progress_class())
         tok = load_tokenizer(tokenizer, model, tqdm_class=hub_progress_class())
-        engine = Engine(config, params, dtype=dtype)
+        steers = steering(config, steer, steer_layer, steer_scale)
+        engine = Engine(config, params, dtype=dtype, steering=steers)
     session = chat_core.ChatSession(
         engine,
         tok,

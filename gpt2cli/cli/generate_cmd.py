@@ -18,11 +18,16 @@ from gpt2cli.cli.options import (
     MinP,
     RepetitionPenalty,
     Seed,
+    Steer,
+    SteerLayer,
+    SteerScale,
     Stop,
     Temperature,
     TokenizerRef,
     TopK,
     TopP,
+    check_steer_flags,
+    steering,
 )
 from gpt2cli.cli.text import check as check_utf8
 from gpt2cli.cli.text import decode
@@ -143,6 +148,9 @@ def generate(
     ] = False,
     dtype: Dtype = "float32",
     tokenizer: TokenizerRef = None,
+    steer: Steer = None,
+    steer_layer: SteerLayer = None,
+    steer_scale: SteerScale = None,
 ) -> None:
     """Continue a prompt with a GPT-2 model, streaming the text to stdout.
 
@@ -152,9 +160,11 @@ def generate(
       gpt2 generate "Once upon a time"
       gpt2 generate "Once upon a time" -m gpt2.npz --max-new-tokens 200 --temperature 0.8 --top-p 0.95 --seed 1
       echo "The meaning of life is" | gpt2 generate - -m ./hf-folder --num-samples 3 --json
+      gpt2 generate "I think dogs are" -m gpt2 --steer love_hate.npy --steer-layer 6 --steer-scale 4
     """
     from gpt2cli.cli.console import err
 
+    check_steer_flags(steer, steer_layer, steer_scale)
     texts = _read_prompts(prompt, prompt_option, prompts_file)
 
     from gpt2cli import compile_cache
@@ -191,7 +201,8 @@ def generate(
         )
     new_tokens = _new_tokens(max_new_tokens, max_length, max(map(len, prompts)))
     prompts = [fit_prompt(ids, new_tokens, config.n_positions, truncate) for ids in prompts]
-    engine = Engine(config, params, dtype, batch=len(prompts) * num_samples)
+    steers = steering(config, steer, steer_layer, steer_scale)
+    engine = Engine(config, params, dtype, batch=len(prompts) * num_samples, steering=steers)
     loaded = time.perf_counter() - started
     stops = stop or []
 

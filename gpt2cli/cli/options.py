@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -187,3 +188,61 @@ TextErrors = Annotated[
         callback=_checked(check_text_errors),
     ),
 ]
+
+# ---- steering (generate, chat, serve) ----------------------------------------------------
+
+Steer = Annotated[
+    Path | None,
+    typer.Option(
+        "--steer",
+        metavar="VECTOR.npy",
+        help="Steer the text: add this vector [n_embd] (gpt2 lens --save-direction makes one) "
+        "to the residual stream entering block --steer-layer, at every position.",
+    ),
+]
+SteerLayer = Annotated[
+    int | None,
+    typer.Option(
+        "--steer-layer", min=0, help="With --steer: the block whose input it joins (from 0)."
+    ),
+]
+SteerScale = Annotated[
+    float | None,
+    typer.Option(
+        "--steer-scale",
+        help="With --steer: what the vector is multiplied by, 0 = off [default: 1].",
+    ),
+]
+
+
+def check_steer_flags(steer: Path | None, layer: int | None, scale: float | None) -> None:
+    """Refuse --steer without a layer, or a layer or scale without --steer (before any loading)."""
+    if steer is None:
+        for flag, value in (("--steer-layer", layer), ("--steer-scale", scale)):
+            if value is not None:
+                raise _usage_error(flag, "it only applies with --steer VECTOR.npy")
+    elif layer is None:
+        raise _usage_error("--steer-layer", "missing: --steer needs the block to steer at")
+
+
+def steering(config, steer: Path | None, layer: int | None, scale: float | None):
+    """The engine's `Steering` that the checked --steer flags ask for (None without --steer).
+    A layer this model lacks is a usage error; a vector of another width, one error line."""
+    if steer is None:
+        return None
+    if layer >= config.n_layer:
+        raise _usage_error(
+            "--steer-layer", f"{layer} is outside this model's 0..{config.n_layer - 1}"
+        )
+    from gpt2cli.engine import Steering
+    from gpt2cli.lens import load_vector
+
+    chosen = Steering(layer, load_vector(steer, config.n_embd))
+    return chosen if scale is None else chosen.replace(scale=scale)
+
+
+def _usage_error(flag: str, message: str) -> typer.BadParameter:
+    """A usage error about `flag` found after the flags were parsed (the usage line, exit 2)."""
+    import click
+
+    return typer.BadParameter(message, ctx=click.get_current_context(silent=True), param_hint=flag)

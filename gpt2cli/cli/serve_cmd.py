@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import threading
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from gpt2cli.cli.options import DEFAULT_MODEL, Dtype, ModelRef, TokenizerRef
+from gpt2cli.cli.options import (
+    DEFAULT_MODEL,
+    Dtype,
+    ModelRef,
+    Steer,
+    SteerLayer,
+    SteerScale,
+    TokenizerRef,
+    check_steer_flags,
+    steering,
+)
 from gpt2cli.errors import UserError
 
 
@@ -55,6 +66,9 @@ def serve(
     ] = 4,
     dtype: Dtype = "float32",
     tokenizer: TokenizerRef = None,
+    steer: Steer = None,
+    steer_layer: SteerLayer = None,
+    steer_scale: SteerScale = None,
 ) -> None:
     """Serve a model over HTTP: the OpenAI API under /v1, a chat page at /.
 
@@ -86,6 +100,7 @@ def serve(
     if api_key is not None and not api_key.strip():
         raise UserError("--api-key is empty: give a key or leave the option out")
     origins = [o.strip() for o in cors_origins.split(",") if o.strip()] if cors_origins else None
+    check_steer_flags(steer, steer_layer, steer_scale)
 
     from gpt2cli import compile_cache
     from gpt2cli.cli.console import err
@@ -107,10 +122,12 @@ def serve(
             f"{config.vocab_size}; pass the model's tokenizer with --tokenizer"
         )
     name = model_name or Path(model).name.removesuffix(".npz") or model
+    steers = steering(config, steer, steer_layer, steer_scale)
+    engine = functools.partial(Engine, config, params, dtype, steering=steers)
 
     def load():
-        one = Engine(config, params, dtype, batch=1)
-        many = Engine(config, params, dtype, batch=max_batch) if max_batch > 1 else one
+        one = engine(batch=1)
+        many = engine(batch=max_batch) if max_batch > 1 else one
         err.print(f"compiling for up to {max_batch} rows (/health answers 503 until done)")
         return SlotPrograms(one, many, decode_chunk, prefill_chunk), tok
 

@@ -12,6 +12,8 @@ A prompt is read into a one-row *stage* (prefill), then copied into a free row o
 (insert), so the prefill programs do not depend on the block's shape. The block has R rows and
 the shortest of a few cache lengths that holds every row (`lengths`): a row attends over the
 slots of its block only, so a short conversation does not pay for the whole context window.
+A server that steers (`gpt2 serve --steer`) steers every row alike: the engines' `Steering`,
+passed to each program as an argument.
 
 Shapes: B rows, S cache slots per row (the block's length; at most the context window plus one
 prefill chunk), C prefill chunk, V vocabulary, L logprobs kept per token (TOP_LOGPROBS).
@@ -27,7 +29,7 @@ import numpy as np
 from flax import struct
 
 from gpt2cli import kernels, sampling
-from gpt2cli.engine import Engine
+from gpt2cli.engine import Engine, steered
 from gpt2cli.model import KVCache
 from gpt2cli.serve.protocol import Settings
 
@@ -157,7 +159,7 @@ class SlotPrograms:
 
     The kernels (kernels.py) may differ by the rows computed together (on a CPU, float32
     weights stored (out, in) for one row), so a block of one row uses `one`, larger blocks
-    `many`: each engine's params and kernels.
+    `many`: each engine's params and kernels. Both engines steer alike (`one.steering`).
     """
 
     def __init__(self, one: Engine, many: Engine, chunk: int, prefill_chunk: int):
@@ -168,8 +170,10 @@ class SlotPrograms:
         self.lengths = length_buckets(self.config.n_positions + max(chunk, prefill_chunk))
         self.models = {True: one.programs.model, False: many.programs.model}
         self.kernels = {True: one.kernels, False: many.kernels}
+        self.steering = one.steering
         self.prefill = jax.jit(self._prefill, donate_argnames="stage")
-        self.decode = jax.jit(self._decode, static_argnames="single", donate_argnames="slots")
+        decode = jax.jit(self._decode, static_argnames="single", donate_argnames="slots")
+        self.decode = functools.partial(decode, steering=self.steering)
         self.move = jax.jit(_move, donate_argnames="slots")
         self.insert = jax.jit(_insert, donate_argnames="slots")
         self.traces = 0
@@ -208,6 +212,7 @@ class SlotPrograms:
             seen,
             np.uint32(seed),
             np.int32(sample),
+            self.steering,
         )
 
     def params(self, rows: int):
@@ -225,7 +230,7 @@ class SlotPrograms:
             step=jnp.zeros((rows,), jnp.int32),
         )
 
-    def _prefill(self, params, stage, settings, ids, start, n, seen, seed, sample):
+    def _prefill(self, params, stage, settings, ids, start, n, seen, seed, sample, steering):
         """Run tokens ids[:n] (of [C]) into the one-row stage from slot `start`; sample the next
         token with the row's `settings` (a one-row RowSettings)."""
         self.traces += 1
@@ -233,7 +238,7 @@ class SlotPrograms:
         width = ids.shape[0]
         positions = jnp.minimum(start + jnp.arange(width), top)[None]  # [1, C]
         mask = (jnp.arange(width) < n)[None]  # [1, C]
-        with kernels.use(self.one.kernels):
+        with kernels.use(self.one.kernels), steered(steering):
             logits, cache = self.one.programs.model.apply(
                 {"params": params},
                 ids[None],
@@ -258,7 +263,7 @@ class SlotPrograms:
         )
         return stage, jax.tree_util.tree_map(lambda a: a[0], picked)
 
-    def _decode(self, params, slots, settings, *, single):
+    def _decode(self, params, slots, settings, steering, *, single):
         """`chunk` tokens for every active row -> (slots, Picked with [B, chunk] leaves)."""
         self.traces += 1
         model, chosen = self.models[single], self.kernels[single]
@@ -270,7 +275,7 @@ class SlotPrograms:
                 tuple(k[None] for k in keys), tuple(v[None] for v in values), mask[None], index
             )
             position = jnp.minimum(index, top)[None, None]  # steps past the end are junk
-            with kernels.use(chosen):
+            with kernels.use(chosen), steered(steering):
                 logits, cache = model.apply(
                     {"params": params}, token[None, None], position, cache=cache
                 )

@@ -70,9 +70,11 @@ def ours_train(config, params, dtype, batch, seq, steps, loss_chunks=None, remat
     import jax
     import numpy as np
 
-    from gpt2cli.training.trainer import TrainConfig, Trainer
+    from gpt2cli.training.plan import train_config_for
+    from gpt2cli.training.trainer import Trainer
 
-    tc = TrainConfig(
+    tc = train_config_for(
+        config,
         batch_size=batch, seq_length=seq, dtype=dtype, dropout=0.0, warmup=10, decay_steps=1000,
         remat=remat,
     )  # fmt: skip
@@ -405,9 +407,12 @@ def stage_cost(run: Run) -> None:
     """XLA's own count of the bfloat16 train step's FLOPs and bytes (what bounds it)."""
     import numpy as np
 
-    from gpt2cli.training.trainer import TrainConfig, Trainer
+    from gpt2cli.training.plan import train_config_for
+    from gpt2cli.training.trainer import Trainer
 
-    tc = TrainConfig(batch_size=run.batch, seq_length=run.seq, dtype="bfloat16", dropout=0.0)
+    tc = train_config_for(
+        run.config, batch_size=run.batch, seq_length=run.seq, dtype="bfloat16", dropout=0.0
+    )
     trainer = Trainer(run.config, tc)
     state = trainer.create_state(run.params)
     tokens = np.zeros((1, run.batch, run.seq + 1), np.int32)
@@ -458,9 +463,12 @@ def stage_profile(run: Run) -> None:
 
     from gpt2cli.engine import Engine, SamplingParams
     from gpt2cli.generate import TokenRun
-    from gpt2cli.training.trainer import TrainConfig, Trainer
+    from gpt2cli.training.plan import train_config_for
+    from gpt2cli.training.trainer import Trainer
 
-    tc = TrainConfig(batch_size=run.batch, seq_length=run.seq, dtype="bfloat16", dropout=0.0)
+    tc = train_config_for(
+        run.config, batch_size=run.batch, seq_length=run.seq, dtype="bfloat16", dropout=0.0
+    )
     trainer = Trainer(run.config, tc)
     state = trainer.create_state(run.params)
     tokens = np.random.default_rng(0).integers(

@@ -35,7 +35,8 @@ from gpt2cli import kernels, precision  # noqa: E402
 from gpt2cli.config import preset  # noqa: E402
 from gpt2cli.engine import DecodeState, SamplingParams, _programs  # noqa: E402
 from gpt2cli.model import KVCache, init_params  # noqa: E402
-from gpt2cli.training.trainer import TrainConfig, Trainer, TrainState  # noqa: E402
+from gpt2cli.training.plan import train_config_for  # noqa: E402
+from gpt2cli.training.trainer import Trainer, TrainState  # noqa: E402
 
 # An H100 SXM as XLA describes it (device_description.proto); the H200 differs in memory only.
 H100 = """
@@ -159,7 +160,7 @@ def decode_counts(target: Target, config, dtype: str, rows: int) -> dict:
 
 
 def train_counts(target: Target, config, dtype: str, batch: int, seq: int) -> dict:
-    tc = TrainConfig(batch_size=batch, seq_length=seq, dtype=dtype, dropout=0.0)
+    tc = train_config_for(config, batch_size=batch, seq_length=seq, dtype=dtype, dropout=0.0)
     trainer = Trainer(config, tc)
     trainer.kernels = kernels.choose(precision.get(dtype), backend=target.backend)
     params = jax.eval_shape(lambda: init_params(trainer.model_config))

@@ -82,11 +82,12 @@ OUR_MEMORY = textwrap.dedent(
     import jax, numpy as np
     from gpt2cli.config import preset
     from gpt2cli.model import init_params
-    from gpt2cli.training.trainer import TrainConfig, Trainer
+    from gpt2cli.training.plan import train_config_for
+    from gpt2cli.training.trainer import Trainer
 
     batch, seq = int(sys.argv[1]), int(sys.argv[2])
     config = preset("gpt2-medium")
-    trainer = Trainer(config, TrainConfig(batch_size=batch, seq_length=seq))
+    trainer = Trainer(config, train_config_for(config, batch_size=batch, seq_length=seq))
     state = trainer.create_state(jax.device_get(init_params(config)))
     rng = np.random.default_rng(0)
     for _ in range(2):
@@ -130,11 +131,12 @@ class OurStep:
     def __init__(self, model_dir: str, dtype: str, batch: int, seq: int):
         import numpy as np
 
-        from gpt2cli.training.trainer import TrainConfig, Trainer
+        from gpt2cli.training.plan import train_config_for
+        from gpt2cli.training.trainer import Trainer
         from gpt2cli.weights import load_hf_folder
 
         self.config, params = load_hf_folder(Path(model_dir))
-        tc = TrainConfig(batch_size=batch, seq_length=seq, lr=1e-4, dtype=dtype)
+        tc = train_config_for(self.config, batch_size=batch, seq_length=seq, lr=1e-4, dtype=dtype)
         self.trainer = Trainer(self.config, tc)
         self.state = self.trainer.create_state(params)
         rng = np.random.default_rng(0)

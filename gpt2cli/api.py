@@ -46,6 +46,13 @@ def logits(config: GPT2Config, params: Params, input_ids, *, dtype: str = "float
 
     `dtype` is a precision (float32, tf32 or bfloat16; see precision.py).
     """
+    ids = checked_ids(config, input_ids)
+    return _forward(config, dtype)(params, jnp.asarray(ids, jnp.int32))
+
+
+def checked_ids(config: GPT2Config, input_ids) -> np.ndarray:
+    """int ids [batch, seq] (or [seq]) as a [batch, seq] array, or a UserError saying what is
+    wrong with them: not integers, empty, longer than the model's window, outside the vocab."""
     ids = np.asarray(input_ids)
     if ids.ndim == 1:
         ids = ids[None, :]
@@ -55,4 +62,4 @@ def logits(config: GPT2Config, params: Params, input_ids, *, dtype: str = "float
         )
     config.check_fits(ids.shape[1], "input_ids length")
     config.check_ids(ids, "input_ids")
-    return _forward(config, dtype)(params, jnp.asarray(ids, jnp.int32))
+    return ids

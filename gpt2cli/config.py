@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gpt2cli.errors import UserError
+from gpt2cli.errors import ParameterError, UserError
 from gpt2cli.fields import check_types
 
 # Activations we implement, by their Hugging Face names.
@@ -64,8 +64,8 @@ class GPT2Config:
     def check_fits(self, length: int, what: str) -> None:
         """The one context-length check: `what` (its caller's name for it) is `length` tokens."""
         if length > self.n_positions:
-            raise UserError(
-                f"{what} {length} exceeds the model's context window of {self.n_positions} tokens"
+            raise ParameterError(
+                what, f"{length} exceeds the model's context window of {self.n_positions} tokens"
             )
 
     def check_ids(self, ids: Any, what: str, fix: str = "") -> None:

@@ -3,6 +3,8 @@
 Param names mirror the Hugging Face layout: `wte`, `wpe`, `h_{i}/{ln_1,attn,ln_2,mlp}`, `ln_f`.
 HF's Conv1D stores weights as (in, out), exactly a Flax Dense kernel, so nothing is transposed.
 How each product and the attention are computed on this backend is `kernels.py`'s business.
+Every activation TransformerLens names passes through `hooks.point`, the identity unless a lens
+run (lens.py) reads or changes it.
 
 Shapes: B batch, T new tokens, S attended slots (T without a cache, the cache length with one),
 D n_embd, H heads, K head_dim, V vocab, I MLP width, L layers.
@@ -17,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from gpt2cli import kernels
+from gpt2cli import hooks, kernels
 from gpt2cli.config import GPT2Config
 
 _ACTIVATIONS = {
@@ -116,10 +118,12 @@ class Attention(nn.Module):
         B, T, D = x.shape
         H, K = cfg.n_head, cfg.head_dim
         proj_std = 0.02 / (2 * cfg.n_layer) ** 0.5
+        at = f"blocks.{self.layer_idx}.attn"
 
         dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         qkv = Dense(3 * D, 0.02, **dense, name="c_attn")(x)  # [B, T, 3D]
         q, k, v = (a.reshape(B, T, H, K) for a in jnp.split(qkv, 3, axis=-1))  # 3 x [B, T, H, K]
+        q, k, v = (hooks.point(f"{at}.{n}", a) for n, a in zip("qkv", (q, k, v), strict=True))
 
         scale = 1.0
         if cfg.scale_attn_weights:
@@ -138,12 +142,40 @@ class Attention(nn.Module):
         out, cache_kv = kernels.active().attention(
             q, k, v, new_mask, scale, drop, cache_kv, past_ok, index
         )  # [B, T, H, K]
+        if hooks.wanted(f"{at}.scores", f"{at}.pattern"):  # a lens run (no dropout)
+            if past_ok is not None:
+                raise ValueError(
+                    "attention scores and patterns are points of a forward pass over "
+                    "the whole sequence, not of a step over a KV cache"
+                )
+            out = _pattern_points(at, q, k, v, new_mask, scale, out)
+        out = hooks.point(f"{at}.z", out)
         out = Dense(D, proj_std, **dense, name="c_proj")(out.reshape(B, T, D))  # [B, T, D]
         return out, cache_kv
 
 
+def _pattern_points(at, q, k, v, new_mask, scale, out):
+    """The attention's scores and pattern [B, H, T, T] as points. The kernels' output z stands
+    unless a hook changed them: then z is the changed pattern times the values."""
+    T = q.shape[1]
+    allowed = jnp.tril(jnp.ones((T, T), jnp.bool_))[None, None]  # [1, 1, T, U]
+    if new_mask is not None:
+        allowed = allowed & new_mask[:, None, None, :]  # [B, 1, T, U]
+    products = kernels.active().products
+    scores = jnp.einsum("bthk,buhk->bhtu", q, k, precision=products).astype(jnp.float32) * scale
+    scores = jnp.where(allowed, scores, -jnp.inf)  # [B, H, T, U]
+    hooked_scores = hooks.point(f"{at}.scores", scores)
+    pattern = jax.nn.softmax(hooked_scores, axis=-1)  # [B, H, T, U]
+    hooked_pattern = hooks.point(f"{at}.pattern", pattern)
+    if hooked_scores is scores and hooked_pattern is pattern:
+        return out
+    z = jnp.einsum("bhtu,buhk->bthk", hooked_pattern.astype(v.dtype), v, precision=products)
+    return z  # [B, T, H, K]
+
+
 class MLP(nn.Module):
     config: GPT2Config
+    layer_idx: int
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -152,8 +184,10 @@ class MLP(nn.Module):
         cfg = self.config
         proj_std = 0.02 / (2 * cfg.n_layer) ** 0.5
         dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        at = f"blocks.{self.layer_idx}.mlp"
         h = Dense(cfg.mlp_width, 0.02, **dense, name="c_fc")(x)  # [B, T, I]
-        h = _ACTIVATIONS[cfg.activation_function](h)
+        h = hooks.point(f"{at}.pre", h)
+        h = hooks.point(f"{at}.post", _ACTIVATIONS[cfg.activation_function](h))
         return Dense(cfg.n_embd, proj_std, **dense, name="c_proj")(h)  # [B, T, D]
 
 
@@ -177,22 +211,28 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x, new_mask, past_ok, cache_kv, index, deterministic):
         cfg = self.config
+        i = self.layer_idx
         drop = nn.Dropout(cfg.resid_pdrop)
 
-        attn = Attention(cfg, self.layer_idx, self.dtype, self.param_dtype, name="attn")
+        x = hooks.point(f"blocks.{i}.resid_pre", x)  # [B, T, D]
+        normed = layer_norm(x, cfg, self.dtype, self.param_dtype, "ln_1")
+        attn = Attention(cfg, i, self.dtype, self.param_dtype, name="attn")
         a, cache_kv = attn(
-            layer_norm(x, cfg, self.dtype, self.param_dtype, "ln_1"),
+            hooks.point(f"blocks.{i}.ln1.normalized", normed),
             new_mask,
             past_ok,
             cache_kv,
             index,
             deterministic,
         )
-        x = x + drop(a, deterministic=deterministic)  # [B, T, D]
-        m = MLP(cfg, self.dtype, self.param_dtype, name="mlp")(
-            layer_norm(x, cfg, self.dtype, self.param_dtype, "ln_2")
+        a = hooks.point(f"blocks.{i}.attn.out", a)
+        x = hooks.point(f"blocks.{i}.resid_mid", x + drop(a, deterministic=deterministic))
+        normed = layer_norm(x, cfg, self.dtype, self.param_dtype, "ln_2")
+        m = MLP(cfg, i, self.dtype, self.param_dtype, name="mlp")(
+            hooks.point(f"blocks.{i}.ln2.normalized", normed)
         )
-        x = x + drop(m, deterministic=deterministic)  # [B, T, D]
+        m = hooks.point(f"blocks.{i}.mlp.out", m)
+        x = hooks.point(f"blocks.{i}.resid_post", x + drop(m, deterministic=deterministic))
         return x, cache_kv
 
 
@@ -242,7 +282,8 @@ class GPT2(nn.Module):
             embedding_init=nn.initializers.normal(0.01),
             name="wpe",
         )
-        x = wte(input_ids) + wpe(positions)  # [B, T, D]
+        tokens = hooks.point("embed", wte(input_ids))  # [B, T, D]
+        x = tokens + hooks.point("pos_embed", wpe(positions))  # [B, T, D]
         x = nn.Dropout(cfg.embd_pdrop)(x, deterministic=deterministic)
 
         block_type = nn.remat(Block, static_argnums=(6,)) if self.remat else Block
@@ -258,6 +299,7 @@ class GPT2(nn.Module):
         if logits_at is not None:  # a prefill needs the next token of each row only
             x = x[jnp.arange(B), logits_at][:, None]  # [B, 1, D]
         x = layer_norm(x, cfg, self.dtype, self.param_dtype, "ln_f")
+        x = hooks.point("ln_final.normalized", x)  # [B, T or 1, D]
         if head:
             table = wte.embedding.astype(self.dtype)  # [V, D]
             x = kernels.active().head(x.astype(self.dtype), table)  # [B, T or 1, V] float32

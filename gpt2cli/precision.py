@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gpt2cli.errors import UserError
+from gpt2cli.errors import ParameterError
 
 
 @dataclass(frozen=True)
@@ -40,8 +40,8 @@ HELP = (
 
 
 def get(name: str) -> Precision:
-    """The precision called `name`; a UserError naming the choices for anything else."""
+    """The precision called `name`; the one check of a dtype, naming the choices."""
     try:
         return PRECISIONS[name]
     except (KeyError, TypeError):
-        raise UserError(f"dtype must be one of {', '.join(NAMES)}, got {name!r}") from None
+        raise ParameterError("dtype", f"must be one of {', '.join(NAMES)}, got {name!r}") from None

@@ -195,6 +195,20 @@ def sliding_window_nll(
     return sum_nll, n_tok, hf_check
 
 
+@torch.no_grad()
+def inside(model: GPT2LMHeadModel, ids: torch.Tensor, name: str, lens: dict) -> None:
+    """What the lens tests compare with: transformers' hidden states and attentions, and the
+    last block's output, which hidden_states lacks (its last entry has ln_f applied)."""
+    last: list[torch.Tensor] = []
+    hook = model.transformer.h[-1].register_forward_hook(lambda mod, args, out: last.append(out))
+    out = model(input_ids=ids, output_hidden_states=True, output_attentions=True)
+    hook.remove()
+    block_out = last[0][0] if isinstance(last[0], tuple) else last[0]
+    lens[f"{name}/hidden_states"] = f32(torch.stack(out.hidden_states))  # [L + 1, B, T, D]
+    lens[f"{name}/last_block_out"] = f32(block_out)  # [B, T, D]
+    lens[f"{name}/attentions"] = f32(torch.stack(out.attentions))  # [L, B, H, T, T]
+
+
 def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.to(torch.float64) - b.to(torch.float64)).abs().max())
 
@@ -212,7 +226,7 @@ def i32(x) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
-def make_tiny_a(out: Path, tok_dir: Path, tok, arrays: dict, meta: dict) -> None:
+def make_tiny_a(out: Path, tok_dir: Path, tok, arrays: dict, meta: dict, lens: dict) -> None:
     folder = out / "tiny-a"
     if folder.exists():
         shutil.rmtree(folder)
@@ -271,6 +285,7 @@ def make_tiny_a(out: Path, tok_dir: Path, tok, arrays: dict, meta: dict) -> None
     l64, l32 = logits_of(m64, x), logits_of(m32, x)
     arrays[f"{name}/input_ids"] = i32([ids])
     arrays[f"{name}/logits"] = f32(l64)
+    inside(m64, x, name, lens)
     entry["logits_text"] = TINY_A_LOGITS_TEXT
     entry["logits_f32_vs_f64_max_abs_diff"] = max_abs(l32, l64)
     entry["logits_abs_max"] = float(l64.abs().max())
@@ -350,7 +365,7 @@ def make_tiny_a(out: Path, tok_dir: Path, tok, arrays: dict, meta: dict) -> None
 # --------------------------------------------------------------------------------------------
 
 
-def make_tiny_b(out: Path, arrays: dict, meta: dict) -> None:
+def make_tiny_b(out: Path, arrays: dict, meta: dict, lens: dict) -> None:
     folder = out / "tiny-b"
     if folder.exists():
         shutil.rmtree(folder)
@@ -441,6 +456,7 @@ def make_tiny_b(out: Path, arrays: dict, meta: dict) -> None:
     assert max_abs(logits_of(hf, x), l32) == 0.0
     arrays[f"{name}/input_ids"] = i32(x.numpy())
     arrays[f"{name}/logits"] = f32(l64)
+    inside(m64, x, name, lens)
     entry["logits_f32_vs_f64_max_abs_diff"] = max_abs(l32, l64)
     entry["logits_abs_max"] = float(l64.abs().max())
     entry["logits_std"] = float(l64.std())
@@ -529,8 +545,10 @@ def main() -> None:
         ],
         "models": {},
     }
-    make_tiny_a(args.out, args.tokenizer, tok, arrays, meta)
-    make_tiny_b(args.out, arrays, meta)
+    lens: dict[str, np.ndarray] = {}
+    make_tiny_a(args.out, args.tokenizer, tok, arrays, meta, lens)
+    make_tiny_b(args.out, arrays, meta, lens)
+    np.savez(args.out / "lens.npz", **lens)
 
     npz_path = args.out / "golden.npz"
     np.savez(npz_path, **arrays)

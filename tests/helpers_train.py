@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 from pathlib import Path
@@ -57,6 +58,9 @@ class Recorder:
 
     def on_save(self, state, step: int) -> None:
         pass
+
+    def compiling(self, what: str):
+        return contextlib.nullcontext()
 
 
 def isolate(tmp_path, monkeypatch) -> None:

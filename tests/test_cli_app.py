@@ -41,7 +41,7 @@ def test_completion_scripts_are_current(shell):
 def _invoke_with_failing_load(monkeypatch, error):
     import gpt2cli.hub
 
-    def fail(*args):
+    def fail(*args, **kwargs):
         raise error
 
     monkeypatch.setattr(gpt2cli.hub, "resolve", fail)

@@ -83,5 +83,5 @@ def tiny_a_model():
 
 
 def test_bad_stride_is_a_clear_error():
-    with pytest.raises(UserError, match="--stride must be between 1 and --seq-length"):
+    with pytest.raises(UserError, match="stride must be between 1 and the window length"):
         windows(100, 32, 33)

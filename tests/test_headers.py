@@ -100,8 +100,8 @@ def test_a_run_file_of_a_newer_version_or_another_format(tmp_path):
     folder = RunFolder(tmp_path)
     folder.write_spec({"steps": 3})
     assert folder.spec()["steps"] == 3
-    _edit_json(tmp_path / RUN_FILE, version=2)
-    _refused(folder.spec, "run.json is version 2 of 'gpt2cli-run'; this gpt2 reads version 1")
+    _edit_json(tmp_path / RUN_FILE, version=3)
+    _refused(folder.spec, "run.json is version 3 of 'gpt2cli-run'; this gpt2 reads version 2")
     _edit_json(tmp_path / RUN_FILE, format="gpt2cli-tokens", version=1)
     _refused(folder.spec, "run.json is not a gpt2 training run file")
 

@@ -36,6 +36,8 @@ def test_the_contracts_hold():
         ("training/loop.py", "from gpt2cli.serve import app", "Commands sit above serving"),
         ("config.py", "import rich", "Only the commands and the progress helpers"),
         ("tokenizer.py", "from gpt2cli import generate", "No import cycle"),
+        ("lens.py", "from gpt2cli import engine", "The lens reads the model"),
+        ("hooks.py", "from gpt2cli import checkpoint", "The model core imports no file format"),
     ],
 )
 def test_a_forbidden_import_breaks_its_contract(tmp_path, module, line, contract):

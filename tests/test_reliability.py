@@ -126,10 +126,10 @@ def test_resume_after_the_dataset_was_deleted(tmp_path, finished_run):
 @pytest.mark.parametrize(
     ("section", "key", "value", "message"),
     [
-        ("train", "batch_size", "two", "train.batch_size must be a whole number, got 'two'"),
-        ("loop", "steps", None, "loop.steps must be a whole number, got None"),
+        ("settings", "batch_size", "two", "settings.batch_size must be an integer, got 'two'"),
+        ("settings", "steps", None, "settings.steps must be an integer, got None"),
         ("data", "dataset", 5, "data.dataset must be a list, got 5"),
-        ("model", "config", "x", "model.config must be a dict, got 'x'"),
+        (None, "model_config", "x", "model_config is missing or not a dict"),
     ],
 )
 def test_a_hand_edited_run_json_names_the_file_and_field(
@@ -139,7 +139,7 @@ def test_a_hand_edited_run_json_names_the_file_and_field(
 
     shutil.copytree(finished_run / "run", tmp_path / "run")
     spec = json.loads((tmp_path / "run/run.json").read_text())
-    spec[section][key] = value
+    (spec[section] if section else spec)[key] = value
     (tmp_path / "run/run.json").write_text(json.dumps(spec))
     one_error_line(cli("train", "--resume", "run", "--steps", "2"), "run.json: " + message)
 

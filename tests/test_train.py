@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from gpt2cli.checkpoint import load_npz
-from gpt2cli.training.trainer import TrainConfig, decay_mask, learning_rate
+from gpt2cli.config import preset
+from gpt2cli.training.plan import train_config_for
+from gpt2cli.training.trainer import decay_mask, learning_rate
 from tests.conftest import cli as gpt2
 from tests.helpers_train import TINY_A, Recorder, losses, write_corpus
 
@@ -54,7 +56,8 @@ def test_bfloat16_run_keeps_float32_weights_and_the_last_checkpoints(finished_ru
 
 
 def test_learning_rate_warms_up_then_decays_to_min():
-    lr = learning_rate(TrainConfig(lr=1e-3, min_lr=1e-4, warmup=10, decay_steps=110))
+    tc = train_config_for(preset("tiny"), lr=1e-3, min_lr=1e-4, warmup=10, decay_steps=110)
+    lr = learning_rate(tc)
     assert float(lr(0)) == pytest.approx(1e-4)  # the first step already moves
     assert float(lr(9)) == pytest.approx(1e-3)
     assert float(lr(60)) == pytest.approx(5.5e-4)  # half-way down the cosine
@@ -62,7 +65,6 @@ def test_learning_rate_warms_up_then_decays_to_min():
 
 
 def test_weight_decay_only_on_matrices():
-    from gpt2cli.config import preset
     from gpt2cli.model import init_params
 
     mask = decay_mask(jax.eval_shape(lambda: init_params(preset("tiny"))))
@@ -161,11 +163,13 @@ def test_grad_accumulation_equals_the_bigger_batch(corpus):
     blocks, _ = data.split(data.load_tokens([corpus], bundled()), 16, 0.0)
     result = {}
     for rows, accum in ((4, 1), (2, 2)):
-        tc = TrainConfig(
+        tc = train_config_for(
+            config,
             batch_size=rows,
             grad_accum=accum,
             seq_length=16,
             lr=1e-2,
+            min_lr=3e-5,
             warmup=0,
             decay_steps=3,
             dropout=0.0,
@@ -273,7 +277,7 @@ def test_resume_extends_a_finished_run(finished_run):
     assert done.exit_code == 0, done.output
     assert sorted(losses(finished_run)) == [1, 2, 3, 4, 5]
     spec = json.loads((finished_run / "run.json").read_text())
-    assert spec["loop"]["steps"] == 5 and spec["train"]["decay_steps"] == 3
+    assert spec["settings"]["steps"] == 5 and spec["settings"]["decay_steps"] == 3
 
 
 def test_plot_writes_loss_png(finished_run):

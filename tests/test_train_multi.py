@@ -19,25 +19,28 @@ FAST_COMPILE = "--xla_backend_optimization_level=0"  # tiny models: compile time
 
 MODES = textwrap.dedent(
     """
-    import json, sys
+    import contextlib, dataclasses, json, sys
     import jax
     from pathlib import Path
     from gpt2cli.training import data
     from gpt2cli.hub import load_model
     from gpt2cli.tokenizer import bundled
-    from gpt2cli.training.trainer import TrainConfig, Trainer
+    from gpt2cli.training.plan import train_config_for
+    from gpt2cli.training.trainer import Trainer
     from gpt2cli.training.loop import LoopSettings, TrainData, train_loop
 
     config, params = load_model(sys.argv[1])
     blocks, _ = data.split(data.load_tokens([Path(sys.argv[2])], bundled()), 16, 0.0)
     out = {"devices": jax.device_count()}
+    single = train_config_for(config, batch_size=4, seq_length=16, lr=1e-2, min_lr=3e-5,
+                              warmup=0, decay_steps=4)
     for mode in ("single", "data-parallel", "fsdp"):
-        tc = TrainConfig(batch_size=4, seq_length=16, lr=1e-2, warmup=0, decay_steps=4,
-                         parallel=mode)
+        tc = dataclasses.replace(single, parallel=mode)
         trainer = Trainer(config, tc)
         logged = []
         hooks = type("H", (), {"on_log": lambda self, r: logged.append(r["loss"]),
-                               "on_save": lambda self, s, k: None})()
+                               "on_save": lambda self, s, k: None,
+                               "compiling": lambda self, what: contextlib.nullcontext()})()
         train_data = TrainData(blocks, None, data.Sampler(len(blocks), 0), 4, 1)
         state, _ = train_loop(trainer, trainer.create_state(params), train_data,
                               LoopSettings(steps=4, log_every=1), hooks)
@@ -119,7 +122,7 @@ def test_data_parallel_and_fsdp_match_one_device(runs):
 def test_two_processes_train_like_one(runs):
     out, run_dir = runs
     spec = json.loads((run_dir / "run.json").read_text())
-    assert spec["train"]["parallel"] == "data-parallel"
+    assert spec["settings"]["num_processes"] == 2  # so the two train data-parallel
     multi = losses(run_dir)
     assert sorted(multi) == [1, 2, 3, 4]
     assert [multi[s] for s in range(1, 5)] == pytest.approx(out["single"]["losses"], abs=1e-5)

@@ -146,7 +146,7 @@ def test_run_json_is_strict_json(tmp_path, corpus):
     done = train(corpus, "--steps", "1", "--out", "run", "--grad-clip", "0.5")
     assert done.exit_code == 0, done.output
     text = (tmp_path / "run/run.json").read_text()
-    assert json.loads(text, parse_constant=pytest.fail)["train"]["grad_clip"] == 0.5
+    assert json.loads(text, parse_constant=pytest.fail)["settings"]["grad_clip"] == 0.5
 
 
 @pytest.mark.slow

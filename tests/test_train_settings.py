@@ -3,6 +3,7 @@ run.json and the resume check."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -11,8 +12,10 @@ import pytest
 import typer
 
 from gpt2cli.cli.app import app
-from gpt2cli.training import config_file
-from gpt2cli.training import settings as S
+from gpt2cli.config import preset
+from gpt2cli.errors import ParameterError
+from gpt2cli.training import config_file, settings
+from gpt2cli.training.plan import train_config_for
 from gpt2cli.training.trainer import TrainConfig
 from tests.conftest import cli as gpt2_in_process
 from tests.helpers_train import isolate, write_corpus
@@ -28,17 +31,19 @@ def _isolated(tmp_path, monkeypatch):
 def test_every_setting_is_a_flag_with_its_help():
     command = typer.main.get_command(app).commands["train"]
     options = {name: p for p in command.params for name in p.opts}
-    for name, (_, f) in S.FIELDS.items():
-        assert S.flag(name) in options, name
-        assert options[S.flag(name)].help.replace("\\[", "[").startswith(f.metadata["help"])
+    for name, (_, f) in settings.FIELDS.items():
+        assert settings.flag(name) in options, name
+        assert options[settings.flag(name)].help.replace("\\[", "[").startswith(f.metadata["help"])
     assert "-m" in options and "-d" in options and "--print-config" in options
 
 
-def test_trainer_defaults_are_the_settings_defaults():
-    core = TrainConfig()
+def test_the_trainer_takes_the_settings_resolved_and_has_no_defaults_of_its_own():
+    assert all(f.default is dataclasses.MISSING for f in dataclasses.fields(TrainConfig))
+    core = train_config_for(preset("gpt2"))
     for name in ("batch_size", "grad_accum", "weight_decay", "beta1", "beta2", "grad_clip", "seed"):
-        assert getattr(core, name) == S.default_of(name), name
-    assert core.seq_length == S.SEQ_LENGTH and core.warmup == S.WARMUP
+        assert getattr(core, name) == settings.default_of(name), name
+    assert core.seq_length == settings.SEQ_LENGTH and core.warmup == settings.WARMUP
+    assert core.lr == settings.FINE_TUNE_LR and core.min_lr == settings.FINE_TUNE_LR / 10
 
 
 def test_print_config_round_trips_through_config(tmp_path):
@@ -109,3 +114,11 @@ def test_run_json_records_the_settings_and_resume_reads_them(tmp_path):
     assert same.exit_code == 0, same.output  # the file's fixed values equal the run's
     metrics = (tmp_path / "run/metrics.jsonl").read_text().splitlines()
     assert json.loads(metrics[-1])["step"] == 3
+
+
+def test_the_core_names_the_parameter_and_the_command_its_flag(tmp_path):
+    with pytest.raises(ParameterError, match="^min_lr must be >= 0, got -1.0$"):
+        train_config_for(preset("tiny"), min_lr=-1.0)
+    done = gpt2("train", "--init", "tiny", "-d", str(write_corpus(tmp_path / "c.txt")),
+                "--min-lr", "-1", "--steps", "1")  # fmt: skip
+    assert done.exit_code == 1 and "error: --min-lr must be >= 0, got -1.0" in done.output

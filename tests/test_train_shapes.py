@@ -42,8 +42,8 @@ def shaped_run(tmp_path_factory):
 def test_the_shape_lands_in_run_json_checkpoint_and_final_file(shaped_run, tmp_path):
     spec = json.loads((shaped_run / "run.json").read_text())
     want = {"n_layer": 3, "n_head": 2, "n_embd": 32, "n_positions": 48}
-    assert {k: spec["model"]["config"][k] for k in want} == want
-    assert spec["train"]["lr"] == 1e-2  # the size rule's cap (6e-4 * 768 / 32 is above it)
+    assert {k: spec["model_config"][k] for k in want} == want
+    assert spec["settings"]["lr"] == 1e-2  # the size rule's cap (6e-4 * 768 / 32 is above it)
     config, params = load_npz(shaped_run / "final.npz")
     assert (config.n_layer, config.n_embd) == (3, 32)
     assert params["wpe"]["embedding"].shape == (48, 32) and "h_2" in params

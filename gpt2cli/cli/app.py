@@ -20,6 +20,7 @@ from gpt2cli.cli import (
     generate_cmd,
     inspect_cmd,
     interrupts,
+    lens_cmd,
     prepare_cmd,
     serve_cmd,
     train_cmd,
@@ -161,6 +162,7 @@ app.command("prepare")(prepare_cmd.prepare)
 app.command("train")(train_cmd.train)
 app.command("eval")(eval_cmd.evaluate)
 app.command("serve")(serve_cmd.serve)
+app.command("lens")(lens_cmd.lens)
 
 
 def main() -> None:

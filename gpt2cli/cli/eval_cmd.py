@@ -18,6 +18,7 @@ from gpt2cli.cli.options import (
     MoreFiles,
     TextErrors,
     TokenizerRef,
+    flags_for,
 )
 from gpt2cli.errors import UserError
 
@@ -102,7 +103,7 @@ def evaluate(
             files, load_tokenizer(tokenizer, model, tqdm_class=hub_progress_class()), errors=errors
         )
     length = seq_length or config.n_positions
-    with task_progress() as progress:
+    with task_progress() as progress, flags_for({"stride", "batch_size"}, length="--seq-length"):
         task = progress.add_task("evaluating", total=None)
         result = evaluation.evaluate(
             config,

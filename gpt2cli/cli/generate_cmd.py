@@ -113,7 +113,10 @@ def generate(
     max_new_tokens: MaxNewTokens = None,
     max_length: Annotated[
         int | None,
-        typer.Option("--max-length", help="Total length, prompt included (the seed's flag)."),
+        typer.Option(
+            "--max-length",
+            help="Total length, prompt included (kept from the original script's flags).",
+        ),
     ] = None,
     temperature: Temperature = 0.0,
     top_k: TopK = 0,
@@ -129,7 +132,8 @@ def generate(
         Path | None, typer.Option(help="One prompt per line, all decoded in one batch.")
     ] = None,
     prompt_option: Annotated[
-        str | None, typer.Option("--prompt", help="The prompt (the seed's flag).")
+        str | None,
+        typer.Option("--prompt", help="The prompt (kept from the original script's flags)."),
     ] = None,
     no_stream: Annotated[bool, typer.Option("--no-stream", help="Print at the end.")] = False,
     json_output: JsonOutput = False,

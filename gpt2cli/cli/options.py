@@ -8,14 +8,16 @@ written in one place.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
 from typing import Annotated, Any
 
 import typer
 
 from gpt2cli import precision
-from gpt2cli.errors import UserError
+from gpt2cli.errors import ParameterError, UserError
 from gpt2cli.sampling_checks import check_sampling, check_seed
+from gpt2cli.training.settings import check_text_errors, flag
 
 DEFAULT_MODEL = "gpt2"
 
@@ -34,6 +36,21 @@ def _checked(check: Callable[[Any], None]) -> Callable[[Any], Any]:
     return callback
 
 
+@contextmanager
+def flags_for(names: Collection[str], **renamed: str) -> Iterator[None]:
+    """A command's flag where the core names its parameter (`lr` becomes `--lr`): the core
+    knows no flags (ARCHITECTURE.md, 16). `names`: parameters whose flag is their name;
+    `renamed`: parameter -> flag for the others."""
+    try:
+        yield
+    except ParameterError as exc:
+        if exc.name in renamed:
+            raise UserError(f"{renamed[exc.name]} {exc.problem}") from None
+        if exc.name in names:
+            raise UserError(f"{flag(exc.name)} {exc.problem}") from None
+        raise
+
+
 seed_callback = _checked(check_seed)  # also for train's --seed, whose help differs
 
 
@@ -45,11 +62,6 @@ def _positive(value: int) -> None:
 def _no_empty_stop(values: list[str]) -> None:
     if any(value == "" for value in values):
         raise UserError("an empty stop string would end every reply before it starts")
-
-
-def _text_errors(value: str) -> None:
-    if value not in ("strict", "replace"):
-        raise UserError(f"must be strict or replace, got {value!r}")
 
 
 ModelRef = Annotated[
@@ -71,13 +83,9 @@ TokenizerRef = Annotated[
 ]
 
 
-def _check_dtype(value: str | None) -> str | None:
-    if value is not None and value not in precision.NAMES:
-        raise typer.BadParameter(f"{value!r} is not one of {', '.join(precision.NAMES)}")
-    return value
-
-
-Dtype = Annotated[str, typer.Option("--dtype", help=precision.HELP, callback=_check_dtype)]
+Dtype = Annotated[
+    str, typer.Option("--dtype", help=precision.HELP, callback=_checked(precision.get))
+]
 JsonOutput = Annotated[
     bool, typer.Option("--json", help="Print a machine-readable JSON result on stdout.")
 ]
@@ -176,6 +184,6 @@ TextErrors = Annotated[
     typer.Option(
         "--errors",
         help="Non-UTF-8 bytes: strict (stop) or replace [default: strict].",
-        callback=_checked(_text_errors),
+        callback=_checked(check_text_errors),
     ),
 ]

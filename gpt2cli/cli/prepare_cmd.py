@@ -10,9 +10,9 @@ import typer
 
 from gpt2cli.cli import interrupts
 from gpt2cli.cli.console import err
+from gpt2cli.cli.options import flags_for
 from gpt2cli.errors import UserError
-from gpt2cli.training.settings import PrepareSettings as P
-from gpt2cli.training.settings import help_of
+from gpt2cli.training.settings import PrepareSettings, help_of
 
 Opt = typer.Option
 
@@ -27,17 +27,22 @@ def prepare(
         ),
     ],
     out: Annotated[str, Opt("--out", "-o", help="Folder for the shards and index.json.")],
-    text_field: Annotated[str, Opt("--text-field", help=help_of(P, "text_field"))] = P.text_field,
+    text_field: Annotated[
+        str, Opt("--text-field", help=help_of(PrepareSettings, "text_field"))
+    ] = PrepareSettings.text_field,
     workers: Annotated[
-        int | None, Opt("--workers", "-j", help="Tokenizing processes [default: all cores].")
+        int | None,
+        Opt("--workers", "-j", min=1, help="Tokenizing processes [default: all cores]."),
     ] = None,
     shard_tokens: Annotated[
-        int, Opt("--shard-tokens", help=help_of(P, "shard_tokens"))
-    ] = P.shard_tokens,
+        int, Opt("--shard-tokens", help=help_of(PrepareSettings, "shard_tokens"))
+    ] = PrepareSettings.shard_tokens,
     val_fraction: Annotated[
-        float, Opt("--val-fraction", help=help_of(P, "val_fraction"))
-    ] = P.val_fraction,
-    errors: Annotated[str, Opt("--errors", help=help_of(P, "errors"))] = P.errors,
+        float, Opt("--val-fraction", help=help_of(PrepareSettings, "val_fraction"))
+    ] = PrepareSettings.val_fraction,
+    errors: Annotated[
+        str, Opt("--errors", help=help_of(PrepareSettings, "errors"))
+    ] = PrepareSettings.errors,
     force: Annotated[
         bool, Opt("--force", help="Replace a folder prepared from other inputs or settings.")
     ] = False,
@@ -58,16 +63,9 @@ def prepare(
     from gpt2cli.training.prepare import FolderInUse
     from gpt2cli.training.prepare import prepare as run
 
-    if workers is not None and workers < 1:
-        raise UserError(f"--workers must be a positive integer, got {workers}")
-    if shard_tokens < 1:
-        raise UserError(f"--shard-tokens must be a positive integer, got {shard_tokens}")
-    if not 0.0 <= val_fraction < 1.0:
-        raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    if errors not in ("strict", "replace"):
-        raise UserError(f"--errors must be strict or replace, got {errors!r}")
+    with flags_for(PrepareSettings.__dataclass_fields__):
+        settings = PrepareSettings(text_field, errors, shard_tokens, val_fraction)
     paths = resolve_files(files, os.environ.get("DATA_DIR"))
-    settings = P(text_field, errors, shard_tokens, val_fraction)
     if Path(out).exists() and not Path(out).is_dir():
         raise UserError(f"--out {out} is a file; give a folder for the prepared dataset")
     try:

@@ -35,8 +35,15 @@ def train(**given) -> None:
       gpt2 train --init tiny --dataset tiny.txt --print-config > run.toml; gpt2 train --config run.toml
       gpt2 train --resume runs/ft --steps 4000
     """
-    from gpt2cli.training import config_file
-    from gpt2cli.training import settings as S
+    from gpt2cli.cli.options import flags_for
+    from gpt2cli.training import settings
+
+    with flags_for(settings.FIELDS):
+        _train(**given)
+
+
+def _train(**given) -> None:
+    from gpt2cli.training import config_file, settings
 
     resume, config, print_config = (
         given.pop("resume"),
@@ -57,16 +64,14 @@ def train(**given) -> None:
         plan = _resume(resume, values, force)
         if print_config:
             _close(plan)
-            if "settings" not in plan.spec:
-                raise UserError(f"{resume} was made before runs recorded their settings")
             typer.echo(config_file.dumps(plan.settings))
             return
     else:
-        settings = _check(S.Settings.from_flat(values))
+        s = _check(settings.Settings.from_flat(values))
         if print_config:
-            typer.echo(config_file.dumps(_resolved_cheaply(settings)))
+            typer.echo(config_file.dumps(_resolved_cheaply(s)))
             return
-        plan = _new(settings, force)
+        plan = _new(s, force)
     try:
         _run(plan, force=force or (plan.resumed and plan.owns_output), plot=plan.settings.loop.plot)
     finally:
@@ -74,14 +79,14 @@ def train(**given) -> None:
 
 
 def _close(plan) -> None:
-    from gpt2cli.training import plan as train_run
+    from gpt2cli.training.plan import close
 
-    train_run.close(plan)
+    close(plan)
 
 
 def _command_parameters() -> list[inspect.Parameter]:
     """The command's flags: one per setting (training/settings.py), plus the actions."""
-    from gpt2cli.training import settings as S
+    from gpt2cli.training import settings
 
     def option(name: str, kind, default, *names: str, help: str) -> inspect.Parameter:
         info = Opt(default, *names, help=help, show_default=False)  # plain help: no markup
@@ -102,10 +107,10 @@ def _command_parameters() -> list[inspect.Parameter]:
             ),
         )
     ]
-    for name, (_, f) in S.FIELDS.items():
-        kind = S.field_type(name)
+    for name, (_, f) in settings.FIELDS.items():
+        kind = settings.field_type(name)
         optional = kind if type(None) in typing.get_args(kind) else kind | None
-        default = S.default_of(name)
+        default = settings.default_of(name)
         shown = (
             ""
             if default in (None, []) or "[default" in f.metadata["help"]
@@ -116,7 +121,7 @@ def _command_parameters() -> list[inspect.Parameter]:
                 name,
                 optional,
                 None,
-                S.flag(name),
+                settings.flag(name),
                 *f.metadata["aliases"],
                 help=f.metadata["help"] + shown,
             )
@@ -155,13 +160,11 @@ def _check(s) -> object:
     """Conflicting or missing flags, before any work starts."""
     from gpt2cli import precision
     from gpt2cli.config import SHAPE_FIELDS
-    from gpt2cli.training.settings import flag
+    from gpt2cli.training.settings import check_text_errors, flag
 
     m, p = s.model, s.parallel
-    if m.dtype not in precision.NAMES:
-        raise UserError(f"--dtype must be one of {', '.join(precision.NAMES)}, got {m.dtype!r}")
-    if s.data.errors not in ("strict", "replace"):
-        raise UserError(f"--errors must be strict or replace, got {s.data.errors!r}")
+    precision.get(m.dtype)
+    check_text_errors(s.data.errors)
     if m.model and m.init:
         raise UserError("give either --model (fine-tune) or --init (from scratch), not both")
     shaped = [name for name in SHAPE_FIELDS if getattr(m, name) is not None]
@@ -212,40 +215,39 @@ def _new(s, force: bool):
     from gpt2cli.config import SHAPE_FIELDS
     from gpt2cli.hub import load_model
     from gpt2cli.progress import hub_progress_class
-    from gpt2cli.training import plan as train_run
+    from gpt2cli.training.plan import new_plan, source_config
 
     _start_processes(s.parallel)
     if not s.model.init and not s.model.model:
         s = s.replace(model=DEFAULT_MODEL)
     shape = {k: getattr(s.model, k) for k in SHAPE_FIELDS}
     load = functools.partial(load_model, tqdm_class=hub_progress_class())
-    model_config, start_params = train_run.source_config(s.model.model, s.model.init, load, shape)
-    plan = train_run.new_plan(s, model_config, force=force, main_process=_is_main())
+    model_config, start_params = source_config(s.model.model, s.model.init, load, shape)
+    plan = new_plan(s, model_config, force=force, main_process=_is_main())
     plan.start_params = start_params
     return plan
 
 
 def _resume(path: str, values: dict, force: bool):
     """The run in `path`; only the settings that do not change its numbers may be given."""
-    from gpt2cli.training import plan as train_run
-    from gpt2cli.training import settings as S
+    from gpt2cli.training import settings
+    from gpt2cli.training.plan import recorded_settings, resume_plan
 
-    recorded = train_run.recorded_settings(path)
+    recorded = recorded_settings(path)
+    fixed = settings.fixed_names()
     changed = [
         name
-        for name in S.fixed_names()
-        if name in values
-        and (recorded is None or not _same(name, values[name], recorded.get(name)))
+        for name in fixed
+        if name in values and not _same(name, values[name], recorded.flat()[name])
     ]
     if changed:
         raise UserError(
-            f"{S.flag(changed[0])} cannot be combined with --resume: a resumed run keeps its settings "
-            f"(see {Path(path) / 'run.json'}); start a new run to change them"
+            f"{settings.flag(changed[0])} cannot be combined with --resume: a resumed run keeps "
+            f"its settings (see {Path(path) / 'run.json'}); start a new run to change them"
         )
-    overrides = {name: value for name, value in values.items() if name not in S.fixed_names()}
-    parallel = S.Settings.from_flat({**(recorded or {}), **overrides}).parallel
-    _start_processes(parallel)
-    return train_run.resume_plan(path, overrides, force=force, main_process=_is_main())
+    overrides = {name: value for name, value in values.items() if name not in fixed}
+    _start_processes(recorded.replace(**overrides).parallel)
+    return resume_plan(path, overrides, force=force, main_process=_is_main())
 
 
 def _is_main() -> bool:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt2cli.errors import UserError
-from gpt2cli.training import settings as S
+from gpt2cli.training import settings
 
 
 def read(path: str | Path) -> dict[str, Any]:
@@ -28,22 +28,22 @@ def read(path: str | Path) -> dict[str, Any]:
     values = {}
     for key, value in table.items():
         name = key.replace("-", "_")
-        if name not in S.FIELDS:
+        if name not in settings.FIELDS:
             hint = (
                 " (a table? keys are flat: the long flag names)" if isinstance(value, dict) else ""
             )
             raise UserError(f"{path}: unknown key {key!r}{hint}")
-        values[name] = S.check_value(name, value, f"{path}: ")
+        values[name] = settings.check_value(name, value, f"{path}: ")
     return values
 
 
-def dumps(settings: S.Settings) -> str:
-    """TOML for `settings`, grouped and commented; unset (derived) values are comments."""
+def dumps(s: settings.Settings) -> str:
+    """TOML for the settings `s`, grouped and commented; unset (derived) values are comments."""
     lines = ["# gpt2 train settings: gpt2 train --config THIS_FILE", ""]
-    values = settings.flat()
-    for group, kind in S.GROUPS.items():
+    values = s.flat()
+    for group, kind in settings.GROUPS.items():
         lines.append(f"# [{group}] {kind.__doc__.strip()}")
-        for name, (owner, f) in S.FIELDS.items():
+        for name, (owner, f) in settings.FIELDS.items():
             if owner != group:
                 continue
             key = name.replace("_", "-")

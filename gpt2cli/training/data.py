@@ -20,6 +20,7 @@ import numpy as np
 from gpt2cli.atomic import atomic_write
 from gpt2cli.errors import UserError
 from gpt2cli.tokenizer import GPT2Tokenizer
+from gpt2cli.training.settings import check_val_fraction
 
 # Tokenize in pieces of about this many characters, so a progress bar can move.
 _CHUNK_CHARS = 1 << 20
@@ -199,8 +200,7 @@ class Blocks:
 
 def split(tokens: np.ndarray, seq: int, val_fraction: float) -> tuple[Blocks, Blocks | None]:
     """Train blocks from the head of the stream, validation blocks from its tail."""
-    if not 0.0 <= val_fraction < 1.0:
-        raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    check_val_fraction(val_fraction)
     need = seq + 1
     if len(tokens) < need:
         raise UserError(
@@ -243,9 +243,6 @@ class Sampler:
             out[k - start : k - start + take] = self.permutation(epoch)[pos : pos + take]
             k += take
         return out
-
-    def epoch_of(self, sample: int) -> float:
-        return sample / self.n_blocks
 
 
 @functools.lru_cache(maxsize=2)

@@ -8,14 +8,14 @@ one line, and writes the final file. It draws nothing: the command renders throu
 from __future__ import annotations
 
 import time
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from gpt2cli.errors import UserError
+from gpt2cli.errors import ParameterError, UserError
 from gpt2cli.training import memory
-from gpt2cli.training import plan as plans
+from gpt2cli.training.plan import Plan, initial_weights, load_data, start_folder
 
 
 class StepView(Protocol):
@@ -47,7 +47,7 @@ class Outcome:
         return self.step >= self.steps
 
 
-def run(plan: plans.Plan, view: View, *, force: bool, plot: bool, tqdm_class=None) -> Outcome:
+def run(plan: Plan, view: View, *, force: bool, plot: bool, tqdm_class=None) -> Outcome:
     """Train until the plan's step count, or until the view's stop request says so.
     `tqdm_class` draws a Hub download (see hub.resolve)."""
     import functools
@@ -64,10 +64,10 @@ def run(plan: plans.Plan, view: View, *, force: bool, plot: bool, tqdm_class=Non
     compile_cache.enable()
     main = jax.process_index() == 0
     view = view if main else _Silent(view)
-    source = plan.spec["model"]
-    tokenizer = load_tokenizer(plan.spec["tokenizer"], source["source"], tqdm_class=tqdm_class)
+    source = plan.settings.model
+    tokenizer = load_tokenizer(source.tokenizer, source.model, tqdm_class=tqdm_class)
     with view.tokenizing() as progress:
-        data = plans.load_data(plan, tokenizer, progress)
+        data = load_data(plan, tokenizer, progress)
     trainer = Trainer.cached(plan.model_config, plan.train_config)
     fits = check_fits(plan, trainer.loss_chunks)  # before any weights reach the device
     with view.busy(
@@ -78,13 +78,13 @@ def run(plan: plans.Plan, view: View, *, force: bool, plot: bool, tqdm_class=Non
             plan.start_params = None  # the device holds them now; free the host copy
         else:
             load = functools.partial(load_model, tqdm_class=tqdm_class)
-            state = plans.initial_weights(plan, trainer, load)
+            state = initial_weights(plan, trainer, load)
     start = int(jax.device_get(state.step))
-    loop = plan.loop
+    loop = plan.settings.loop
     if loop.steps < start:
-        raise UserError(f"--steps {loop.steps} is below the run's step {start}; give more")
+        raise ParameterError("steps", f"{loop.steps} is below the run's step {start}; give more")
     if main:
-        plans.start_folder(plan)
+        start_folder(plan)
         if plan.resumed:
             plan.folder.truncate_metrics(start)
             plan.folder.remove_partial()
@@ -93,7 +93,7 @@ def run(plan: plans.Plan, view: View, *, force: bool, plot: bool, tqdm_class=Non
 
     def save(state, step) -> Path | None:
         params, opt_state = to_host((state.params, state.opt_state))  # all processes take part
-        return folder.save(step, config, params, opt_state, plan.keep) if main else None
+        return folder.save(step, config, params, opt_state, loop.keep) if main else None
 
     steps_done, stop_requested = 0, None
 
@@ -107,16 +107,15 @@ def run(plan: plans.Plan, view: View, *, force: bool, plot: bool, tqdm_class=Non
 
     what = "resuming" if plan.resumed else "training"
     view.say(
-        f"{what} {source['source'] or 'a fresh ' + source['init']} ({config.n_layer} layers, "
+        f"{what} {source.model or 'a fresh ' + source.init} ({config.n_layer} layers, "
         f"{config.n_head} heads, width {config.n_embd}, context {config.n_positions}: "
         f"{config.num_params() / 1e6:.1f}M params) in {folder.path} from step {start} "
         f"to {loop.steps}; {len(data.train)} train blocks of {data.train.seq} tokens"
     )
     try:
         with view.stopping() as stop_requested, view.steps(loop.steps, start) as steps:
-            hooks = _Hooks(folder, steps, save, main)
-            announcing = _Announcing(trainer, view)
-            state, step = train_loop(announcing, state, data, loop, hooks, should_stop)
+            hooks = _Hooks(folder, view, steps, save, main)
+            state, step = train_loop(trainer, state, data, loop, hooks, should_stop)
     except Diverged as exc:
         last = folder.latest()
         kept = (
@@ -140,7 +139,7 @@ def run(plan: plans.Plan, view: View, *, force: bool, plot: bool, tqdm_class=Non
     return Outcome(start, step, loop.steps, folder.path, written, folder.plot() if plot else None)
 
 
-def check_fits(plan: plans.Plan, loss_chunks: int = 1) -> str:
+def check_fits(plan: Plan, loss_chunks: int = 1) -> str:
     """The line that says what the run will hold against what the device has; a UserError,
     with what to change, when it cannot fit."""
     import jax
@@ -180,8 +179,8 @@ def check_fits(plan: plans.Plan, loss_chunks: int = 1) -> str:
 class _Hooks:
     """The loop's hooks: metrics.jsonl and checkpoints, shown through the view."""
 
-    def __init__(self, folder, steps: StepView, save, main: bool) -> None:
-        self.folder, self.steps, self._save, self.main = folder, steps, save, main
+    def __init__(self, folder, view: View, steps: StepView, save, main: bool) -> None:
+        self.folder, self.view, self.steps, self._save, self.main = folder, view, steps, save, main
 
     def on_log(self, record: dict) -> None:
         if self.main:
@@ -193,32 +192,13 @@ class _Hooks:
         if path:
             self.steps.saved(path)
 
-
-class _Announcing:
-    """The trainer, with a status line while XLA compiles its first step and evaluation."""
-
-    def __init__(self, trainer, view: View) -> None:
-        self._trainer, self._view = trainer, view
-        self._compiled: set[str] = set()
-
-    def __getattr__(self, name: str):
-        return getattr(self._trainer, name)
-
-    def _first(self, what: str, call):
-        if what in self._compiled:
-            return call()
+    @contextmanager
+    def compiling(self, what: str):
+        """A status line while XLA compiles, then how long it took."""
         started = time.perf_counter()
-        with self._view.busy(f"compiling the {what} (XLA, once per shape; cached for next time)"):
-            result = call()
-        self._compiled.add(what)
-        self._view.say(f"compiled the {what} in {time.perf_counter() - started:.1f} s")
-        return result
-
-    def step(self, state, batch):
-        return self._first("training step", lambda: self._trainer.step(state, batch))
-
-    def eval_loss(self, params, batches):
-        return self._first("evaluation", lambda: self._trainer.eval_loss(params, batches))
+        with self.view.busy(f"compiling the {what} (XLA, once per shape; cached for next time)"):
+            yield
+        self.view.say(f"compiled the {what} in {time.perf_counter() - started:.1f} s")
 
 
 class _Silent:

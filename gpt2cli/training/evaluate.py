@@ -20,7 +20,7 @@ import optax
 
 from gpt2cli import kernels, precision
 from gpt2cli.config import GPT2Config
-from gpt2cli.errors import UserError
+from gpt2cli.errors import ParameterError, UserError
 from gpt2cli.model import GPT2
 
 
@@ -33,9 +33,11 @@ class Window:
 
 def windows(n_tokens: int, length: int, stride: int) -> list[Window]:
     if length < 2:
-        raise UserError(f"--seq-length must be at least 2 to score a token, got {length}")
+        raise ParameterError("length", f"must be at least 2 to score a token, got {length}")
     if not 1 <= stride <= length:
-        raise UserError(f"--stride must be between 1 and --seq-length ({length}), got {stride}")
+        raise ParameterError(
+            "stride", f"must be between 1 and the window length ({length}), got {stride}"
+        )
     if n_tokens < 2:
         raise UserError(f"the text has {n_tokens} token(s); at least 2 are needed to score one")
     out, prev_end = [], 0
@@ -105,9 +107,9 @@ def evaluate(
     dtype: str = "float32",  # a precision (precision.py)
     progress: Callable[[int, int], None] | None = None,
 ) -> EvalResult:
-    config.check_fits(length, "--seq-length")
+    config.check_fits(length, "length")
     if batch_size <= 0:
-        raise UserError(f"--batch-size must be a positive integer, got {batch_size}")
+        raise ParameterError("batch_size", f"must be a positive integer, got {batch_size}")
     wins = windows(len(tokens), length, stride)
     inputs, targets, mask = window_arrays(tokens, wins, length)
     pad = -len(wins) % batch_size  # whole batches only: one compiled shape

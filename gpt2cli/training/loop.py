@@ -12,6 +12,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -109,6 +110,9 @@ class Hooks(Protocol):
     def on_log(self, record: dict) -> None: ...
     def on_save(self, state: TrainState, step: int) -> None: ...
 
+    # Around the first training step and the first evaluation: XLA compiles them then.
+    def compiling(self, what: str) -> AbstractContextManager[None]: ...
+
 
 def train_loop(
     trainer: Trainer,
@@ -135,6 +139,15 @@ def _steps(trainer, state, step, batches, data, settings, hooks, should_stop):
     pending: list[tuple[int, jax.Array]] = []
     since, tokens_since = time.perf_counter(), 0
     validation = data.validation()
+    compiled: set[str] = set()
+
+    def first_compiles(what: str, call: Callable, *args: Any) -> Any:
+        if what in compiled:
+            return call(*args)
+        with hooks.compiling(what):
+            result = call(*args)
+        compiled.add(what)
+        return result
 
     def flush(val_loss: float | None = None) -> None:
         nonlocal since, tokens_since
@@ -155,7 +168,7 @@ def _steps(trainer, state, step, batches, data, settings, hooks, should_stop):
         since, tokens_since = now, 0
 
     while step < settings.steps:
-        state, metrics = trainer.step(state, batches.get(step))
+        state, metrics = first_compiles("training step", trainer.step, state, batches.get(step))
         pending.append((step + 1, metrics["loss"]))
         step += 1
         tokens_since += data.tokens_per_step
@@ -165,7 +178,7 @@ def _steps(trainer, state, step, batches, data, settings, hooks, should_stop):
             last or (settings.eval_every and step % settings.eval_every == 0)
         )
         if evaluate:
-            flush(trainer.eval_loss(state.params, validation))
+            flush(first_compiles("evaluation", trainer.eval_loss, state.params, validation))
         elif pending and (step % settings.log_every == 0 or last or stopping):
             flush()
         if stopping:

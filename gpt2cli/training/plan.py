@@ -1,11 +1,24 @@
 """A run's plan: from settings to a run folder, weights and data, and back from run.json.
 
-A new run records every setting in run.json once its data has loaded; `--resume` rebuilds the
+A new run records its settings in run.json once its data has loaded; `--resume` rebuilds the
 very same run from that file, so a resumed run needs no flags besides (optionally) --steps.
+
+run.json (version 2) holds each setting once, resolved, and what they resolved to that cannot
+be worked out again (the model's shape, the dataset's files and the fingerprint of their tokens):
+
+    {"format": "gpt2cli-run", "version": 2,
+     "settings": {"batch_size": 8, "lr": 5e-05, ...},  # all but out and output (see _PLACES)
+     "model_config": {...},  # Hugging Face config.json's fields
+     "data": {"dataset": ["/abs/a.txt"], "val_dataset": null, "prepared": false,
+              "token_hash": "..."},
+     "output": "final.npz"}  # relative to the folder when inside it
+
+Version 1 kept a setting in up to three places; `_from_version_1` reads it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -15,10 +28,9 @@ from typing import Any
 import numpy as np
 
 from gpt2cli.config import GPT2Config, new_model_config
-from gpt2cli.errors import UserError
+from gpt2cli.errors import ParameterError, UserError
 from gpt2cli.fields import check_types
-from gpt2cli.training import data as datalib
-from gpt2cli.training import settings as S
+from gpt2cli.training import data, settings
 from gpt2cli.training.loop import TrainData
 from gpt2cli.training.run_folder import RUN_FILE, RunFolder, RunLock, load_checkpoint
 from gpt2cli.training.shards import is_prepared, open_prepared
@@ -26,70 +38,75 @@ from gpt2cli.training.trainer import TrainConfig, Trainer, TrainState
 
 SEED_OUTPUT = "gpt2_finetuned.npz"  # where the original script saved; kept without --out
 
+# Settings that say where the run lies: run.json does not store them (the folder is where it
+# lies, and the output is stored relative to it), so a copied run folder writes into itself.
+_PLACES = ("out", "output")
+
+
+@dataclass
+class DataFiles:
+    """What the dataset settings resolved to when the run started."""
+
+    dataset: list[str]  # absolute paths: one prepared folder, or text files
+    val_dataset: list[str] | None
+    prepared: bool
+    token_hash: str | None = None  # the tokens' fingerprint, once read: a resume checks it
+
 
 @dataclass
 class Plan:
+    """A run, parsed once: its settings, the model's shape, its data files and the trainer's
+    view of the settings (a new run's from the command, a resumed one's from run.json)."""
+
     folder: RunFolder
-    spec: dict[str, Any]
+    settings: settings.Settings  # resolved; out and output name the folder and the model file
+    model_config: GPT2Config
+    files: DataFiles
     resumed: bool
     start_params: Any = None  # a new run's starting weights (host copy), when already loaded
     lock: RunLock | None = None  # held by the process that writes the folder
+    train_config: TrainConfig = dataclasses.field(init=False)
 
-    @property
-    def model_config(self) -> GPT2Config:
-        return GPT2Config.from_hf(self.spec["model"]["config"])
-
-    @property
-    def train_config(self) -> TrainConfig:
-        return TrainConfig.from_dict(self.spec["train"])
-
-    @property
-    def loop(self) -> S.LoopSettings:
-        loop = self.spec["loop"]
-        return S.LoopSettings(
-            steps=loop["steps"],
-            log_every=loop["log_every"],
-            eval_every=loop["eval_every"],
-            save_every=loop["save_every"],
-        )
-
-    @property
-    def keep(self) -> int:
-        return self.spec["loop"]["keep"]
+    def __post_init__(self) -> None:
+        self.train_config = train_config(self.settings)
 
     @property
     def output(self) -> Path:
-        """The trained model's path; a relative one lies in the run folder (see `new_plan`)."""
-        output = Path(self.spec["output"])
-        return output if output.is_absolute() else self.folder.path / output
+        return Path(self.settings.loop.output)
 
     @property
     def owns_output(self) -> bool:
         """An output inside the run folder is the run's own: resuming may replace it."""
         return self.output.resolve().is_relative_to(self.folder.path.resolve())
 
-    @property
-    def settings(self) -> S.Settings:
-        return S.Settings.from_flat(self.spec.get("settings", {}))
 
-
-def parallel_mode(p: S.ParallelSettings) -> str:
+def parallel_mode(p: settings.ParallelSettings) -> str:
     """One of sharding.MODES."""
     if p.fsdp:
         return "fsdp"
     return "data-parallel" if (p.data_parallel or p.num_processes > 1) else "single"
 
 
-def train_config(s: S.Settings) -> TrainConfig:
+def train_config(s: settings.Settings) -> TrainConfig:
     """The trainer's settings (every one that changes the numbers a step computes)."""
-    return TrainConfig.from_dict({**s.flat(), "parallel": parallel_mode(s.parallel)})
+    flat = s.flat()
+    names = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "parallel"]
+    return TrainConfig(**{name: flat[name] for name in names}, parallel=parallel_mode(s.parallel))
+
+
+def train_config_for(model_config: GPT2Config, **values: Any) -> TrainConfig:
+    """What `gpt2 train` with these settings (by field name) trains `model_config` with."""
+    given = settings.Settings.from_flat(values)
+    return train_config(settings.resolve(given, model_config))
 
 
 def default_folder() -> Path:
     return Path("runs") / datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
 
 
-def new_plan(s: S.Settings, model_config: GPT2Config, *, force: bool, main_process: bool) -> Plan:
+def new_plan(
+    s: settings.Settings, model_config: GPT2Config, *, force: bool, main_process: bool
+) -> Plan:
     """Check everything that could fail late; the folder is created by `start_folder`.
 
     Only the main process checks for existing outputs: the others may look after it wrote them.
@@ -97,14 +114,14 @@ def new_plan(s: S.Settings, model_config: GPT2Config, *, force: bool, main_proce
     data_dir = _data_dir()
     d, loop = s.data, s.loop
     prepared = _prepared_folder(d.dataset, data_dir)
-    files = [prepared] if prepared else datalib.resolve_files(d.dataset, data_dir)
-    val_files = datalib.resolve_files(d.val_dataset, data_dir) if d.val_dataset else None
+    files = [prepared] if prepared else data.resolve_files(d.dataset, data_dir)
+    val_files = data.resolve_files(d.val_dataset, data_dir) if d.val_dataset else None
     if val_files:
         val_fraction = 0.0
     elif prepared:
         val_fraction = open_prepared(prepared).val_fraction
     else:
-        val_fraction = S.VAL_FRACTION
+        val_fraction = settings.VAL_FRACTION
     folder = Path(loop.out) if loop.out else default_folder()
     if loop.output:
         output = Path(loop.output)
@@ -113,55 +130,34 @@ def new_plan(s: S.Settings, model_config: GPT2Config, *, force: bool, main_proce
     if main_process and output.exists() and not force:
         raise UserError(f"{output} already exists (use --force to overwrite, or --output)")
     if output.is_dir():
-        raise UserError(f"--output {output} is a folder; give a .npz file name")
-    s = S.resolve(s, model_config, val_fraction).replace(
+        raise ParameterError("output", f"{output} is a folder; give a .npz file name")
+    s = settings.resolve(s, model_config, val_fraction).replace(
         out=str(folder.resolve()), output=str(output.resolve())
     )
-    loop_spec = check_loop(
-        {k: getattr(s.loop, k) for k in ("steps", "log_every", "eval_every", "save_every", "keep")}
+    check_loop(s.loop)
+    resolved = DataFiles(
+        dataset=[str(p.resolve()) for p in files],
+        val_dataset=[str(p.resolve()) for p in val_files] if val_files else None,
+        prepared=prepared is not None,
     )
-    tc = train_config(s)
-    model_config.check_fits(tc.seq_length, "--seq-length")
-    if not 0.0 <= s.data.val_fraction < 1.0:
-        raise UserError(f"--val-fraction must be in [0, 1), got {s.data.val_fraction}")
+    plan = Plan(RunFolder(folder), s, model_config, resolved, resumed=False)
+    model_config.check_fits(plan.train_config.seq_length, "seq_length")
+    settings.check_val_fraction(s.data.val_fraction)
     if s.data.eval_batches <= 0:
-        raise UserError(f"--eval-batches must be a positive integer, got {s.data.eval_batches}")
-    m = s.model
-    spec = {
-        "model": {"source": m.model, "init": m.init, "config": model_config.to_hf()},
-        "tokenizer": m.tokenizer,
-        "data": {
-            "dataset": [str(p.resolve()) for p in files],
-            "prepared": prepared is not None,
-            "val_dataset": [str(p.resolve()) for p in val_files] if val_files else None,
-            "val_fraction": s.data.val_fraction,
-            "errors": s.data.errors,
-            "eval_batches": s.data.eval_batches,
-        },
-        "train": tc.to_dict(),
-        "loop": loop_spec,
-        "output": _output_entry(output, folder),
-        "settings": s.flat(),
-    }
+        raise ParameterError(
+            "eval_batches", f"must be a positive integer, got {s.data.eval_batches}"
+        )
     if main_process:
         RunFolder.check_new(folder)
-    return Plan(RunFolder(folder), spec, resumed=False)
-
-
-def _output_entry(output: Path, folder: Path) -> str:
-    """Relative to the run folder when inside it, so a copied run folder writes its own."""
-    output, folder = output.resolve(), folder.resolve()
-    return str(output.relative_to(folder) if output.is_relative_to(folder) else output)
+    return plan
 
 
 def start_folder(plan: Plan) -> None:
     """Write run.json (a new run's folder is created here, once its data has loaded)."""
     if plan.resumed:
-        plan.folder.write_spec(
-            {k: v for k, v in plan.spec.items() if k not in ("format", "version")}
-        )
+        plan.folder.write_spec(_to_json(plan))
     else:
-        plan.folder, plan.lock = RunFolder.create(plan.folder.path, plan.spec)
+        plan.folder, plan.lock = RunFolder.create(plan.folder.path, _to_json(plan))
 
 
 def close(plan: Plan) -> None:
@@ -179,9 +175,9 @@ def close(plan: Plan) -> None:
         plan.folder.path.rmdir()
 
 
-def recorded_settings(path: str) -> dict[str, Any] | None:
-    """The settings a run recorded in its run.json (None for runs made before settings were)."""
-    return RunFolder.open(Path(path)).spec().get("settings")
+def recorded_settings(path: str) -> settings.Settings:
+    """The settings of the run in `path`, as its run.json records them."""
+    return _read(RunFolder.open(Path(path))).settings
 
 
 def resume_plan(
@@ -205,18 +201,10 @@ def resume_plan(
 
 
 def _resume_plan(folder: RunFolder, overrides: dict[str, Any], *, force: bool) -> Plan:
-    spec = folder.spec()
-    check_spec(spec, folder.path / RUN_FILE)
-    recorded = S.Settings.from_flat(spec.get("settings", {}))
-    changed = S.Settings.from_flat({**recorded.flat(), **overrides})
-    for key in spec["loop"]:
-        spec["loop"][key] = getattr(changed.loop, key) if key in overrides else spec["loop"][key]
-    if any(name in overrides for name in S.flat_names("parallel")):
-        spec["train"]["parallel"] = parallel_mode(changed.parallel)
-    if "settings" in spec:
-        spec["settings"] = changed.flat()
-    check_loop(spec["loop"])
-    plan = Plan(folder, spec, resumed=True)
+    recorded = _read(folder)
+    changed = recorded.settings.replace(**overrides)
+    check_loop(changed.loop)
+    plan = Plan(folder, changed, recorded.model_config, recorded.files, resumed=True)
     if plan.output.exists() and not (force or plan.owns_output):
         raise UserError(
             f"this run writes its model to {plan.output}, outside {folder.path}, and that file "
@@ -225,75 +213,118 @@ def _resume_plan(folder: RunFolder, overrides: dict[str, Any], *, force: bool) -
     return plan
 
 
-_SECTIONS = {"model": dict, "data": dict, "train": dict, "loop": dict, "output": str}
+# ---- run.json -------------------------------------------------------------------------------
 
 
-@dataclass
-class _DataSpec:
-    dataset: list
-    val_dataset: list | None
-    val_fraction: float
-    errors: str
-    eval_batches: int
+def _to_json(plan: Plan) -> dict[str, Any]:
+    output, folder = plan.output.resolve(), plan.folder.path.resolve()
+    return {
+        "settings": {k: v for k, v in plan.settings.flat().items() if k not in _PLACES},
+        "model_config": plan.model_config.to_hf(),
+        "data": dataclasses.asdict(plan.files),
+        "output": str(output.relative_to(folder) if output.is_relative_to(folder) else output),
+    }
 
 
-@dataclass
-class _LoopSpec:
-    steps: int
-    log_every: int
-    eval_every: int
-    save_every: int
-    keep: int
+def _read(folder: RunFolder) -> Plan:
+    """The run recorded in the folder's run.json, checked; any version this gpt2 reads."""
+    file = folder.path / RUN_FILE
+    spec = folder.spec()
+    if spec["version"] == 1:
+        spec = _from_version_1(spec, file)
+    check_spec(spec, file)
+    output = folder.path / spec["output"]  # an absolute output stays as it is
+    places = {"out": str(folder.path.resolve()), "output": str(output.resolve())}
+    recorded = settings.Settings.from_flat({**spec["settings"], **places})
+    model_config = GPT2Config.from_hf(spec["model_config"])
+    files = DataFiles(**{f.name: spec["data"][f.name] for f in dataclasses.fields(DataFiles)})
+    return Plan(folder, recorded, model_config, files, resumed=True)
 
 
-@dataclass
-class _ModelSpec:
-    source: str | None
-    init: str | None
-    config: dict
+_SECTIONS = {"settings": dict, "model_config": dict, "data": dict, "output": str}
 
 
 def check_spec(spec: dict[str, Any], file: Path) -> None:
-    """Every section and field a resumed run reads, of the right type, its data files present."""
+    """Every section and setting of a version 2 run.json, of the right type, its data files
+    present."""
     for key, kind in _SECTIONS.items():
         if not isinstance(spec.get(key), kind):
             raise UserError(f"{file}: {key} is missing or not a {kind.__name__}")
-    for section, cls in (("data", _DataSpec), ("loop", _LoopSpec), ("model", _ModelSpec)):
-        missing = [f for f in cls.__dataclass_fields__ if f not in spec[section]]
+    stored = [name for name in settings.FIELDS if name not in _PLACES]
+    for section, names in (("settings", stored), ("data", DataFiles.__dataclass_fields__)):
+        missing = [name for name in names if name not in spec[section]]
         if missing:
             raise UserError(f"{file}: {section}.{missing[0]} is missing")
-        check_types(cls, spec[section], f"{file}: {section}.")
-    check_types(TrainConfig, spec["train"], f"{file}: train.")
-    for name, value in spec.get("settings", {}).items():
-        if name not in S.FIELDS:
+    for name, value in spec["settings"].items():
+        if name not in stored:
             raise UserError(f"{file}: settings.{name} is not a setting")
-        S.check_value(name, value, f"{file}: settings.")
-    prepared = spec["data"].get("prepared") is True
-    for name in spec["data"]["dataset"] + (spec["data"]["val_dataset"] or []):
+        settings.check_value(name, value, f"{file}: settings.")
+    check_types(DataFiles, spec["data"], f"{file}: data.")
+    files = spec["data"]
+    for name in files["dataset"] + (files["val_dataset"] or []):
         if not isinstance(name, str):
             raise UserError(f"{file}: data.dataset holds {name!r}, not a file name")
-        if not (is_prepared(name) if prepared else Path(name).is_file()):
+        if not (is_prepared(name) if files["prepared"] else Path(name).is_file()):
             raise UserError(
                 f"{file}: the run's dataset file {name} is gone; restore it to resume "
                 "(a resumed run reads the same data), or start a new run"
             )
 
 
-def check_loop(loop: dict[str, int]) -> dict[str, int]:
+def _from_version_1(spec: dict[str, Any], file: Path) -> dict[str, Any]:
+    """Version 2's shape of a version 1 run.json (gpt2 before each setting was stored once).
+
+    Version 1 kept a run's numbers in sections ("model", "data", "train", "loop") and,
+    from some point on, every setting again under "settings". The sections are what the run
+    trained with, so they win; a file without "settings" takes the defaults for the rest, its
+    dataset files as the dataset and its parallel mode from "train".
+    """
+    for key in ("model", "data", "train", "loop"):
+        if not isinstance(spec.get(key), dict):
+            raise UserError(f"{file}: {key} is missing or not a dict")
+    model, files, train = spec["model"], spec["data"], spec["train"]
+    values = spec.get("settings") or {
+        **settings.Settings().flat(),
+        "dataset": files.get("dataset"),
+        "val_dataset": files.get("val_dataset") or [],
+        "fsdp": train.get("parallel") == "fsdp",
+        "data_parallel": train.get("parallel") == "data-parallel",
+    }
+    values = {
+        **values,
+        **{k: v for k, v in train.items() if k != "parallel"},
+        **spec["loop"],
+        **{k: files[k] for k in ("val_fraction", "errors", "eval_batches") if k in files},
+        "model": model.get("source"),
+        "init": model.get("init"),
+        "tokenizer": spec.get("tokenizer"),
+    }
+    return {
+        "settings": {k: v for k, v in values.items() if k not in _PLACES},
+        "model_config": model.get("config"),
+        "data": {
+            "dataset": files.get("dataset"),
+            "val_dataset": files.get("val_dataset"),
+            "prepared": files.get("prepared", False),
+            "token_hash": files.get("token_hash"),
+        },
+        "output": spec.get("output"),
+    }
+
+
+def check_loop(loop: settings.LoopSettings) -> None:
     """Step counts and cadences: positive; evaluating and saving may be 0 (only at the end)."""
-    for name, value in loop.items():
-        flag = "--" + name.replace("_", "-")
+    for name in ("steps", "log_every", "eval_every", "save_every", "keep"):
+        value = getattr(loop, name)
         zero_ok = name in ("eval_every", "save_every")
         if value < 0 or (value == 0 and not zero_ok):
             allowed = "0 or a positive integer" if zero_ok else "a positive integer"
-            raise UserError(f"{flag} must be {allowed}, got {value}")
-    return loop
+            raise ParameterError(name, f"must be {allowed}, got {value}")
 
 
 def initial_weights(plan: Plan, trainer: Trainer, load_model) -> TrainState:
     """The latest checkpoint's state when resuming, else the starting model's weights."""
     latest = plan.folder.latest() if plan.resumed else None
-    source = plan.spec["model"]
     if latest is not None:
         step_file, path = latest
         like = _params_like(plan.model_config)
@@ -301,19 +332,19 @@ def initial_weights(plan: Plan, trainer: Trainer, load_model) -> TrainState:
         if step != step_file:
             raise UserError(f"checkpoint {path} says step {step}; its name says {step_file}")
         return trainer.create_state(params, opt_state, step)
-    return trainer.create_state(starting_params(plan.model_config, source, plan, load_model))
+    return trainer.create_state(starting_params(plan, load_model))
 
 
-def starting_params(config: GPT2Config, source: dict, plan: Plan, load_model) -> Any:
-    if source["init"]:
+def starting_params(plan: Plan, load_model) -> Any:
+    m, config = plan.settings.model, plan.model_config
+    if m.init:
         from gpt2cli.model import init_params
 
         return init_params(config, seed=plan.train_config.seed)
-    loaded_config, params = load_model(source["source"])
+    loaded_config, params = load_model(m.model)
     if loaded_config != config:
         raise UserError(
-            f"model {source['source']} no longer has the run's shape ({loaded_config} "
-            f"differs from {config})"
+            f"model {m.model} no longer has the run's shape ({loaded_config} differs from {config})"
         )
     return params
 
@@ -336,28 +367,29 @@ def source_config(
 
 
 def load_data(plan: Plan, tokenizer, progress=None) -> TrainData:
-    d, tc = plan.spec["data"], plan.train_config
-    files = [Path(f) for f in d["dataset"]]
-    if d.get("prepared"):
-        tokens, digest = _prepared_tokens(files[0], tokenizer)
+    d, tc, files = plan.settings.data, plan.train_config, plan.files
+    paths = [Path(f) for f in files.dataset]
+    if files.prepared:
+        tokens, digest = _prepared_tokens(paths[0], tokenizer)
     else:
-        tokens = datalib.load_tokens(files, tokenizer, errors=d["errors"], progress=progress)
+        tokens = data.load_tokens(paths, tokenizer, errors=d.errors, progress=progress)
         digest = hashlib.sha256(np.ascontiguousarray(tokens).tobytes()).hexdigest()[:16]
-    if d["val_dataset"]:
-        val_tokens = datalib.load_tokens(
-            [Path(f) for f in d["val_dataset"]], tokenizer, errors=d["errors"], progress=progress
-        )
-        train, _ = datalib.split(tokens, tc.seq_length, 0.0)
-        val, _ = datalib.split(val_tokens, tc.seq_length, 0.0)
+    if files.val_dataset:
+        val_paths = [Path(f) for f in files.val_dataset]
+        val_tokens = data.load_tokens(val_paths, tokenizer, errors=d.errors, progress=progress)
+        train, _ = data.split(tokens, tc.seq_length, 0.0)
+        val, _ = data.split(val_tokens, tc.seq_length, 0.0)
     else:
-        train, val = datalib.split(tokens, tc.seq_length, d["val_fraction"])
-    if d.setdefault("token_hash", digest) != digest:
+        train, val = data.split(tokens, tc.seq_length, d.val_fraction)
+    if files.token_hash is None:
+        files.token_hash = digest
+    elif files.token_hash != digest:
         raise UserError(
             "the dataset files changed since this run started (their tokens differ); "
             "a resumed run needs the same data: restore the files or start a new run"
         )
-    sampler = datalib.Sampler(len(train), tc.seed)
-    return TrainData(train, val, sampler, tc.batch_size, tc.grad_accum, d["eval_batches"])
+    sampler = data.Sampler(len(train), tc.seed)
+    return TrainData(train, val, sampler, tc.batch_size, tc.grad_accum, d.eval_batches)
 
 
 def _prepared_folder(dataset: list[str], data_dir: str | None) -> Path | None:
@@ -367,9 +399,10 @@ def _prepared_folder(dataset: list[str], data_dir: str | None) -> Path | None:
     folders = [Path(data_dir or "", os.path.expanduser(d)) for d in dataset]
     prepared = [f for f in folders if is_prepared(f)]
     if prepared and len(dataset) > 1:
-        raise UserError(
-            f"--dataset {prepared[0]} is a prepared folder: give it alone (prepare the other "
-            "files into it, or into a folder of their own)"
+        raise ParameterError(
+            "dataset",
+            f"{prepared[0]} is a prepared folder: give it alone (prepare the other files into "
+            "it, or into a folder of their own)",
         )
     return prepared[0] if prepared else None
 

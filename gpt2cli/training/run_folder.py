@@ -30,7 +30,8 @@ METRICS_FILE = "metrics.jsonl"
 LOCK_FILE = ".lock"
 RUN_FORMAT = "gpt2cli-run"
 CKPT_FORMAT = "gpt2cli-train-ckpt"
-VERSION = 1
+VERSION = 1  # of a checkpoint's header
+RUN_VERSION = 2  # run.json's shape; gpt2 also reads version 1 (see plan.py)
 _HEADER = "__train__"
 _CKPT = re.compile(r"^ckpt-(\d+)\.npz$")
 
@@ -94,17 +95,20 @@ class RunFolder:
         return cls(path)
 
     def write_spec(self, spec: dict[str, Any]) -> None:
-        spec = {"format": RUN_FORMAT, "version": VERSION, **spec}
+        spec = {"format": RUN_FORMAT, "version": RUN_VERSION, **spec}
         text = json.dumps(spec, indent=2, allow_nan=False) + "\n"
         write_text(self.path / RUN_FILE, text)
 
     def spec(self) -> dict[str, Any]:
         file = self.path / RUN_FILE
+        header = read_json(file)
+        # Version 1 is still read: plan.py turns its shape into version 2's.
+        old = isinstance(header, dict) and header.get("version") == 1
         return check_header(
-            read_json(file),
+            header,
             file,
             format=RUN_FORMAT,
-            version=VERSION,
+            version=1 if old else RUN_VERSION,
             what="a gpt2 training run file",
         )
 

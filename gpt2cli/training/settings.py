@@ -16,7 +16,7 @@ from typing import Any
 
 from gpt2cli import precision
 from gpt2cli.config import GPT2Config
-from gpt2cli.errors import UserError
+from gpt2cli.errors import ParameterError, UserError
 
 VAL_FRACTION = 0.05  # the tail held out for validation, unless a prepared folder says otherwise
 FINE_TUNE_LR = 5e-5
@@ -198,12 +198,24 @@ class PrepareSettings:
     val_fraction: float = setting(VAL_FRACTION, "Tail of the tokens held out for validation.")
 
     def __post_init__(self) -> None:
-        if self.errors not in ("strict", "replace"):
-            raise UserError(f"errors must be strict or replace, got {self.errors!r}")
+        check_text_errors(self.errors)
         if self.shard_tokens <= 0:
-            raise UserError(f"shard_tokens must be a positive integer, got {self.shard_tokens}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise UserError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+            raise ParameterError(
+                "shard_tokens", f"must be a positive integer, got {self.shard_tokens}"
+            )
+        check_val_fraction(self.val_fraction)
+
+
+def check_text_errors(value: str) -> None:
+    """The one check of what to do with bytes that are not UTF-8 (Python's `errors=`)."""
+    if value not in ("strict", "replace"):
+        raise ParameterError("errors", f"must be strict or replace, got {value!r}")
+
+
+def check_val_fraction(value: float) -> None:
+    """The one check of a held-out share: the tail it takes must leave a head to train on."""
+    if not 0.0 <= value < 1.0:
+        raise ParameterError("val_fraction", f"must be in [0, 1), got {value}")
 
 
 def help_of(kind: type, name: str) -> str:

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from gpt2cli.errors import UserError
+from gpt2cli.errors import ParameterError
 
 MODES = ("single", "data-parallel", "fsdp")
 AXIS = "data"
@@ -27,8 +27,8 @@ def make_mesh(mode: str) -> Mesh:
 def check_batch(mesh: Mesh, rows: int) -> None:
     n = mesh.devices.size
     if rows % n:
-        raise UserError(
-            f"--batch-size {rows} does not split over {n} devices; use a multiple of {n}"
+        raise ParameterError(
+            "batch_size", f"{rows} does not split over {n} devices; use a multiple of {n}"
         )
 
 
@@ -100,12 +100,12 @@ def init_distributed(coordinator: str, num_processes: int, process_id: int) -> N
     On CPU the processes exchange data through gloo (TCP).
     """
     if num_processes < 1 or not 0 <= process_id < num_processes:
-        raise UserError(
-            f"--process-id must be in [0, --num-processes), got {process_id} of {num_processes}"
+        raise ParameterError(
+            "process_id", f"must be in [0, num_processes), got {process_id} of {num_processes}"
         )
     host, _, port = coordinator.rpartition(":")
     if not host or not port.isdigit():
-        raise UserError(f"--coordinator must be HOST:PORT, got {coordinator!r}")
+        raise ParameterError("coordinator", f"must be HOST:PORT, got {coordinator!r}")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
         coordinator_address=coordinator, num_processes=num_processes, process_id=process_id

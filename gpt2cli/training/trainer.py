@@ -22,87 +22,55 @@ from flax import struct
 
 from gpt2cli import kernels, precision
 from gpt2cli.config import GPT2Config
-from gpt2cli.errors import UserError
+from gpt2cli.errors import ParameterError
 from gpt2cli.model import GPT2
 from gpt2cli.sampling_checks import check_seed
 from gpt2cli.training import sharding
-from gpt2cli.training.settings import (
-    SEQ_LENGTH,
-    WARMUP,
-    DataSettings,
-    ModelSettings,
-    OptimizerSettings,
-    ParallelSettings,
-)
-
-# Backends whose loss runs in slices of the sequence (see token_loss); measured with
-# benchmarks/gpu.py.
-LOSS_CHUNKS: dict[str, int] = {}
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Every setting that changes the numbers a run produces (stored in the run folder)."""
+    """Every setting that changes the numbers a run produces: the resolved, frozen view of
+    `gpt2 train`'s settings (training/settings.py holds their defaults and help)."""
 
-    # Defaults shared with `gpt2 train` live in its settings (training/settings.py).
-    batch_size: int = DataSettings.batch_size  # sequences per micro-batch, all processes
-    seq_length: int = SEQ_LENGTH
-    grad_accum: int = DataSettings.grad_accum  # micro-batches per optimizer step
-    lr: float = 3e-4  # the command derives lr, min_lr, warmup, decay_steps; see settings
-    min_lr: float = 3e-5  # the cosine decay ends here
-    warmup: int = WARMUP  # linear warm-up steps
-    decay_steps: int = 1000  # the cosine reaches min_lr here; constant afterwards
-    weight_decay: float = OptimizerSettings.weight_decay  # on matrices and embeddings only
-    beta1: float = OptimizerSettings.beta1
-    beta2: float = OptimizerSettings.beta2
-    grad_clip: float = OptimizerSettings.grad_clip  # global-norm clipping; 0 turns it off
-    dropout: float | None = None  # overrides the model's three dropout rates when set
-    dtype: str = ModelSettings.dtype  # a precision (precision.py); master weights stay float32
-    remat: bool = ParallelSettings.remat  # recompute each block backwards: less memory, slower
-    seed: int = OptimizerSettings.seed  # init (with --init), data order and dropout
-    parallel: str = "single"  # one of sharding.MODES
+    batch_size: int  # sequences per micro-batch, all processes
+    seq_length: int
+    grad_accum: int  # micro-batches per optimizer step
+    lr: float
+    min_lr: float  # the cosine decay ends here
+    warmup: int  # linear warm-up steps
+    decay_steps: int  # the cosine reaches min_lr here; constant afterwards
+    weight_decay: float  # on matrices and embeddings only
+    beta1: float
+    beta2: float
+    grad_clip: float  # global-norm clipping; 0 turns it off
+    dropout: float | None  # overrides the model's three dropout rates when set
+    dtype: str  # a precision (precision.py); master weights stay float32
+    remat: bool  # recompute each block backwards: less memory, slower
+    seed: int  # init (from scratch), data order and dropout
+    parallel: str  # one of sharding.MODES
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
-                raise UserError(
-                    f"--{f.name.replace('_', '-')} must be a finite number, got {value}"
-                )
+                raise ParameterError(f.name, f"must be a finite number, got {value}")
         check_seed(self.seed)
-        positive = ("batch_size", "seq_length", "grad_accum")
-        for name in positive:
+        for name in ("batch_size", "seq_length", "grad_accum"):
             if getattr(self, name) <= 0:
-                flag = "--" + name.replace("_", "-")
-                raise UserError(f"{flag} must be a positive integer, got {getattr(self, name)}")
-        if self.lr <= 0 or self.min_lr < 0:
-            raise UserError(f"--lr must be > 0 and --min-lr >= 0, got {self.lr} and {self.min_lr}")
-        for name in ("weight_decay", "grad_clip"):
+                raise ParameterError(name, f"must be a positive integer, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ParameterError("lr", f"must be > 0, got {self.lr}")
+        for name in ("min_lr", "weight_decay", "grad_clip", "warmup"):
             if getattr(self, name) < 0:
-                raise UserError(
-                    f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}"
-                )
-        if self.warmup < 0:
-            raise UserError(f"--warmup must be >= 0, got {self.warmup}")
-        if self.dtype not in precision.NAMES:
-            raise UserError(
-                f"--dtype must be one of {', '.join(precision.NAMES)}, got {self.dtype!r}"
-            )
+                raise ParameterError(name, f"must be >= 0, got {getattr(self, name)}")
+        precision.get(self.dtype)
         if self.parallel not in sharding.MODES:
-            raise UserError(f"parallel mode must be one of {sharding.MODES}, got {self.parallel!r}")
+            raise ParameterError(
+                "parallel", f"must be one of {sharding.MODES}, got {self.parallel!r}"
+            )
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
-
-    def replace(self, **changes: Any) -> TrainConfig:
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
+            raise ParameterError("dropout", f"must be in [0, 1), got {self.dropout}")
 
 
 def learning_rate(tc: TrainConfig) -> Callable[[jax.Array], jax.Array]:
@@ -205,7 +173,7 @@ class Trainer:
         self.model_config = training_config(model_config, tc)
         policy = precision.get(tc.dtype)
         self.kernels = kernels.choose(policy)
-        self.loss_chunks = loss_chunks or LOSS_CHUNKS.get(self.kernels.backend, 1)
+        self.loss_chunks = loss_chunks or 1
         if tc.seq_length % self.loss_chunks:
             self.loss_chunks = 1
         compute = jnp.dtype(policy.compute)
@@ -214,11 +182,7 @@ class Trainer:
         self.schedule = jax.jit(learning_rate(tc))  # one compile, not one per operation
         self.mesh = sharding.make_mesh(tc.parallel)
         sharding.check_batch(self.mesh, tc.batch_size)
-        if tc.seq_length > model_config.n_positions:
-            raise UserError(
-                f"--seq-length {tc.seq_length} exceeds the model's context of "
-                f"{model_config.n_positions} positions"
-            )
+        model_config.check_fits(tc.seq_length, "seq_length")
         self.batch_sharding = sharding.batch_sharding(self.mesh)
         self._state_shardings = None
         self._init = None

@@ -46,9 +46,10 @@ def length_buckets(most: int) -> list[int]:
 
 
 class Scorer:
-    """Scores token sequences with one model's weights.
+    """Scores token sequences with one model's weights, in a precision (precision.py).
 
-    `params` as an `Engine` holds them (`out_in`: its Dense kernels stored (out, in)).
+    `out_in`: the Dense kernels of `params` are stored (out, in), as an `Engine` that decodes
+    one row on a CPU keeps them (the server shares its engine's weights so).
     """
 
     def __init__(

@@ -1,4 +1,5 @@
-"""`gpt2 eval`: loss and perplexity of a model on text files."""
+"""`gpt2 eval`: loss and perplexity of a model on text files, or its accuracy on a
+multiple-choice task."""
 
 from __future__ import annotations
 
@@ -48,8 +49,16 @@ def evaluate(
     dtype: Dtype = "float32",
     errors: TextErrors = None,
     as_json: JsonOutput = False,
+    task: Annotated[
+        str | None,
+        Opt(
+            "--task",
+            help="A multiple-choice task (jsonl: HellaSwag's ctx/endings/label, or "
+            "context/choices/answer): print acc and acc_norm instead of the loss.",
+        ),
+    ] = None,
 ) -> None:
-    """Loss and perplexity of a model on text files.
+    """Loss and perplexity of a model on text files, or accuracy on a multiple-choice task.
 
     Examples:
 
@@ -57,9 +66,18 @@ def evaluate(
       gpt2 eval -m runs/ft/final.npz --dataset val.txt
       gpt2 eval -m gpt2 --dataset wiki.txt --seq-length 1024 --stride 512 --json
       gpt2 eval -m runs/scratch/final.npz --dataset data/corpus
+      gpt2 eval -m gpt2 --task hellaswag_val.jsonl
     """
     import os
 
+    if task is not None:
+        if dataset or more_files or seq_length or stride:
+            raise typer.BadParameter(
+                "--task scores its own windows: drop --dataset, --seq-length and --stride",
+                param_hint="--task",
+            )
+        _score_task(task, model, tokenizer, batch_size, dtype, as_json)
+        return
     if not (dataset or more_files):
         raise UserError("give the text to score with --dataset FILE")
     errors = errors or "strict"
@@ -121,6 +139,46 @@ def evaluate(
             f"loss {result.loss:.4f}  perplexity {result.perplexity:.4f}  "
             f"({result.n_tokens} tokens in {result.n_windows} windows of {length}, stride {stride or length})"
         )
+
+
+def _score_task(
+    path: str, model: str, tokenizer: str | None, batch_size: int, dtype: str, as_json: bool
+) -> None:
+    """acc and acc_norm of the model on a task file; with --json, a line per item first."""
+    from gpt2cli import compile_cache
+    from gpt2cli.hub import load_model, load_tokenizer
+    from gpt2cli.progress import hub_progress_class, task_progress
+    from gpt2cli.scoring import Scorer
+    from gpt2cli.training import tasks
+
+    items = tasks.read_task(path)
+    compile_cache.enable()
+    config, params = load_model(model, finite=True, tqdm_class=hub_progress_class())
+    tok = load_tokenizer(tokenizer, model, tqdm_class=hub_progress_class())
+    scorer = Scorer(config, params, dtype, batch_tokens=batch_size * config.n_positions)
+    with task_progress() as progress:
+        bar = progress.add_task("scoring choices", total=sum(len(i.choices) for i in items))
+        results = tasks.score_items(
+            scorer, tok, items, progress=lambda rows: progress.advance(bar, rows)
+        )
+    n = len(results)
+    acc = sum(r.acc for r in results) / n
+    acc_norm = sum(r.acc_norm for r in results) / n
+    if not as_json:
+        typer.echo(f"acc {acc:.4f}  acc_norm {acc_norm:.4f}  ({n} items)")
+        return
+    for index, r in enumerate(results):
+        line = {
+            "item": index,
+            "logprobs": list(r.logprobs),
+            "pred": r.pred,
+            "pred_norm": r.pred_norm,
+            "answer": r.answer,
+            "acc": r.acc,
+            "acc_norm": r.acc_norm,
+        }
+        typer.echo(json.dumps(line))
+    typer.echo(json.dumps({"acc": acc, "acc_norm": acc_norm, "n": n}))
 
 
 def _prepared(names: list[str]):

@@ -27,7 +27,7 @@ from starlette.routing import Route
 from gpt2cli.serve import protocol
 from gpt2cli.serve.metrics import Metrics
 from gpt2cli.serve.protocol import APIError, Plan
-from gpt2cli.serve.scheduler import Delta, Failed, Finish, Job, QueueFull, Scheduler
+from gpt2cli.serve.scheduler import Delta, Failed, Finish, Job, Prompt, QueueFull, Scheduler
 from gpt2cli.tokenizer import token_bytes
 
 RETRY_AFTER_S = 1
@@ -59,6 +59,7 @@ class Run:
                     sample=j,
                     stop=plan.stop,
                     sink=sink,
+                    score_prompt=plan.score_prompts,
                 )
                 self.jobs.append(job)
         self.open = len(self.jobs)
@@ -224,6 +225,12 @@ class Server:
         n_positions = self.scheduler.programs.config.n_positions
         return JSONResponse(protocol.tokenize(body, self.scheduler.tokenizer, n_positions))
 
+    async def tokenizer_info(self, request: Request) -> Response:
+        self.authorize(request)
+        self.require_ready()
+        n_positions = self.scheduler.programs.config.n_positions
+        return JSONResponse(protocol.tokenizer_info(self.scheduler.tokenizer, n_positions))
+
     async def detokenize(self, request: Request) -> Response:
         self.authorize(request)
         body = await self.read_json(request)
@@ -269,7 +276,9 @@ class Server:
                 if isinstance(event, Failed):
                     run.cancel()
                     raise APIError(event.status, event.message)
-                if isinstance(event, Delta):
+                if isinstance(event, Prompt):
+                    bodies.prompt(index, event.tokens)
+                elif isinstance(event, Delta):
                     bodies.add(index, event.text, event.tokens)
                 else:
                     bodies.finish(index, event.reason, event.completion_tokens)
@@ -291,6 +300,9 @@ class Server:
                 break
             if isinstance(event, Finish):
                 yield bodies.finish(index, event.reason, event.completion_tokens)
+                continue
+            if isinstance(event, Prompt):
+                yield bodies.prompt(index, event.tokens)
                 continue
             chunk = bodies.delta(index, event.text, event.tokens)
             if chunk is not None:
@@ -357,6 +369,11 @@ def create_app(
             methods=["POST"],
         ),
         Route("/tokenize", counted("/tokenize", server.tokenize), methods=["POST"]),
+        Route(
+            "/tokenizer_info",
+            counted("/tokenizer_info", server.tokenizer_info),
+            methods=["GET"],
+        ),
         Route("/detokenize", counted("/detokenize", server.detokenize), methods=["POST"]),
     ]
 

@@ -31,6 +31,7 @@ from flax import struct
 from gpt2cli import kernels, sampling
 from gpt2cli.engine import Engine, steered
 from gpt2cli.model import KVCache
+from gpt2cli.scoring import Scorer
 from gpt2cli.serve.protocol import Settings
 
 TOP_LOGPROBS = 20  # the most `top_logprobs` a request may ask for (OpenAI's limit)
@@ -155,7 +156,7 @@ def length_buckets(most: int) -> list[int]:
 
 class SlotPrograms:
     """The jitted programs over `Slots`: prefill a stage row, insert it into a block, decode
-    every row of a block, move rows.
+    every row of a block, move rows; and a `Scorer` of echoed prompts, on `many`'s weights.
 
     The kernels (kernels.py) may differ by the rows computed together (on a CPU, float32
     weights stored (out, in) for one row), so a block of one row uses `one`, larger blocks
@@ -174,6 +175,7 @@ class SlotPrograms:
         self.prefill = jax.jit(self._prefill, donate_argnames="stage")
         decode = jax.jit(self._decode, static_argnames="single", donate_argnames="slots")
         self.decode = functools.partial(decode, steering=self.steering)
+        self.scorer = Scorer(self.config, many.params, many.dtype, out_in=many.kernels.out_in)
         self.move = jax.jit(_move, donate_argnames="slots")
         self.insert = jax.jit(_insert, donate_argnames="slots")
         self.traces = 0

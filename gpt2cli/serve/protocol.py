@@ -18,7 +18,7 @@ from gpt2cli.errors import UserError
 from gpt2cli.generate import SamplingParams, check_prompt
 from gpt2cli.sampling_checks import check_sampling
 
-MAX_STOPS = 4  # OpenAI's limit
+MAX_STOPS = 16  # OpenAI allows 4; lm-evaluation-harness sends more (it adds <|endoftext|>)
 COMPLETION_DEFAULT_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 SEED_RANGE = 2**32  # seeds are used modulo this (gpt2 generate --seed takes 0 .. 2**32 - 1)
 
@@ -117,6 +117,11 @@ class Plan:
     include_usage: bool
     echo: bool
     model: str
+
+    @property
+    def score_prompts(self) -> bool:
+        """The prompts' own logprobs are asked for (echo with logprobs)."""
+        return self.echo and self.settings.logprobs is not None
 
 
 def _number(body: dict, name: str, default, *, integer: bool = False):
@@ -275,7 +280,7 @@ def parse_common(body: dict, models: set[str], vocab: int) -> dict:
     )
 
 
-def _max_tokens(body: dict, names: tuple[str, ...]) -> int | None:
+def _max_tokens(body: dict, names: tuple[str, ...], least: int = 1) -> int | None:
     given = [(name, _number(body, name, None, integer=True)) for name in names]
     given = [(name, v) for name, v in given if v is not None]
     if len({v for _, v in given}) > 1:
@@ -283,8 +288,8 @@ def _max_tokens(body: dict, names: tuple[str, ...]) -> int | None:
     if not given:
         return None
     name, value = given[0]
-    if value < 1:
-        raise bad(name, f"{name} must be at least 1, got {value}")
+    if value < least:
+        raise bad(name, f"{name} must be at least {least}, got {value}")
     return value
 
 
@@ -340,9 +345,7 @@ def completion_plan(body: dict, *, models: set[str], tokenizer, config, max_batc
     if logprobs is not None and not 0 <= logprobs <= 20:
         raise bad("logprobs", f"logprobs must be from 0 to 20, got {logprobs}")
     echo = _flag(body, "echo")
-    if echo and logprobs is not None:
-        raise bad("echo", "echo with logprobs is not supported (prompt logprobs are not computed)")
-    max_tokens = _max_tokens(body, ("max_tokens",))
+    max_tokens = _max_tokens(body, ("max_tokens",), least=0 if echo else 1)  # 0: the prompt only
     max_tokens = COMPLETION_DEFAULT_TOKENS if max_tokens is None else max_tokens
     for ids in prompts:
         check_context(ids, max_tokens, config.n_positions, "prompt")
@@ -450,16 +453,35 @@ def chat_plan(body: dict, *, models: set[str], tokenizer, config, max_batch: int
 
 
 def tokenize(body, tokenizer, n_positions: int) -> dict:
-    """/tokenize: a prompt, or chat messages as `chat_ids` writes them -> their token ids."""
+    """/tokenize: a prompt, or chat messages as `chat_ids` writes them -> their token ids.
+    `add_special_tokens` (vLLM's field) changes nothing: GPT-2 adds no BOS or EOS to a text."""
     if isinstance(body, dict) and "messages" in body:
-        check_fields(body, {"model", "messages"})
+        check_fields(body, {"model", "messages", "add_special_tokens"})
         ids = chat_ids(body["messages"], tokenizer)
     else:
-        check_fields(body, {"model", "prompt"})
+        check_fields(body, {"model", "prompt", "add_special_tokens"})
         if not isinstance(body.get("prompt"), str):
             raise bad("prompt", "prompt must be a string")
         ids = tokenizer.encode(body["prompt"])
+    _flag(body, "add_special_tokens")
     return {"tokens": ids, "count": len(ids), "max_model_len": n_positions}
+
+
+def tokenizer_info(tokenizer, n_positions: int) -> dict:
+    """/tokenizer_info: what a client needs to tokenize as the server does (vLLM's route, which
+    lm-evaluation-harness probes). GPT-2 has one special token, begin and end alike."""
+    eos = tokenizer.decode([tokenizer.eos_id])
+    return {
+        "tokenizer_class": "GPT2Tokenizer",
+        "eos_token": eos,
+        "bos_token": eos,
+        "unk_token": eos,
+        "pad_token": None,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "model_max_length": n_positions,
+        "vocab_size": tokenizer.vocab_size,
+    }
 
 
 def detokenize(body, tokenizer, vocab: int) -> dict:
@@ -487,6 +509,7 @@ class Choice:
     def __init__(self, chat: bool):
         self.trim = Trimmed() if chat else None
         self.text: list[str] = []
+        self.prompt: list = []  # the prompt's TokenInfo, when echoed with logprobs
         self.tokens: list = []  # the scheduler's TokenInfo: token, logprob, top (id, logprob)
         self.finish: str | None = None
         self.completion_tokens = 0
@@ -534,6 +557,17 @@ class Bodies:
             [{"index": index, **content, "logprobs": logprobs, "finish_reason": None}]
         )
 
+    def prompt(self, index: int, tokens) -> dict:
+        """Keep a choice's scored prompt tokens; -> the chunk that streams the echoed prompt
+        with them."""
+        self.choices[index].prompt = list(tokens)
+        text = self.plan.prompt_texts[index // self.plan.n]
+        self.offsets[index] = len(text)
+        logprobs = self._completion_logprobs([(tokens, 0)], self.plan.settings.logprobs)
+        return self._chunk(
+            [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": None}]
+        )
+
     def finish(self, index: int, reason: str, completion_tokens: int) -> dict:
         """A choice's end -> the chunk that streams it."""
         choice = self.choices[index]
@@ -548,7 +582,7 @@ class Bodies:
         for index in range(len(self.choices)):
             if plan.chat:
                 part = {"delta": {"role": "assistant", "content": ""}}
-            elif plan.echo:
+            elif plan.echo and not plan.score_prompts:  # else `prompt` sends it, scored
                 text = plan.prompt_texts[index // plan.n]
                 self.offsets[index] = len(text)
                 part = {"text": text}
@@ -578,7 +612,8 @@ class Bodies:
                 prompt_text = plan.prompt_texts[index // plan.n] if plan.echo else ""
                 logprobs = None
                 if wanted is not None:
-                    logprobs = self._logprobs(choice.tokens, wanted, len(prompt_text))
+                    parts = [(choice.prompt, 0), (choice.tokens, len(prompt_text))]
+                    logprobs = self._completion_logprobs(parts, wanted)
                 part = {"text": prompt_text + text, "logprobs": logprobs}
             out.append({"index": index, **part, "finish_reason": choice.finish})
         return {
@@ -627,19 +662,22 @@ class Bodies:
                 ],
                 "refusal": None,
             }
-        texts = [self._text(t.token) for t in tokens]
-        offsets = []
-        for text in texts:
-            offsets.append(offset)
-            offset += len(text)
-        return {
-            "tokens": texts,
-            "token_logprobs": [t.logprob for t in tokens],
-            "top_logprobs": [{self._text(i): lp for i, lp in t.top} for t in tokens]
-            if want_top
-            else None,
-            "text_offset": offsets,
-        }
+        return self._completion_logprobs([(tokens, offset)], want_top)
+
+    def _completion_logprobs(self, parts, want_top: int) -> dict:
+        """The completions' four lists over `parts`, (tokens, text offset of the first) each. A
+        prompt's first token has no logprob: its entries are null, as OpenAI's."""
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for tokens, offset in parts:
+            for t in tokens:
+                text = self._text(t.token)
+                top = None if t.logprob is None else {self._text(i): lp for i, lp in t.top}
+                out["tokens"].append(text)
+                out["token_logprobs"].append(t.logprob)
+                out["top_logprobs"].append(top)
+                out["text_offset"].append(offset)
+                offset += len(text)
+        return out if want_top else {**out, "top_logprobs": None}
 
     def _token(self, token: int, logprob: float) -> dict:
         return {"token": self._text(token), "logprob": logprob, "bytes": list(self.table[token])}

@@ -12,6 +12,10 @@ short request alone pays for one short row, not for `max_batch` rows of the whol
 Text is made here too (`generate.RowText`: UTF-8-safe detokenizing, stop strings held back),
 so a stop frees its row at once; each job gets its output through `sink`, a thread-safe
 callback, one `Delta` per chunk and a last `Finish` or `Failed`.
+
+A job that echoes its prompt with logprobs first gets a `Prompt`: the jobs admitted together
+have their prompts scored in one batched teacher-forced pass (`scoring.Scorer`) before any of
+them is read into a row; a job of `max_tokens` 0 ends there.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gpt2cli.generate import RowText
+from gpt2cli.scoring import TOP_LOGPROBS, Scored
 from gpt2cli.serve.protocol import Settings
 
 QUEUE_FULL = "the server is busy: the request queue is full, retry shortly"
@@ -39,7 +44,7 @@ class TokenInfo:
     """A generated token and, when asked, its logprob and the most likely alternatives."""
 
     token: int
-    logprob: float
+    logprob: float | None  # None: a prompt's first token, which nothing predicts
     top: tuple[tuple[int, float], ...] = ()
 
 
@@ -47,6 +52,11 @@ class TokenInfo:
 class Delta:
     text: str
     tokens: tuple[TokenInfo, ...]
+
+
+@dataclass(frozen=True)
+class Prompt:
+    tokens: tuple[TokenInfo, ...]  # every prompt token, scored given the ones before it
 
 
 @dataclass(frozen=True)
@@ -70,7 +80,8 @@ class Job:
     settings: Settings  # the request's: how to pick each token, which logprobs to report
     sample: int  # which random stream of the seed (the choice's index, as --num-samples)
     stop: tuple[str, ...]
-    sink: Callable[[Delta | Finish | Failed], None]
+    sink: Callable[[Prompt | Delta | Finish | Failed], None]
+    score_prompt: bool = False  # send the prompt's logprobs (echo) before generating
     cancelled: bool = False
     queued_at: float = field(default_factory=time.monotonic)
     # the engine thread's bookkeeping
@@ -278,11 +289,26 @@ class Scheduler:
 
     def _admit(self, jobs: list[Job]) -> None:
         eos = self.programs.config.eos_token_id
+        self._score_prompts([job for job in jobs if job.score_prompt])
         for job in jobs:
-            job.text = RowText(self.tokenizer, job.stop, job.max_tokens, eos)
-            self._reading.append(job)
             if self.metrics:
                 self.metrics.queue_wait.observe(time.monotonic() - job.queued_at)
+            if job.max_tokens == 0:  # an echoed prompt alone: nothing to generate
+                job.sink(Finish("length", 0))
+                continue
+            job.text = RowText(self.tokenizer, job.stop, job.max_tokens, eos)
+            self._reading.append(job)
+
+    def _score_prompts(self, jobs: list[Job]) -> None:
+        """Send each job its prompt's logprobs, every distinct prompt scored once, together."""
+        prompts = list({tuple(job.prompt): None for job in jobs if len(job.prompt) > 1})
+        if not prompts:
+            return
+        top = TOP_LOGPROBS if any(job.settings.logprobs for job in jobs) else 0
+        scored = dict(zip(prompts, self.programs.scorer(prompts, top=top), strict=True))
+        for job in jobs:
+            scores = scored.get(tuple(job.prompt))
+            job.sink(Prompt(prompt_infos(job.prompt, scores, job.settings.logprobs or 0)))
 
     def _free(self, job: Job) -> None:
         """Give the row back; the last busy row moves into it so busy rows stay first."""
@@ -400,18 +426,15 @@ class Scheduler:
             return
         want_top = job.settings.logprobs or 0
         text, infos = [], []
-        eos = self.programs.config.eos_token_id
         for i, token in enumerate(picked["token"].tolist()):
             job.generated += 1
             text.append(job.text.feed(token))
-            if token != eos:
-                top = ()
-                if want_top:
-                    ids = picked["top_ids"][i][:want_top].tolist()
-                    top = tuple(
-                        zip(ids, picked["top_logprobs"][i][:want_top].tolist(), strict=True)
-                    )
-                infos.append(TokenInfo(token, float(picked["logprob"][i]), top))
+            top = ()
+            if want_top:
+                ids = picked["top_ids"][i][:want_top].tolist()
+                top = tuple(zip(ids, picked["top_logprobs"][i][:want_top].tolist(), strict=True))
+            # an <|endoftext|> keeps its entry: a client slicing the lists counts on it
+            infos.append(TokenInfo(token, float(picked["logprob"][i]), top))
             if job.text.finish_reason:
                 break
         now = time.monotonic()
@@ -425,3 +448,17 @@ class Scheduler:
         if job.text.finish_reason:
             reason = "length" if job.text.finish_reason == "length" else "stop"
             job.sink(Finish(reason, job.generated))
+
+
+def prompt_infos(prompt: list[int], scored: Scored | None, want: int) -> tuple[TokenInfo, ...]:
+    """A prompt's tokens with their scores (`scored` is None for a one-token prompt) and their
+    `want` top logprobs."""
+    first = TokenInfo(prompt[0], None)
+    if scored is None:
+        return (first,)
+    rest = zip(prompt[1:], scored.logprobs, scored.top_ids, scored.top_logprobs, strict=True)
+    infos = [first]
+    for token, lp, ids, lps in rest:
+        top = zip(ids[:want].tolist(), lps[:want].tolist(), strict=True)
+        infos.append(TokenInfo(token, float(lp), tuple(top)))
+    return tuple(infos)

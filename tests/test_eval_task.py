@@ -143,3 +143,17 @@ def test_task_and_dataset_conflict():
     done = cli("eval", "--task", str(TASKS / "choices.jsonl"), "--dataset", "x.txt")
     assert done.exit_code == 2
     assert "--task" in done.stderr
+
+
+def test_a_non_finite_score_is_an_error_not_json(monkeypatch):
+    real = tasks.score_items
+
+    def with_a_nan(*args, **kwargs):
+        first, *rest = real(*args, **kwargs)
+        return [tasks.Result((float("nan"), *first.logprobs[1:]), 0, 0, first.answer), *rest]
+
+    monkeypatch.setattr(tasks, "score_items", with_a_nan)
+    done = cli("eval", "-m", str(TINY_A), "--task", str(TASKS / "choices.jsonl"), "--json")
+    assert done.exit_code == 1
+    assert done.stdout == ""
+    assert "log-probability came out not finite" in done.stderr

@@ -161,6 +161,11 @@ def _score_task(
         results = tasks.score_items(
             scorer, tok, items, progress=lambda rows: progress.advance(bar, rows)
         )
+    if not all(math.isfinite(x) for r in results for x in r.logprobs):
+        raise UserError(
+            "a choice's log-probability came out not finite: the model's outputs are not finite "
+            "numbers on this task (with --dtype float16 or bfloat16, try float32)"
+        )
     n = len(results)
     acc = sum(r.acc for r in results) / n
     acc_norm = sum(r.acc_norm for r in results) / n

@@ -157,8 +157,7 @@ def _score_task(
             scorer, tok, items, progress=lambda rows: progress.advance(bar, rows)
         )
     n = len(results)
-    acc = sum(r.acc for r in results) / n
-    acc_norm = sum(r.acc_norm for r in results) / n
+    acc, acc_norm = tasks.accuracy(results)
     if not as_json:
         typer.echo(f"acc {acc:.4f}  acc_norm {acc_norm:.4f}  ({n} items)")
         return

@@ -313,10 +313,12 @@ def _from_version_1(spec: dict[str, Any], file: Path) -> dict[str, Any]:
 
 
 def check_loop(loop: settings.LoopSettings) -> None:
-    """Step counts and cadences: positive; evaluating and saving may be 0 (only at the end)."""
-    for name in ("steps", "log_every", "eval_every", "save_every", "keep"):
+    """Step counts and cadences: positive; evaluating and saving may be 0 (only at the end),
+    sampling 0 (never)."""
+    for name in ("steps", "log_every", "eval_every", "save_every", "keep", "sample_every",
+                 "sample_tokens"):  # fmt: skip
         value = getattr(loop, name)
-        zero_ok = name in ("eval_every", "save_every")
+        zero_ok = name in ("eval_every", "save_every", "sample_every")
         if value < 0 or (value == 0 and not zero_ok):
             allowed = "0 or a positive integer" if zero_ok else "a positive integer"
             raise ParameterError(name, f"must be {allowed}, got {value}")

@@ -109,3 +109,33 @@ def test_a_bad_task_file_stops_the_run_before_it_trains(tmp_path):
     lines = done.output.strip().splitlines()
     assert len(lines) == 1 and f"{bad}:2: missing 'choices'" in lines[0], done.output
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_sample_longer_than_the_context_stops_the_run_before_it_trains(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    done = gpt2(
+        "train", "--dataset", str(corpus), *FLAGS, "--sample-every", "1",
+        "--sample-tokens", "500", "--out", "run",
+    )  # fmt: skip
+    assert done.exit_code == 1
+    assert done.output.strip() == (
+        "error: --sample-prompt and --sample-tokens: max new tokens (500) must be below the "
+        "model's context window of 128 tokens"
+    )
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_run_json_from_before_these_settings_resumes_with_their_defaults(tmp_path, runs):
+    resumed = shutil.copytree(runs["plain"][0], tmp_path / "older")
+    spec = json.loads((resumed / "run.json").read_text())
+    for name in ("eval_task", "sample_every", "sample_prompt", "sample_tokens"):
+        del spec["settings"][name]
+    (resumed / "run.json").write_text(json.dumps(spec))
+    (resumed / "ckpt-0000004.npz").unlink()
+    done = gpt2("train", "--resume", str(resumed), "--force")
+    assert done.exit_code == 0, done.output
+    assert without_speed(resumed) == without_speed(runs["plain"][0])
+    del spec["settings"]["lr"]  # a setting that fixes the run's numbers stays required
+    (resumed / "run.json").write_text(json.dumps(spec))
+    done = gpt2("train", "--resume", str(resumed), "--steps", "5")
+    assert done.exit_code == 1 and "settings.lr is missing" in done.output, done.output

@@ -246,12 +246,14 @@ _SECTIONS = {"settings": dict, "model_config": dict, "data": dict, "output": str
 
 def check_spec(spec: dict[str, Any], file: Path) -> None:
     """Every section and setting of a version 2 run.json, of the right type, its data files
-    present."""
+    present. A setting that may change on --resume takes its default where the file lacks it
+    (written by a gpt2 from before that setting)."""
     for key, kind in _SECTIONS.items():
         if not isinstance(spec.get(key), kind):
             raise UserError(f"{file}: {key} is missing or not a {kind.__name__}")
     stored = [name for name in settings.FIELDS if name not in _PLACES]
-    for section, names in (("settings", stored), ("data", DataFiles.__dataclass_fields__)):
+    needed = [name for name in settings.fixed_names() if name not in _PLACES]
+    for section, names in (("settings", needed), ("data", DataFiles.__dataclass_fields__)):
         missing = [name for name in names if name not in spec[section]]
         if missing:
             raise UserError(f"{file}: {section}.{missing[0]} is missing")

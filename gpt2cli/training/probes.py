@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from gpt2cli.config import GPT2Config
 from gpt2cli.engine import Engine
+from gpt2cli.errors import UserError
 from gpt2cli.generate import fit_prompt, generate
 from gpt2cli.scoring import Scorer
 from gpt2cli.training import tasks
@@ -24,7 +25,10 @@ class Probes:
         self.prompt = None
         if loop.sample_every:
             ids = tokenizer.encode(loop.sample_prompt)
-            self.prompt = fit_prompt(ids, loop.sample_tokens, config.n_positions, truncate=True)
+            try:
+                self.prompt = fit_prompt(ids, loop.sample_tokens, config.n_positions, True)
+            except UserError as exc:
+                raise UserError(f"--sample-prompt and --sample-tokens: {exc}") from None
         self._scorer: Scorer | None = None
 
     def due(self, step: int, evaluating: bool) -> bool:

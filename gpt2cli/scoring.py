@@ -65,12 +65,18 @@ class Scorer:
         self.config = config
         self.batch_tokens = batch_tokens
         self.lengths = length_buckets(config.n_positions)
-        self.params = jax.tree_util.tree_map_with_path(
-            lambda path, a: _standard(path, jnp.asarray(a, policy.compute), out_in), params
-        )
+        self.compute = policy.compute
+        self.load(params, out_in=out_in)
         self.kernels = kernels.choose(policy)
         self.model = GPT2(config, dtype=jnp.dtype(policy.compute))
         self.run = self.kernels.jit(self._run, static_argnames="top")
+
+    def load(self, params: dict, *, out_in: bool = False) -> None:
+        """Score with these weights from now on; new weights of the same shapes compile
+        nothing again (training scores its task so at every evaluation)."""
+        self.params = jax.tree_util.tree_map_with_path(
+            lambda path, a: _standard(path, jnp.asarray(a, self.compute), out_in), params
+        )
 
     def _run(self, params, inputs, targets, *, top: int):
         """inputs, targets [B, L] -> target logprobs [B, L], top ids and logprobs [B, L, top]."""

@@ -59,6 +59,9 @@ class Recorder:
     def on_save(self, state, step: int) -> None:
         pass
 
+    def measure(self, params, step: int, evaluating: bool) -> dict:
+        return {}
+
     def compiling(self, what: str):
         return contextlib.nullcontext()
 

@@ -40,6 +40,7 @@ MODES = textwrap.dedent(
         logged = []
         hooks = type("H", (), {"on_log": lambda self, r: logged.append(r["loss"]),
                                "on_save": lambda self, s, k: None,
+                               "measure": lambda self, p, k, e: {},
                                "compiling": lambda self, what: contextlib.nullcontext()})()
         train_data = TrainData(blocks, None, data.Sampler(len(blocks), 0), 4, 1)
         state, _ = train_loop(trainer, trainer.create_state(params), train_data,

@@ -167,8 +167,7 @@ def _score_task(
             "numbers on this task (with --dtype float16 or bfloat16, try float32)"
         )
     n = len(results)
-    acc = sum(r.acc for r in results) / n
-    acc_norm = sum(r.acc_norm for r in results) / n
+    acc, acc_norm = tasks.accuracy(results)
     if not as_json:
         typer.echo(f"acc {acc:.4f}  acc_norm {acc_norm:.4f}  ({n} items)")
         return

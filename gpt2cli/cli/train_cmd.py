@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import json
 import signal
 import typing
 from contextlib import contextmanager
@@ -324,7 +325,7 @@ class _Steps:
             disable=not err.is_terminal,  # logs get the plain lines printed by log()
         )
         self.task = self.progress.add_task("train", total=steps, completed=start, fields="")
-        self.val = None
+        self.val = self.acc_norm = None
 
     def __enter__(self):
         self.progress.start()
@@ -335,11 +336,14 @@ class _Steps:
 
     def log(self, record: dict) -> None:
         self.val = record.get("val_loss", self.val)
+        self.acc_norm = record.get("task_acc_norm", self.acc_norm)
         parts = []
         if "loss" in record:
             parts.append(f"loss {record['loss']:.4f}")
         if self.val is not None:
             parts.append(f"val {self.val:.4f}")
+        if self.acc_norm is not None:
+            parts.append(f"acc_norm {self.acc_norm:.3f}")
         if "lr" in record:
             parts.append(f"lr {record['lr']:.2e}")
         if "tokens_per_s" in record:
@@ -348,6 +352,13 @@ class _Steps:
         self.progress.update(self.task, completed=record["step"], fields=line)
         if not err.is_terminal:
             err.print(f"step {record['step']}  {line}")
+        if "sample" in record:  # one line: JSON's quotes show where it starts and ends
+            self.progress.console.print(
+                f"step {record['step']} sample: {json.dumps(record['sample'])}",
+                soft_wrap=True,
+                markup=False,
+                highlight=False,
+            )
 
     def saved(self, path: Path) -> None:
         self.progress.console.print(f"saved checkpoint {path}")

@@ -58,6 +58,7 @@ def run(plan: Plan, view: View, *, force: bool, plot: bool, tqdm_class=None) -> 
     from gpt2cli.checkpoint import save_npz
     from gpt2cli.hub import load_model, load_tokenizer
     from gpt2cli.training.loop import Diverged, train_loop
+    from gpt2cli.training.probes import Probes
     from gpt2cli.training.sharding import any_process, to_host
     from gpt2cli.training.trainer import Trainer
 
@@ -66,6 +67,9 @@ def run(plan: Plan, view: View, *, force: bool, plot: bool, tqdm_class=None) -> 
     view = view if main else _Silent(view)
     source = plan.settings.model
     tokenizer = load_tokenizer(source.tokenizer, source.model, tqdm_class=tqdm_class)
+    probes = Probes(
+        plan.settings.loop, plan.model_config, tokenizer, source.dtype
+    )  # reads the task
     with view.tokenizing() as progress:
         data = load_data(plan, tokenizer, progress)
     trainer = Trainer.cached(plan.model_config, plan.train_config)
@@ -114,7 +118,7 @@ def run(plan: Plan, view: View, *, force: bool, plot: bool, tqdm_class=None) -> 
     )
     try:
         with view.stopping() as stop_requested, view.steps(loop.steps, start) as steps:
-            hooks = _Hooks(folder, view, steps, save, main)
+            hooks = _Hooks(folder, view, steps, save, main, probes)
             state, step = train_loop(trainer, state, data, loop, hooks, should_stop)
     except Diverged as exc:
         last = folder.latest()
@@ -177,10 +181,11 @@ def check_fits(plan: Plan, loss_chunks: int = 1) -> str:
 
 
 class _Hooks:
-    """The loop's hooks: metrics.jsonl and checkpoints, shown through the view."""
+    """The loop's hooks: metrics.jsonl, checkpoints and probes, shown through the view."""
 
-    def __init__(self, folder, view: View, steps: StepView, save, main: bool) -> None:
+    def __init__(self, folder, view: View, steps: StepView, save, main: bool, probes) -> None:
         self.folder, self.view, self.steps, self._save, self.main = folder, view, steps, save, main
+        self.probes = probes
 
     def on_log(self, record: dict) -> None:
         if self.main:
@@ -191,6 +196,13 @@ class _Hooks:
         path = self._save(state, step)
         if path:
             self.steps.saved(path)
+
+    def measure(self, params, step: int, evaluating: bool) -> dict:
+        if not self.probes.due(step, evaluating):
+            return {}
+        from gpt2cli.training.sharding import to_host
+
+        return self.probes.measure(to_host(params), step, evaluating)  # all processes take part
 
     @contextmanager
     def compiling(self, what: str):

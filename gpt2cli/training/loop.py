@@ -110,6 +110,10 @@ class Hooks(Protocol):
     def on_log(self, record: dict) -> None: ...
     def on_save(self, state: TrainState, step: int) -> None: ...
 
+    # More fields for step `step`'s record (a task's accuracy, a sample), from the params alone;
+    # `evaluating`: the validation loss is measured at this step.
+    def measure(self, params: Any, step: int, evaluating: bool) -> dict: ...
+
     # Around the first training step and the first evaluation: XLA compiles them then.
     def compiling(self, what: str) -> AbstractContextManager[None]: ...
 
@@ -149,7 +153,7 @@ def _steps(trainer, state, step, batches, data, settings, hooks, should_stop):
         compiled.add(what)
         return result
 
-    def flush(val_loss: float | None = None) -> None:
+    def flush(val_loss: float | None = None, extra: dict | None = None) -> None:
         nonlocal since, tokens_since
         losses = [float(x) for x in jax.device_get([loss for _, loss in pending])]
         for (s, _), loss in zip(pending, losses, strict=True):
@@ -163,7 +167,7 @@ def _steps(trainer, state, step, batches, data, settings, hooks, should_stop):
             record["tokens_per_s"] = tokens_since / max(now - since, 1e-9)
         if val_loss is not None:
             record["val_loss"] = val_loss
-        hooks.on_log(record)
+        hooks.on_log({**record, **(extra or {})})
         pending.clear()
         since, tokens_since = now, 0
 
@@ -174,13 +178,13 @@ def _steps(trainer, state, step, batches, data, settings, hooks, should_stop):
         tokens_since += data.tokens_per_step
         last = step == settings.steps
         stopping = should_stop()
-        evaluate = bool(validation) and (
-            last or (settings.eval_every and step % settings.eval_every == 0)
-        )
-        if evaluate:
-            flush(first_compiles("evaluation", trainer.eval_loss, state.params, validation))
-        elif pending and (step % settings.log_every == 0 or last or stopping):
-            flush()
+        evaluating = last or bool(settings.eval_every and step % settings.eval_every == 0)
+        extra = hooks.measure(state.params, step, evaluating)
+        if evaluating and validation:
+            val_loss = first_compiles("evaluation", trainer.eval_loss, state.params, validation)
+            flush(val_loss, extra)
+        elif extra or (pending and (step % settings.log_every == 0 or last or stopping)):
+            flush(extra=extra)
         if stopping:
             break
         if settings.save_every and step % settings.save_every == 0 and not last:

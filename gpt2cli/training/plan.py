@@ -246,12 +246,14 @@ _SECTIONS = {"settings": dict, "model_config": dict, "data": dict, "output": str
 
 def check_spec(spec: dict[str, Any], file: Path) -> None:
     """Every section and setting of a version 2 run.json, of the right type, its data files
-    present."""
+    present. A setting that may change on --resume takes its default where the file lacks it
+    (written by a gpt2 from before that setting)."""
     for key, kind in _SECTIONS.items():
         if not isinstance(spec.get(key), kind):
             raise UserError(f"{file}: {key} is missing or not a {kind.__name__}")
     stored = [name for name in settings.FIELDS if name not in _PLACES]
-    for section, names in (("settings", stored), ("data", DataFiles.__dataclass_fields__)):
+    needed = [name for name in settings.fixed_names() if name not in _PLACES]
+    for section, names in (("settings", needed), ("data", DataFiles.__dataclass_fields__)):
         missing = [name for name in names if name not in spec[section]]
         if missing:
             raise UserError(f"{file}: {section}.{missing[0]} is missing")
@@ -313,10 +315,12 @@ def _from_version_1(spec: dict[str, Any], file: Path) -> dict[str, Any]:
 
 
 def check_loop(loop: settings.LoopSettings) -> None:
-    """Step counts and cadences: positive; evaluating and saving may be 0 (only at the end)."""
-    for name in ("steps", "log_every", "eval_every", "save_every", "keep"):
+    """Step counts and cadences: positive; evaluating and saving may be 0 (only at the end),
+    sampling 0 (never)."""
+    for name in ("steps", "log_every", "eval_every", "save_every", "keep", "sample_every",
+                 "sample_tokens"):  # fmt: skip
         value = getattr(loop, name)
-        zero_ok = name in ("eval_every", "save_every")
+        zero_ok = name in ("eval_every", "save_every", "sample_every")
         if value < 0 or (value == 0 and not zero_ok):
             allowed = "0 or a positive integer" if zero_ok else "a positive integer"
             raise ParameterError(name, f"must be {allowed}, got {value}")

@@ -131,7 +131,8 @@ class RunFolder:
         write_text(self.path / METRICS_FILE, text)
 
     def plot(self) -> Path:
-        """Draw the training and validation loss curves into loss.png (needs matplotlib)."""
+        """Draw the training and validation loss curves, and the task's acc_norm if the run scored
+        one, into loss.png (needs matplotlib)."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -149,7 +150,14 @@ class RunFolder:
         ax.set_ylabel("loss (nats per token)")
         ax.set_title(self.path.name)
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(loc="upper left")
+        task = [(r["step"], r["task_acc_norm"]) for r in records if "task_acc_norm" in r]
+        if task:  # --eval-task: accuracy on its own axis, on the right
+            acc_ax = ax.twinx()
+            acc_ax.plot(*zip(*task, strict=True), "s-", color="tab:green", label="task acc_norm")
+            acc_ax.set_ylabel("task accuracy (acc_norm)")
+            acc_ax.set_ylim(0, 1)
+            acc_ax.legend(loc="upper right")
         path = self.path / "loss.png"
         atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
         plt.close(fig)

@@ -35,6 +35,7 @@ def setting(default: Any, help: str, *aliases: str, fixed: bool = True) -> Any:
 
 SEQ_LENGTH = 256  # tokens per sequence, unless the model's context is shorter
 WARMUP = 100  # warm-up steps, unless a tenth of the run is fewer
+SAMPLE_PROMPT = "Hello, I'm a language model,"  # build-nanogpt's
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,20 @@ class LoopSettings:
         "Trained model .npz [default: OUT/final.npz; gpt2_finetuned.npz without --out].",
         "-o",
     )
-    plot: bool = setting(False, "Write loss.png in the run folder at the end.", fixed=False)
+    plot: bool = setting(
+        False, "Write loss.png (and the task's accuracy) in the run folder at the end.", fixed=False
+    )
+    eval_task: str | None = setting(
+        None,
+        "A multiple-choice task file (as gpt2 eval --task reads it), scored at each evaluation: "
+        "task_acc and task_acc_norm in metrics.jsonl.",
+        fixed=False,
+    )
+    sample_every: int = setting(
+        0, "Steps per greedy sample written to the log and metrics.jsonl, 0 = never.", fixed=False
+    )
+    sample_prompt: str = setting(SAMPLE_PROMPT, "The text each sample continues.", fixed=False)
+    sample_tokens: int = setting(32, "Tokens per sample.", fixed=False)
 
 
 @dataclass(frozen=True)

@@ -164,3 +164,11 @@ def score_items(
 def _argmax(values) -> int:
     """The first index of the largest value (numpy's argmax)."""
     return max(range(len(values)), key=lambda i: (values[i], -i))
+
+
+def accuracy(results: list[Result]) -> tuple[float, float]:
+    """acc and acc_norm: the share of items each prediction gets right."""
+    return (
+        sum(r.acc for r in results) / len(results),
+        sum(r.acc_norm for r in results) / len(results),
+    )

@@ -8,17 +8,18 @@ The Python API (imports JAX only when first used):
     logits, cache = gpt2cli.run_with_cache(config, params, input_ids, names=["blocks.*.resid_post"])
     logits = gpt2cli.run_with_hooks(config, params, input_ids, hooks={"blocks.0.attn.z": hook})
 
-The package, in five groups (each module owns one idea; arrows point the one way imports go,
+The package, in six groups (each module owns one idea; arrows point the one way imports go,
 checked by pyproject's import-linter contracts):
 
     model core   config, model, hooks, kernels, precision: GPT-2's shapes and math, its named
                  points, run per backend
     files        weights, checkpoint, hub, tokenizer: safetensors, .npz, model references, BPE
-    generation   sampling, engine, generate, chat, api: compiled decoding and its text streams
+    generation   sampling, engine, generate, chat, scoring, api: compiled decoding and its text
+                 streams, batched log-probabilities of given text
     lens         named activations, interventions, the logit lens, attention maps
     training/    settings, plan, driver, trainer, loop, data, prepare, shards, run_folder, ...
     serve/, cli/ the HTTP server and the commands, on top of the rest
-    (plumbing: errors, atomic, fields, progress, compile_cache, used by every group)
+    (plumbing: errors, atomic, fields, headers, progress, compile_cache, used by every group)
 """
 
 from __future__ import annotations

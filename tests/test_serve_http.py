@@ -302,7 +302,14 @@ def test_queue_full_503_then_sigterm_finishes_the_stream_and_exits_0():
     )
     try:
         s.wait_ready()
-        body = {"prompt": "A long story:", "max_tokens": 120, "temperature": 0.8, "stream": True}
+        # <|endoftext|> barred: a sampled end of text would finish with "stop", not "length"
+        body = {
+            "prompt": "A long story:",
+            "max_tokens": 120,
+            "temperature": 0.8,
+            "logit_bias": {"50256": -100},
+            "stream": True,
+        }
         results = {}
 
         def stream(name):

@@ -117,6 +117,7 @@ def test_serve_command_refuses_bad_flags_in_one_line(tmp_path):
     for args, message in (
         (["--max-batch", "0"], "--max-batch must be at least 1"),
         (["--grace", "-1"], "--grace must be 0 or more seconds"),
+        (["--prefix-cache-mb", "-1"], "--prefix-cache-mb must be 0 or more"),
         (["--port", "70000"], "--port must be from 0 to 65535"),
         (["-m", str(tmp_path / "missing.npz")], "does not exist"),
     ):

@@ -1,5 +1,6 @@
 """The serving engine thread alone (no HTTP): continuous batching gives every request the
-tokens `gpt2 generate` gives it, alone or batched; a cancelled request frees its row."""
+tokens `gpt2 generate` gives it, alone or batched, with its prompt read whole or partly taken
+from the prefix cache; a cancelled request frees its row."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ import threading
 import time
 from dataclasses import replace
 
+import jax
 import pytest
 
 from gpt2cli.engine import Engine, SamplingParams
 from gpt2cli.generate import generate
+from gpt2cli.serve.prefix_cache import PrefixCache
 from gpt2cli.serve.programs import SlotPrograms, length_buckets
 from gpt2cli.serve.protocol import Settings
 from gpt2cli.serve.scheduler import (
@@ -37,6 +40,9 @@ SAMPLINGS = [
     SamplingParams(temperature=1.0, top_k=20, top_p=0.9, seed=5),
     SamplingParams(temperature=0.7, min_p=0.05, repetition_penalty=1.3, seed=7),
 ]
+
+
+PREFIX_BYTES = 1 << 20  # ~20 entries of tiny-a's longest rows
 
 
 def make_job(prompt, max_tokens, sp: SamplingParams, stop=()) -> Job:
@@ -82,7 +88,7 @@ def scheduler(tiny_a, tok):
         one, many = Engine(config, params, batch=1), Engine(config, params, batch=8)
         return SlotPrograms(one, many, chunk=4, prefill_chunk=48), tok
 
-    s = Scheduler(load, max_batch=4, max_queue=6)
+    s = Scheduler(load, max_batch=4, max_queue=6, prefix_cache_bytes=PREFIX_BYTES)
     s.start()
     assert s.ready.wait(300) and s.load_error is None
     yield s
@@ -94,7 +100,16 @@ def run(scheduler, tok, specs, max_tokens=24):
     scheduler.submit(jobs)
     for job in jobs:
         assert job.sink.done.wait(120)
+    idle(scheduler)
     return jobs
+
+
+def idle(scheduler) -> None:
+    """Wait for the engine thread to free the finished rows (and keep them in the prefix cache):
+    it does so just after sending their last event."""
+    end = time.monotonic() + 10
+    while scheduler.busy_rows and time.monotonic() < end:
+        time.sleep(0.005)
 
 
 def test_row_buckets():
@@ -113,8 +128,13 @@ def test_batched_equals_alone_equals_generate(scheduler, tok, tiny_a):
     """Greedy and seeded requests (a prompt read in a 48 then a 32 wide chunk among them) give the
     same tokens together, one by one, and through `generate` (the `gpt2 generate` path)."""
     specs = list(zip(PROMPTS, SAMPLINGS, strict=True))
+    scheduler.prefix.clear()
     together = [job.sink.text for job in run(scheduler, tok, specs)]
-    alone = [run(scheduler, tok, [spec])[0].sink.text for spec in specs]
+    alone_jobs = [run(scheduler, tok, [spec])[0] for spec in specs]  # the prefix cache warm
+    alone = [job.sink.text for job in alone_jobs]
+    prompts = [tok.encode(p) for p in PROMPTS]
+    assert [job.reused for job in alone_jobs] == [len(p) - 1 for p in prompts]
+    assert alone_jobs[0].sink.events[-1].cached_tokens == len(prompts[0]) - 1
     engine = Engine(*tiny_a, batch=1)
     reference = [
         generate(engine, tok, tok.encode(p), max_new_tokens=24, sampling=sp).text for p, sp in specs
@@ -200,4 +220,83 @@ def test_a_choice_waiting_past_the_queue_timeout_gets_503(scheduler, tok, monkey
     assert late.sink.events == [Failed(503, QUEUE_FULL)]
     for job in busy:
         assert job.sink.done.wait(120)
-        assert job.sink.events[-1] == Finish("length", 100)
+        assert job.sink.events[-1].reason == "length"
+        assert job.sink.events[-1].completion_tokens == 100
+
+
+def test_a_prompt_extending_a_kept_one_reads_only_the_rest(scheduler, tok, tiny_a):
+    """A chat's next turn: the prompt is the last prompt, its reply and a new message. It starts
+    from the kept row (prompt and reply), and gives `generate`'s tokens for the whole prompt."""
+    scheduler.prefix.clear()
+    first = tok.encode(PROMPTS[0])
+    (turn,) = run(scheduler, tok, [(PROMPTS[0], SAMPLINGS[0])], max_tokens=12)
+    follow = first + turn.made + tok.encode(" And then?")
+    job = make_job(follow, 12, SAMPLINGS[1])
+    scheduler.submit([job])
+    assert job.sink.done.wait(60)
+    idle(scheduler)
+    assert job.reused == len(first) + len(turn.made) - 1  # the reply's last token was never fed
+    engine = Engine(*tiny_a, batch=1)
+    want = generate(engine, tok, follow, max_new_tokens=12, sampling=SAMPLINGS[1]).text
+    assert job.sink.text == want
+    assert scheduler.prefix.entries == 1  # the longer row replaced the one it extends
+
+
+def test_prefix_cache_off_reads_every_prompt(scheduler, tok, monkeypatch):
+    """--prefix-cache-mb 0: nothing is kept, every prompt is read whole, the tokens are the
+    same as with the cache."""
+    spec = (PROMPTS[1], SAMPLINGS[2])
+    scheduler.prefix.clear()
+    warm = [run(scheduler, tok, [spec])[0] for _ in range(2)]
+    monkeypatch.setattr(scheduler, "prefix", PrefixCache(0))
+    cold = [run(scheduler, tok, [spec])[0] for _ in range(2)]
+    assert warm[1].reused > 0 and [job.reused for job in cold] == [0, 0]
+    assert {job.sink.text for job in warm + cold} == {warm[0].sink.text}
+    assert scheduler.prefix.entries == 0 and scheduler.prefix.nbytes == 0
+
+
+def test_a_tiny_budget_evicts_the_oldest_and_frees_it(scheduler, tok, monkeypatch):
+    """A budget of one entry: the second prompt's row evicts the first's, whose buffers are
+    freed; the cache never holds more than its budget."""
+    one = scheduler._entry_bytes(scheduler.programs.lengths[0])
+    monkeypatch.setattr(scheduler, "prefix", PrefixCache(one, release=scheduler.prefix.release))
+    run(scheduler, tok, [(PROMPTS[0], SAMPLINGS[0])], max_tokens=4)
+    (kept,) = [entry.value for entry in scheduler.prefix._entries.values()]
+    run(scheduler, tok, [(PROMPTS[1], SAMPLINGS[0])], max_tokens=4)
+    assert scheduler.prefix.entries == 1 and scheduler.prefix.nbytes == one
+    assert all(a.is_deleted() for a in jax.tree_util.tree_leaves(kept))
+    (again,) = run(scheduler, tok, [(PROMPTS[0], SAMPLINGS[0])], max_tokens=4)
+    assert again.reused == 0  # evicted: read whole
+
+
+def test_a_prompt_cancelled_mid_prefill_keeps_what_was_read(scheduler, tok, tiny_a, monkeypatch):
+    """A long prompt cancelled after its first prefill chunk: the chunk read is kept, and the
+    same prompt sent again starts from it and still gives `generate`'s tokens."""
+    scheduler.prefix.clear()
+    prompt = tok.encode(PROMPTS[2])
+    chunk = scheduler.programs.prefill_chunk
+    assert len(prompt) > chunk
+    job = make_job(prompt, 8, SAMPLINGS[3])
+    read = scheduler.programs.prefill_stage
+
+    def cancelling(*args):  # the job is cancelled as its first chunk is read
+        scheduler.cancel([job])
+        return read(*args)
+
+    monkeypatch.setattr(scheduler.programs, "prefill_stage", cancelling)
+    scheduler.submit([job])
+    end = time.monotonic() + 60
+    while not scheduler.prefix.entries and time.monotonic() < end:
+        time.sleep(0.01)
+    assert scheduler.busy_rows == 0
+    monkeypatch.setattr(scheduler.programs, "prefill_stage", read)
+    assert not job.sink.events and job.prefilled == chunk
+    (entry,) = scheduler.prefix._entries.values()
+    assert entry.tokens.tolist() == prompt[:chunk]
+    retry = make_job(prompt, 8, SAMPLINGS[3])
+    scheduler.submit([retry])
+    assert retry.sink.done.wait(60)
+    assert retry.reused == chunk
+    engine = Engine(*tiny_a, batch=1)
+    want = generate(engine, tok, prompt, max_new_tokens=8, sampling=SAMPLINGS[3]).text
+    assert retry.sink.text == want

@@ -64,6 +64,13 @@ def serve(
     decode_chunk: Annotated[
         int, typer.Option(help="Tokens decoded per step (cancellation acts between steps).")
     ] = 4,
+    prefix_cache_mb: Annotated[
+        int,
+        typer.Option(
+            help="MiB of finished requests' KV cache kept, so a prompt starting with one reads "
+            "only the rest (a chat turn: the new message); 0 keeps none."
+        ),
+    ] = 1024,
     dtype: Dtype = "float32",
     tokenizer: TokenizerRef = None,
     steer: Steer = None,
@@ -92,6 +99,8 @@ def serve(
     ):
         if value < 1:
             raise UserError(f"{name} must be at least 1, got {value}")
+    if prefix_cache_mb < 0:
+        raise UserError(f"--prefix-cache-mb must be 0 or more, got {prefix_cache_mb}")
     if not 0 <= port <= 65535:
         raise UserError(f"--port must be from 0 to 65535, got {port}")
     for name, value in (("--grace", grace), ("--queue-timeout", queue_timeout)):
@@ -132,7 +141,11 @@ def serve(
         return SlotPrograms(one, many, decode_chunk, prefill_chunk), tok
 
     scheduler = Scheduler(
-        load, max_batch=max_batch, max_queue=max_queue, queue_timeout=queue_timeout
+        load,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        queue_timeout=queue_timeout,
+        prefix_cache_bytes=prefix_cache_mb << 20,
     )
     scheduler.metrics = Metrics(scheduler)
     app = create_app(

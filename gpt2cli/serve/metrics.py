@@ -85,6 +85,12 @@ class Metrics:
         self.cancelled = Counter(
             "gpt2_cancelled_total", "Requests cancelled because their client disconnected."
         )
+        self.prefix_hits = Counter(
+            "gpt2_prefix_cache_hits_total", "Choices whose prompt started from the prefix cache."
+        )
+        self.prefix_tokens = Counter(
+            "gpt2_prefix_cache_tokens_total", "Prompt tokens taken from the prefix cache, not read."
+        )
         self.first_token = Histogram(
             "gpt2_time_to_first_token_seconds", "From queueing a choice to its first token."
         )
@@ -114,6 +120,16 @@ class Metrics:
                     lambda: scheduler.block_length,
                 ),
                 Gauge(
+                    "gpt2_prefix_cache_bytes",
+                    "Bytes of keys and values the prefix cache holds (--prefix-cache-mb).",
+                    lambda: scheduler.prefix.nbytes,
+                ),
+                Gauge(
+                    "gpt2_prefix_cache_entries",
+                    "Token sequences the prefix cache holds.",
+                    lambda: scheduler.prefix.entries,
+                ),
+                Gauge(
                     "gpt2_max_batch", "Rows available (--max-batch).", lambda: scheduler.max_batch
                 ),
                 Gauge(
@@ -130,6 +146,8 @@ class Metrics:
             self.prompt_tokens,
             self.generated_tokens,
             self.cancelled,
+            self.prefix_hits,
+            self.prefix_tokens,
             self.first_token,
             self.queue_wait,
             self.duration,

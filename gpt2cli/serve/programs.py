@@ -345,3 +345,23 @@ def resize(slots: Slots, rows: int, length: int) -> Slots:
         keys=fit_keys(slots.keys),
         step=fit_rows(slots.step),
     )
+
+
+def _copy_row(dst: KVCache, src: KVCache, row) -> KVCache:
+    """Row `row` of `src` written into the one-row `dst` over the slots both have: a kept prefix
+    taken from a block or a stage, or a kept prefix put into a new stage. `dst` is donated, so
+    the result never shares a buffer with `src` (a later program may donate that one)."""
+    n = min(dst.length, src.length)
+
+    def copy(d, s, axis):  # d [1, ..., S_dst], s [B, ..., S_src], slots along `axis`
+        one = jax.lax.slice_in_dim(jax.lax.dynamic_slice_in_dim(s, row, 1, axis=0), 0, n, axis=axis)
+        return jax.lax.dynamic_update_slice_in_dim(d, one, 0, axis=axis)
+
+    return dst.replace(
+        keys=tuple(copy(d, s, 2) for d, s in zip(dst.keys, src.keys, strict=True)),
+        values=tuple(copy(d, s, 2) for d, s in zip(dst.values, src.values, strict=True)),
+        mask=copy(dst.mask, src.mask, 1),
+    )
+
+
+copy_row = jax.jit(_copy_row, donate_argnames="dst")

@@ -13,6 +13,10 @@ Text is made here too (`generate.RowText`: UTF-8-safe detokenizing, stop strings
 so a stop frees its row at once; each job gets its output through `sink`, a thread-safe
 callback, one `Delta` per chunk and a last `Finish` or `Failed`.
 
+When a job ends, its row's tokens and their keys and values are kept in a `PrefixCache`
+(`prefix_cache_bytes`; 0 keeps nothing); a prompt starting with kept tokens has its stage
+seeded from them and reads only the rest.
+
 A job that echoes its prompt with logprobs first gets a `Prompt`: the jobs admitted together
 have their prompts scored in one batched teacher-forced pass (`scoring.Scorer`) before any of
 them is read into a row; a job of `max_tokens` 0 ends there.
@@ -20,6 +24,7 @@ them is read into a row; a job of `max_tokens` 0 ends there.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections import deque
@@ -30,6 +35,7 @@ import numpy as np
 
 from gpt2cli.generate import RowText
 from gpt2cli.scoring import TOP_LOGPROBS, Scored
+from gpt2cli.serve.prefix_cache import PrefixCache
 from gpt2cli.serve.protocol import Settings
 
 QUEUE_FULL = "the server is busy: the request queue is full, retry shortly"
@@ -63,6 +69,7 @@ class Prompt:
 class Finish:
     reason: str  # "stop" (a stop string or <|endoftext|>) or "length"
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
 
 
 @dataclass(frozen=True)
@@ -86,9 +93,11 @@ class Job:
     queued_at: float = field(default_factory=time.monotonic)
     # the engine thread's bookkeeping
     row: int | None = None  # its row in the block, once its prompt is read
-    prefilled: int = 0
+    prefilled: int = 0  # prompt tokens in its stage (read, or taken from the prefix cache)
+    reused: int = 0  # of those, taken from the prefix cache
     cached: int = 0  # tokens in its row's cache once every dispatched chunk has run
     generated: int = 0
+    made: list[int] = field(default_factory=list)  # the tokens delivered
     text: RowText | None = None
     first_token_at: float | None = None
 
@@ -123,6 +132,7 @@ class Scheduler:
         max_batch: int = 8,
         max_queue: int = 64,
         queue_timeout: float = 60.0,
+        prefix_cache_bytes: int = 0,
         metrics=None,
     ):
         self._load = load  # () -> (SlotPrograms, tokenizer), run on the engine thread
@@ -130,6 +140,7 @@ class Scheduler:
         self.max_queue = max_queue
         self.queue_timeout = queue_timeout
         self.metrics = metrics
+        self.prefix = PrefixCache(prefix_cache_bytes, release=_delete)
         self.buckets = row_buckets(max_batch)
         self.ready = threading.Event()
         self.load_error: str | None = None
@@ -278,11 +289,15 @@ class Scheduler:
                     kept.append(job)
             self._waiting = kept
             finished = [job for job in self._jobs if job.cancelled]
+            partial = None  # a prompt cancelled while being read, and its stage
             if self._reading and self._reading[0].cancelled:
-                self._stage = None
+                partial, self._stage = (self._reading[0], self._stage), None
             self._reading = deque(job for job in self._reading if not job.cancelled)
         for job in finished:
             self._free(job)
+        if partial and partial[1] is not None:  # the chunks read so far are kept
+            job, stage = partial
+            self._keep(job.prompt[: job.prefilled], stage.cache, 0)
         if admitted:
             self._admit(admitted)
         return True
@@ -311,7 +326,10 @@ class Scheduler:
             job.sink(Prompt(prompt_infos(job.prompt, scores, job.settings.logprobs or 0)))
 
     def _free(self, job: Job) -> None:
-        """Give the row back; the last busy row moves into it so busy rows stay first."""
+        """Keep the row's tokens in the prefix cache and give the row back; the last busy row
+        moves into it so busy rows stay first."""
+        # every delivered token but the last was fed back, so the row holds its keys and values
+        self._keep(job.prompt + job.made[:-1], self._slots.cache, job.row)
         last = len(self._jobs) - 1
         if job.row != last:
             moved = self._jobs[last]
@@ -364,7 +382,7 @@ class Scheduler:
 
         job, p = self._reading[0], self.programs
         if self._stage is None:
-            self._stage = p.empty(1, p.stage_length(len(job.prompt)))
+            self._stage = self._open_stage(job)
         part = job.prompt[job.prefilled : job.prefilled + p.prefill_chunk]
         self._stage, picked = p.prefill_stage(
             self._stage,
@@ -380,7 +398,9 @@ class Scheduler:
             self._reading.popleft()
             stage, self._stage = self._stage, None
             self._deliver(job, {k: np.asarray(v)[None] for k, v in vars(picked).items()})
-            if not job.text.finish_reason:
+            if job.text.finish_reason:  # done at its first token: the prompt is kept
+                self._keep(job.prompt, stage.cache, 0)
+            else:
                 job.row, job.cached = len(self._jobs), len(job.prompt)
                 self._jobs.append(job)
                 self._fit_block()
@@ -389,6 +409,45 @@ class Scheduler:
                 self._slots = p.insert(self._slots, stage, np.int32(job.row))
                 self._settings = None  # the row turns active
         return p.width(len(part))
+
+    def _open_stage(self, job: Job):
+        """A stage for the job's prompt, holding the longest prefix of it that the prefix cache
+        has (never all of it: the last token is read to pick the first new one)."""
+        from gpt2cli.serve.programs import copy_row
+
+        p = self.programs
+        stage = p.empty(1, p.stage_length(len(job.prompt)))
+        entry, shared = self.prefix.lookup(job.prompt)
+        reuse = min(shared, len(job.prompt) - 1)
+        if reuse > 0:
+            stage = stage.replace(cache=copy_row(stage.cache, entry.value, np.int32(0)))
+            job.prefilled = job.reused = reuse
+            if self.metrics:
+                self.metrics.prefix_hits.inc()
+                self.metrics.prefix_tokens.inc(reuse)
+        return stage
+
+    def _keep(self, tokens: list[int], cache, row: int) -> None:
+        """Keep a copy of row `row` of `cache`, which holds `tokens`, in the prefix cache (unless
+        it is over the budget or a kept entry already starts with these tokens)."""
+        from gpt2cli.serve.programs import copy_row
+
+        if not tokens or not self.prefix.budget:
+            return
+        length = self.programs.fitting(len(tokens))
+        nbytes = self._entry_bytes(length)
+        if not self.prefix.fits(nbytes) or self.prefix.covered(tokens):
+            return
+        entry = copy_row(self.programs.one.new_cache(1, length), cache, np.int32(row))
+        self.prefix.add(tokens, entry, nbytes)
+
+    @functools.cache  # noqa: B019 - one scheduler per server, a few lengths
+    def _entry_bytes(self, length: int) -> int:
+        """The bytes of a one-row cache of `length` slots."""
+        import jax
+
+        shapes = jax.eval_shape(lambda: self.programs.one.new_cache(1, length))
+        return sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(shapes))
 
     def _decode_chunk(self) -> None:
         """Dispatch the next chunk, then read the one before it while the device runs this one
@@ -428,6 +487,7 @@ class Scheduler:
         text, infos = [], []
         for i, token in enumerate(picked["token"].tolist()):
             job.generated += 1
+            job.made.append(token)
             text.append(job.text.feed(token))
             top = ()
             if want_top:
@@ -447,7 +507,15 @@ class Scheduler:
         job.sink(Delta("".join(text), tuple(infos)))
         if job.text.finish_reason:
             reason = "length" if job.text.finish_reason == "length" else "stop"
-            job.sink(Finish(reason, job.generated))
+            job.sink(Finish(reason, job.generated, job.reused))
+
+
+def _delete(cache) -> None:
+    """Free a kept cache's device buffers now (nothing else holds them: see `copy_row`)."""
+    import jax
+
+    for a in jax.tree_util.tree_leaves(cache):
+        a.delete()
 
 
 def prompt_infos(prompt: list[int], scored: Scored | None, want: int) -> tuple[TokenInfo, ...]:

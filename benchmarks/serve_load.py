@@ -3,6 +3,7 @@
     uv run python benchmarks/serve_load.py ../bench/gpt2-124m-random.npz
     uv run python benchmarks/serve_load.py MODEL --clients 1 8 --requests 3
     uv run python benchmarks/serve_load.py MODEL --overload   # 64 clients, --max-batch 8 --max-queue 16
+    uv run python benchmarks/serve_load.py MODEL --chat-turns 10   # one client chatting
 
 Prints, per number of clients: aggregate generated tokens/s, the decode tokens/s one stream
 sees, time to first token p50 / p99 and errors; next to `gpt2 bench --batch 1` and
@@ -11,6 +12,10 @@ sees, time to first token p50 / p99 and errors; next to `gpt2 bench --batch 1` a
 `--overload` has 64 clients send requests to a server with --max-batch 8 --max-queue 16
 until 500 have completed (a 503 waits its Retry-After): each must complete or get a 503 at
 once (none may hang), and the server's resident memory is sampled every 50.
+
+`--chat-turns N` has one client chat N turns through /v1/chat/completions, sending the whole
+history each turn (as the page at / and OpenAI clients do), once with the prefix cache and
+once with `--prefix-cache-mb 0`: time to first token and cached prompt tokens per turn.
 
 Prompts are random token ids (the same per run), greedy, <|endoftext|> banned so every
 request generates exactly --max-tokens tokens.
@@ -106,6 +111,78 @@ def stream_one(port: int, prompt: list[int], max_tokens: int, timeout: float = 3
         return {"status": f"error: {type(exc).__name__}", "seconds": time.perf_counter() - start}
     finally:
         conn.close()
+
+
+def chat_turn(port: int, messages: list[dict], max_tokens: int) -> dict:
+    """One streamed chat turn: its reply, time to first token, prompt and cached tokens."""
+    body = json.dumps(
+        {
+            "messages": messages,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "logit_bias": {str(EOS): -100, "198": -100},  # no end of text, no "\nUser:" stop
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    )
+    start = time.perf_counter()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    try:
+        conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        if response.status != 200:
+            sys.exit(f"chat turn failed: {response.status} {response.read()[:300]!r}")
+        first, reply, usage = None, [], {}
+        for line in response:
+            if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if event.get("usage"):
+                usage = event["usage"]
+            elif event["choices"] and event["choices"][0]["delta"].get("content"):
+                first = first or time.perf_counter()
+                reply.append(event["choices"][0]["delta"]["content"])
+        return {
+            "reply": "".join(reply),
+            "first_token_s": (first or time.perf_counter()) - start,
+            "prompt_tokens": usage.get("prompt_tokens"),
+            "cached_tokens": usage.get("prompt_tokens_details", {}).get("cached_tokens"),
+        }
+    finally:
+        conn.close()
+
+
+def chat_client(model: str, turns: int, max_tokens: int, *flags: str) -> list[dict]:
+    """A server with `flags`, and one client chatting `turns` turns with it."""
+    proc, port = start_server(model, *flags)
+    words = ["tell", "me", "more", "of", "the", "ships", "in", "the", "harbour", "at", "dawn"]
+    try:
+        chat_turn(port, [{"role": "user", "content": "warm up"}], 4)  # outside the timings
+        messages, out = [], []
+        for turn in range(turns):
+            text = " ".join(words[(turn + i) % len(words)] for i in range(24))
+            messages.append({"role": "user", "content": text})
+            result = chat_turn(port, messages, max_tokens)
+            messages.append({"role": "assistant", "content": result["reply"]})
+            out.append(result)
+        return out
+    finally:
+        proc.terminate()
+        proc.wait(120)
+
+
+def chat_turns(model: str, turns: int, max_tokens: int) -> None:
+    rows = {
+        "cache": chat_client(model, turns, max_tokens),
+        "no cache": chat_client(model, turns, max_tokens, "--prefix-cache-mb", "0"),
+    }
+    print(f"{'turn':>4} {'prompt':>6} | {'TTFT':>8} {'cached':>6} | {'TTFT, no cache':>14}")
+    for i, (warm, cold) in enumerate(zip(rows["cache"], rows["no cache"], strict=True)):
+        print(f"{i + 1:>4} {warm['prompt_tokens']:>6} | {warm['first_token_s']:>7.3f}s "
+              f"{warm['cached_tokens']:>6} | {cold['first_token_s']:>13.3f}s")  # fmt: skip
+    for name, row in rows.items():
+        ratio = row[-1]["first_token_s"] / row[0]["first_token_s"]
+        print(f"{name}: turn {turns} TTFT / turn 1 TTFT = {ratio:.2f}x")
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -220,11 +297,15 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--overload", action="store_true", help="the 64-client / 500-request test")
+    ap.add_argument("--chat-turns", type=int, help="one client chatting this many turns")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     rng = random.Random(0)
     prompts = [[rng.randrange(EOS) for _ in range(args.prompt_tokens)] for _ in range(64)]
 
+    if args.chat_turns:
+        chat_turns(args.model, args.chat_turns, args.max_tokens)
+        return
     if args.overload:
         print(json.dumps(overload(args.model, prompts, args.max_tokens)))
         return

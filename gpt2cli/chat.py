@@ -64,6 +64,7 @@ TEMPLATES: dict[str, Template] = {
 }
 DEFAULT_TEMPLATE = "chat"
 MIN_TURN_ROOM = 16  # tokens a user turn may always use, whatever the preamble and reply budget
+REPLY_TOKENS = 100  # the most tokens a reply gets by default (less in a small window)
 TAIL_TOKENS = 64  # how far back from a reply's end its generated tokens may stop matching its text
 
 
@@ -98,6 +99,12 @@ class ReplyStats:
     @property
     def tokens_per_s(self) -> float:
         return self.generated_tokens / self.total_s if self.total_s > 0 else 0.0
+
+
+def default_reply_tokens(n_positions: int) -> int:
+    """A reply's default budget: 100 tokens, at most a quarter of the window (a reply that fills
+    the window would leave no room for the history)."""
+    return min(REPLY_TOKENS, n_positions // 4)
 
 
 def turns_to_drop(preamble: int, turns: list[int], new: int, room: int) -> int:

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.helpers_serve import SERVE_KEY, metric, post_json, request
+from tests.helpers_serve import SERVE_KEY, ServerProcess, metric, post_json, request
 
 pytestmark = pytest.mark.slow
 AUTH = {"Authorization": f"Bearer {SERVE_KEY}"}
@@ -58,16 +58,17 @@ def _wait(condition, timeout: float = 60, step: float = 0.02):
     raise AssertionError("timed out")
 
 
-def _open(browser, port: int, max_tokens: int) -> None:
+def _open(browser, port: int, max_tokens: int | None) -> None:
+    """The page with the API key, greedy, and `max_tokens` (None: the page's default)."""
     browser.get(f"http://127.0.0.1:{port}/")
     browser.execute_script(
         """
         document.getElementById("api_key").value = arguments[0];
         document.getElementById("temperature").value = "0";
-        document.getElementById("max_tokens").value = arguments[1];
+        if (arguments[1] !== null) document.getElementById("max_tokens").value = arguments[1];
         """,
         SERVE_KEY,
-        str(max_tokens),
+        None if max_tokens is None else str(max_tokens),
     )
 
 
@@ -129,3 +130,30 @@ def test_stop_button_cancels_the_stream(browser, serve_tiny):
     _wait(lambda: _idle(browser))
     _wait(lambda: metric(serve_tiny.port, "gpt2_cancelled_total", AUTH) == cancelled + 1, 10)
     _wait(lambda: metric(serve_tiny.port, "gpt2_busy_rows", AUTH) == 0, 10)
+
+
+@pytest.fixture(scope="module")
+def serve_demo():
+    """`gpt2 serve -m shakespeare`: the bundled demo model, a 128-token window."""
+    server = ServerProcess("--api-key", SERVE_KEY, model="shakespeare")
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        assert server.stop() == 0
+
+
+def test_twenty_turns_with_the_demo_model_never_show_an_error(browser, serve_demo):
+    """The page sends truncation "auto" and, by default, a quarter of the window as max_tokens:
+    the oldest turns make room, the page forgets them too, and no turn fails."""
+    _open(browser, serve_demo.port, None)
+    for i in range(20):
+        _send(browser, f"Good morrow, tell me of the king, turn {i}")
+        _wait(lambda i=i: len(_replies(browser)) == i + 1 and _idle(browser))
+    errors = browser.execute_script(
+        "return [...document.querySelectorAll('.msg.error')].map(e => e.textContent)"
+    )
+    assert errors == []
+    sent = browser.execute_script("return messages.length")
+    assert sent < 40  # the page dropped the turns the server left out
+    assert metric(serve_demo.port, "gpt2_prefix_cache_hits_total", AUTH) > 0

@@ -47,7 +47,6 @@ from gpt2cli.cli.text import decode
 from gpt2cli.errors import UserError
 
 PROMPT = ">>> "
-DEFAULT_NEW_TOKENS = 100
 
 HELP = """\
 /help              this list
@@ -326,7 +325,7 @@ def chat(
         template=chosen,
         system=system,
         sampling=sampling,
-        max_new_tokens=max_new_tokens or min(DEFAULT_NEW_TOKENS, config.n_positions // 4),
+        max_new_tokens=max_new_tokens or chat_core.default_reply_tokens(config.n_positions),
         stops=tuple(stop or ()),
     )
     banner = (

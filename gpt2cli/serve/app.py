@@ -281,7 +281,7 @@ class Server:
                 elif isinstance(event, Delta):
                     bodies.add(index, event.text, event.tokens)
                 else:
-                    bodies.finish(index, event.reason, event.completion_tokens)
+                    bodies.finish(index, event.reason, event.completion_tokens, event.cached_tokens)
         finally:
             watcher.cancel()
         if run.cancelled:  # the client is gone: nobody reads this
@@ -299,7 +299,9 @@ class Server:
                 run.cancel()
                 break
             if isinstance(event, Finish):
-                yield bodies.finish(index, event.reason, event.completion_tokens)
+                yield bodies.finish(
+                    index, event.reason, event.completion_tokens, event.cached_tokens
+                )
                 continue
             if isinstance(event, Prompt):
                 yield bodies.prompt(index, event.tokens)

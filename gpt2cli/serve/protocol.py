@@ -13,7 +13,7 @@ import secrets
 import time
 from dataclasses import dataclass, replace
 
-from gpt2cli.chat import TEMPLATES, Template, Trimmed
+from gpt2cli.chat import TEMPLATES, Template, Trimmed, default_reply_tokens, turns_to_drop
 from gpt2cli.errors import UserError
 from gpt2cli.generate import SamplingParams, check_prompt
 from gpt2cli.sampling_checks import check_sampling
@@ -42,7 +42,8 @@ COMMON_FIELDS = {
     "user",
 }
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "echo"}
-CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs"}
+CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "truncation"}
+TRUNCATIONS = ("auto", "disabled")  # OpenAI's values (its Responses API); "disabled": strict
 # OpenAI fields a base GPT-2 cannot honour: refused by name unless null.
 UNSUPPORTED = {
     "suffix": "GPT-2 cannot fill in the middle",
@@ -117,6 +118,7 @@ class Plan:
     include_usage: bool
     echo: bool
     model: str
+    dropped_messages: int | None = None  # truncation "auto": the oldest messages left out
 
     @property
     def score_prompts(self) -> bool:
@@ -388,12 +390,35 @@ def _message_text(message: dict, index: int) -> str:
     return " ".join(content.split())  # one line per turn, as `gpt2 chat` writes it
 
 
+@dataclass(frozen=True)
+class Transcript:
+    """The transcript `gpt2 chat` would send, as the preamble's ids and each turn's: a user
+    message and the assistant messages after it. The last turn is the new one."""
+
+    preamble: list[int]
+    turns: list[list[int]]
+    messages: list[int]  # how many messages (not system ones) each turn is made of
+
+    @property
+    def ids(self) -> list[int]:
+        return [t for part in (self.preamble, *self.turns) for t in part]
+
+    def dropping(self, n: int) -> Transcript:
+        """The transcript without its `n` oldest turns."""
+        return Transcript(self.preamble, self.turns[n:], self.messages[n:])
+
+
 def chat_ids(messages, tokenizer, template: Template = TEMPLATES["chat"]) -> list[int]:
-    """The transcript `gpt2 chat` would send: preamble, then each turn, ending at the assistant's
-    name. System (or developer) messages replace the preamble."""
+    """The ids of the transcript `gpt2 chat` would send (see `transcript`)."""
+    return transcript(messages, tokenizer, template).ids
+
+
+def transcript(messages, tokenizer, template: Template = TEMPLATES["chat"]) -> Transcript:
+    """Preamble, then each turn, ending at the assistant's name. System (or developer) messages
+    replace the preamble."""
     if not isinstance(messages, list) or not messages:
         raise bad("messages", "messages must be a non-empty list")
-    system, turns = None, []
+    system, turns, counts = None, [], []
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise bad(f"messages[{i}]", "each message must be an object with role and content")
@@ -401,22 +426,40 @@ def chat_ids(messages, tokenizer, template: Template = TEMPLATES["chat"]) -> lis
         text = _message_text(message, i)
         if role in ("system", "developer"):
             system = text if system is None else f"{system} {text}"
-        elif role == "user":
-            turns.append(template.turn_prompt(text))
+        elif role == "user":  # starts a turn
+            turns.append(tokenizer.encode(template.turn_prompt(text)))
+            counts.append(1)
         elif role == "assistant":
             if not turns:
                 raise bad(f"messages[{i}]", "an assistant message must follow a user message")
-            turns.append(" " + text)
+            turns[-1] = turns[-1] + tokenizer.encode(" " + text)
+            counts[-1] += 1
         else:
             raise bad(
                 f"messages[{i}].role", f"role must be system, user or assistant, got {role!r}"
             )
     if messages[-1].get("role") != "user":
         raise bad("messages", "the last message must be the user's")
-    ids = tokenizer.encode(template.system if system is None else system)
-    for turn in turns:
-        ids += tokenizer.encode(turn)
-    return ids
+    preamble = tokenizer.encode(template.system if system is None else system)
+    return Transcript(preamble, turns, counts)
+
+
+def fit_transcript(chat: Transcript, max_tokens: int, n_positions: int) -> tuple[Transcript, int]:
+    """truncation "auto": the oldest turns dropped as `gpt2 chat` drops them (`turns_to_drop`)
+    until the transcript and `max_tokens` fit the window -> (transcript, messages dropped)."""
+    room = n_positions - max_tokens
+    lengths = [len(turn) for turn in chat.turns]
+    drop = turns_to_drop(len(chat.preamble), lengths[:-1], lengths[-1], room)
+    kept = chat.dropping(drop)
+    if len(kept.ids) > room:
+        raise bad(
+            "messages",
+            f"this model's context window is {n_positions} tokens, but the system message and "
+            f"the last user message alone have {len(kept.ids)} tokens and {max_tokens} were "
+            "asked for: shorten them or lower max_tokens",
+            "context_length_exceeded",
+        )
+    return kept, sum(chat.messages[:drop])
 
 
 def chat_plan(body: dict, *, models: set[str], tokenizer, config, max_batch: int) -> Plan:
@@ -424,7 +467,11 @@ def chat_plan(body: dict, *, models: set[str], tokenizer, config, max_batch: int
     if "messages" not in body:
         raise bad("messages", "messages is required")
     common = parse_common(body, models, config.vocab_size)
-    ids = check_ids(chat_ids(body["messages"], tokenizer), config.vocab_size, "messages")
+    truncation = body.get("truncation")
+    if truncation is not None and truncation not in TRUNCATIONS:
+        raise bad("truncation", f"truncation must be auto or disabled, got {truncation!r}")
+    chat = transcript(body["messages"], tokenizer)
+    check_ids(chat.ids, config.vocab_size, "messages")
     logprobs = _flag(body, "logprobs")
     top = _number(body, "top_logprobs", None, integer=True)
     if top is not None:
@@ -433,8 +480,13 @@ def chat_plan(body: dict, *, models: set[str], tokenizer, config, max_batch: int
         if not 0 <= top <= 20:
             raise bad("top_logprobs", f"top_logprobs must be from 0 to 20, got {top}")
     max_tokens = _max_tokens(body, ("max_completion_tokens", "max_tokens"))
-    if max_tokens is None:  # the rest of the window, as vLLM does
-        max_tokens = max(config.n_positions - len(ids), 1)
+    dropped = None
+    if truncation == "auto":  # a reply's room, as `gpt2 chat` keeps it, unless one was asked
+        max_tokens = max_tokens or default_reply_tokens(config.n_positions)
+        chat, dropped = fit_transcript(chat, max_tokens, config.n_positions)
+    elif max_tokens is None:  # the rest of the window, as vLLM does
+        max_tokens = max(config.n_positions - len(chat.ids), 1)
+    ids = chat.ids
     check_context(ids, max_tokens, config.n_positions, "messages")
     _check_n(common["n"], max_batch)
     common["stop"] = TEMPLATES["chat"].stops + common["stop"]
@@ -445,6 +497,7 @@ def chat_plan(body: dict, *, models: set[str], tokenizer, config, max_batch: int
         prompt_texts=[""],
         max_tokens=[max_tokens],
         echo=False,
+        dropped_messages=dropped,
         **common,
     )
 
@@ -513,6 +566,7 @@ class Choice:
         self.tokens: list = []  # the scheduler's TokenInfo: token, logprob, top (id, logprob)
         self.finish: str | None = None
         self.completion_tokens = 0
+        self.cached_tokens = 0  # prompt tokens taken from the prefix cache
 
     def add(self, text: str, tokens) -> str:
         """Keep a delta's text and tokens; -> the text to show."""
@@ -568,10 +622,11 @@ class Bodies:
             [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": None}]
         )
 
-    def finish(self, index: int, reason: str, completion_tokens: int) -> dict:
+    def finish(self, index: int, reason: str, completion_tokens: int, cached_tokens: int = 0):
         """A choice's end -> the chunk that streams it."""
         choice = self.choices[index]
         choice.finish, choice.completion_tokens = reason, completion_tokens
+        choice.cached_tokens = cached_tokens
         end = {"index": index, "logprobs": None, "finish_reason": reason}
         end.update({"delta": {}} if self.plan.chat else {"text": ""})
         return self._chunk([end])
@@ -623,6 +678,7 @@ class Bodies:
             "model": plan.model,
             "choices": out,
             "usage": self._usage(),
+            **self._dropped(),
         }
 
     def _chunk(self, parts: list[dict]) -> dict:
@@ -635,15 +691,26 @@ class Bodies:
         }
         if self.plan.include_usage:
             body["usage"] = None
-        return body
+        return {**body, **self._dropped()}
+
+    def _dropped(self) -> dict:
+        """Our field of a truncation "auto" response: the oldest messages left out."""
+        dropped = self.plan.dropped_messages
+        return {} if dropped is None else {"dropped_messages": dropped}
 
     def _usage(self) -> dict:
         prompt = sum(map(len, self.plan.prompts))
         completion = sum(c.completion_tokens for c in self.choices)
+        n = self.plan.n  # a prompt's tokens count once: its choices' least cached count
+        cached = sum(
+            min(c.cached_tokens for c in self.choices[i : i + n])
+            for i in range(0, len(self.choices), n)
+        )
         return {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
         }
 
     def _text(self, token: int) -> str:

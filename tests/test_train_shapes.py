@@ -78,7 +78,6 @@ def test_learning_rate_rule_by_width():
     [
         (["--init", "tiny", "--n-embd", "130"], "n_embd must be divisible by n_head"),
         (["--n-layer", "4"], "--n-layer shapes a new model: add --init"),
-        (["--init", "tiny", "--n-head", "0"], "n_head must be a positive integer, got 0"),
         (["--init", "my/config.json"], "no such config file"),
     ],
 )
@@ -87,3 +86,17 @@ def test_bad_shapes_are_one_line(tmp_path, args, message):
     done = gpt2("train", "-d", str(corpus), "--steps", "1", *args)
     assert done.exit_code == 1
     assert message in done.output and len(done.output.strip().splitlines()) == 1, done.output
+
+
+def test_a_config_json_with_fewer_tokens_than_its_tokenizer_is_refused(tmp_path):
+    corpus = write_corpus(tmp_path / "c.txt", lines=20)
+    shape = {"model_type": "gpt2", "vocab_size": 1000, "n_positions": 32, "n_embd": 16,
+             "n_layer": 1, "n_head": 2}  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(shape))
+    done = gpt2("train", "-d", str(corpus), "--init", "config.json", "--steps", "1", "--out", "r")
+    assert done.exit_code == 1
+    assert done.output.strip() == (
+        "error: config.json: vocab_size 1000 is below the tokenizer's 50257 tokens; give a "
+        "vocab_size of at least 50257"
+    )
+    assert not (tmp_path / "r").exists()

@@ -13,7 +13,7 @@ from gpt2cli.config import GPT2Config, new_model_config, preset
 from gpt2cli.errors import UserError
 from gpt2cli.training.settings import scratch_lr
 from tests.conftest import cli as gpt2_in_process
-from tests.helpers_train import isolate, write_corpus
+from tests.helpers_train import assert_opens_in_transformers, isolate, write_corpus
 
 SHAPE = ("--init", "tiny", "--n-layer", "3", "--n-head", "2", "--n-embd", "32")
 SMALL = ("--steps", "2", "--batch-size", "2", "--seq-length", "16", "--n-positions", "48")
@@ -54,6 +54,7 @@ def test_the_shape_lands_in_run_json_checkpoint_and_final_file(shaped_run, tmp_p
     converted = gpt2("convert", str(shaped_run / "final.npz"), str(tmp_path / "hf"), "--to", "hf")
     assert converted.exit_code == 0, converted.output
     assert json.loads((tmp_path / "hf/config.json").read_text())["n_embd"] == 32
+    assert_opens_in_transformers(tmp_path / "hf", context=48)  # a run's model exports whole
 
 
 def test_init_from_a_config_json(tmp_path):

@@ -50,6 +50,13 @@ def test_an_hf_export_carries_the_tokenizer_and_generation_config(tmp_path, sour
                   "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"}  # fmt: skip
 
 
+def test_a_path_that_is_there_but_not_a_file_or_a_folder_for_files_says_so():
+    line = _one_error_line(cli("inspect", "/dev/null"))
+    assert line == "error: /dev/null is not a regular file (expected a .npz checkpoint)"
+    line = _one_error_line(cli("convert", str(TINY_A), "/proc/x.npz"))
+    assert line == "error: cannot write /proc/x.npz: /proc takes no new files"
+
+
 def test_inspect_prints_a_table_and_tree(tmp_path):
     done = run_gpt2("inspect", str(TINY_B))
     assert done.returncode == 0, done.stderr

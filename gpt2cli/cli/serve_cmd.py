@@ -111,6 +111,7 @@ def serve(
     from gpt2cli.serve.metrics import Metrics
     from gpt2cli.serve.programs import SlotPrograms
     from gpt2cli.serve.scheduler import Scheduler
+    from gpt2cli.training import memory
 
     compile_cache.enable()
     with err.status(f"loading {model}"):
@@ -121,6 +122,16 @@ def serve(
             f"the tokenizer has {tok.vocab_size} ids but the model's vocabulary has "
             f"{config.vocab_size}; pass the model's tokenizer with --tokenizer"
         )
+    window = config.n_positions
+    need = memory.generation_footprint(
+        config,
+        rows=max_batch,
+        length=window,
+        prompt=window,
+        compute_bytes=memory.compute_bytes(dtype),
+        prefill_rows=1,  # a request's prompt is read alone
+    )
+    memory.check_fits(need, f"--max-batch {max_batch} x {window} tokens", "--max-batch")
     name = model_name or Path(model).name.removesuffix(".npz") or model
     steers = steering(config, steer, steer_layer, steer_scale)
     engine = functools.partial(Engine, config, params, dtype, steering=steers)

@@ -180,6 +180,13 @@ def check_fits(plan: Plan, loss_chunks: int = 1) -> str:
     have, what = memory.device_capacity()
     if have is None:
         return f"memory: {need.describe()}"
+    fixed = need.params + need.optimizer + need.gradients
+    if fixed > have:  # no batch fits: the model's shape is what is too big
+        raise UserError(
+            f"this model's weights, optimizer state and gradients alone need {fixed / memory.GB:.1f}"
+            f" GB but the machine has {have / memory.GB:.1f} GB ({what}): "
+            + memory.largest_part(plan.model_config)
+        )
     if need.total > have:
         remedies = [f"a smaller --batch-size (now {tc.batch_size}) with more --grad-accum"]
         if not tc.remat:

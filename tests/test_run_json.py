@@ -111,3 +111,14 @@ def test_a_run_json_setting_out_of_range_is_one_line_naming_it(
     done = gpt2("train", "--resume", "run")
     assert done.exit_code == 1
     assert done.output.strip() == f"error: run/run.json: settings.{name} {problem}"
+
+
+def test_a_resume_with_a_process_id_beyond_the_process_count_is_a_usage_error(
+    tmp_path, uninterrupted
+):
+    shutil.copytree(uninterrupted, tmp_path / "run")
+    done = gpt2("train", "--resume", "run", "--steps", "5", "--process-id", "5")
+    assert done.exit_code == 2
+    assert "Invalid value for --process-id: must be below the process count (1), got 5" in (
+        done.output
+    )

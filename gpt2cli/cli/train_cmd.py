@@ -176,18 +176,13 @@ train.__signature__ = inspect.Signature(_command_parameters())
 def _check(s) -> object:
     """Conflicting or missing flags, before any work starts."""
     from gpt2cli import precision
-    from gpt2cli.cli.options import usage_error
     from gpt2cli.config import SHAPE_FIELDS
-    from gpt2cli.errors import ParameterError
-    from gpt2cli.training.settings import check_text_errors, check_together, flag
+    from gpt2cli.training.settings import check_text_errors, flag
 
     m, p = s.model, s.parallel
     precision.get(m.dtype)
     check_text_errors(s.data.errors)
-    try:
-        check_together(s)
-    except ParameterError as exc:
-        raise usage_error(flag(exc.name), exc.problem) from None
+    _check_together(s)
     if m.model and m.init:
         raise UserError("give either --model (fine-tune) or --init (from scratch), not both")
     shaped = [name for name in SHAPE_FIELDS if getattr(m, name) is not None]
@@ -204,6 +199,18 @@ def _check(s) -> object:
     if not s.data.dataset:
         raise UserError("give the text to train on with --dataset FILE (or --resume a run)")
     return s
+
+
+def _check_together(s) -> None:
+    """The ranges that depend on another setting, as usage errors."""
+    from gpt2cli.cli.options import usage_error
+    from gpt2cli.errors import ParameterError
+    from gpt2cli.training.settings import check_together, flag
+
+    try:
+        check_together(s)
+    except ParameterError as exc:
+        raise usage_error(flag(exc.name), exc.problem) from None
 
 
 def _resolved_cheaply(s):
@@ -269,7 +276,9 @@ def _resume(path: str, values: dict, force: bool):
             f"its settings (see {Path(path) / 'run.json'}); start a new run to change them"
         )
     overrides = {name: value for name, value in values.items() if name not in fixed}
-    _start_processes(recorded.replace(**overrides).parallel)
+    resumed = recorded.replace(**overrides)
+    _check_together(resumed)
+    _start_processes(resumed.parallel)
     return resume_plan(path, overrides, force=force, main_process=_is_main())
 
 

@@ -41,20 +41,19 @@ class Range:
         """Why `value` is not allowed, or None."""
         if isinstance(value, float) and not math.isfinite(value):
             return f"{value} is not a finite number"
-        high = INT_LIMIT if self.high is None and isinstance(value, int) else self.high
-        too_low = self.low is not None and (
-            value <= self.low if self.open_low else value < self.low
-        )
-        too_high = high is not None and (value >= high if self.open_high else value > high)
-        if not (too_low or too_high):
+        low, high = self.low, self.high
+        if high is None and isinstance(value, int):
+            high = INT_LIMIT
+        low_ok = low is None or (value > low if self.open_low else value >= low)
+        high_ok = high is None or (value < high if self.open_high else value <= high)
+        if low_ok and high_ok:
             return None
-        if self.high is None and self.low is not None and not too_high:
-            word = "greater than" if self.open_low else "at least"
-            return f"must be {word} {self.low}, got {value}"
-        if self.low is None or (self.high is None and too_high):
-            return f"must be at most {high}, got {value}"
-        left, right = "(" if self.open_low else "[", ")" if self.open_high else "]"
-        return f"must be in {left}{self.low}, {high}{right}, got {value}"
+        if self.low is not None and self.high is not None:
+            left, right = "(" if self.open_low else "[", ")" if self.open_high else "]"
+            return f"must be in {left}{low}, {high}{right}, got {value}"
+        if not low_ok:
+            return f"must be {'greater than' if self.open_low else 'at least'} {low}, got {value}"
+        return f"must be {'below' if self.open_high else 'at most'} {high}, got {value}"
 
 
 POSITIVE = Range(low=1)  # a count of at least one

@@ -511,3 +511,65 @@ def test_a_stream_keeps_its_speed_beside_two_clients_tokenizing_a_mebibyte():
     assert alone / beside >= 0.8, (
         f"alone {alone:.2f} s, beside two tokenizing clients {beside:.2f} s"
     )
+
+
+# ---- a vocabulary wider than the tokenizer (nanoGPT pads 50257 ids to 50304) --------------
+
+
+def test_ids_beyond_the_tokenizer_are_no_text_in_every_answer():
+    """The FakeEngine's config has 50304 ids: its tokens and top logprobs are id 50300."""
+    engine = FakeEngine(tokens=3, token=50300, top=((50300, -0.5), (13, -1.0)))
+    app, _ = fake_app(engine)
+    with uvicorn_thread(app) as port:
+        bias = {"50300": 5, "50303": -5}
+        for stream in (False, True):
+            body = {"prompt": "x", "logprobs": 2, "logit_bias": bias, "stream": stream}
+            status, _, raw = request(port, "POST", "/v1/completions", body)
+            assert status == 200, raw
+            if stream:
+                events = sse_events(raw)
+                assert events[-1] == "[DONE]" and "error" not in events[-2]
+                lists = [e["choices"][0]["logprobs"] for e in events[:-1]]
+                tokens = [t for lp in lists if lp for t in lp["tokens"]]
+            else:
+                choice = json.loads(raw)["choices"][0]
+                assert choice["text"] == ""
+                tokens = choice["logprobs"]["tokens"]
+                assert choice["logprobs"]["top_logprobs"][0] == {"": -0.5, ".": -1.0}
+            assert tokens == ["", "", ""]
+        chat = {"messages": [USER], "logprobs": True, "top_logprobs": 2}
+        status, _, raw = request(port, "POST", "/v1/chat/completions", chat)
+        content = json.loads(raw)["choices"][0]["logprobs"]["content"]
+        assert status == 200 and content[0]["bytes"] == [] and content[0]["token"] == ""
+        assert content[0]["top_logprobs"][1] == {"token": ".", "logprob": -1.0, "bytes": [46]}
+        status, _, raw = request(port, "POST", "/detokenize", {"tokens": [50300, 13]})
+        assert status == 200 and json.loads(raw)["prompt"] == "."
+
+
+def test_ids_beyond_the_tokenizer_are_never_sampled_unless_biased():
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from gpt2cli import sampling
+    from gpt2cli.serve.programs import settings_arrays
+    from gpt2cli.serve.protocol import parse_settings
+
+    vocab, known = 50304, 50257
+    logits = jnp.zeros((1, vocab)).at[0, known:].set(50.0)  # the padded ids look likeliest
+    keys = jax.random.split(jax.random.key(0), 1)
+    seen, counts = jnp.zeros((1, vocab), bool), jnp.zeros((1, vocab), jnp.int32)
+    pick = jax.jit(sampling.pick)
+    for body, allowed in (
+        ({"temperature": 0}, range(known)),
+        ({"temperature": 100}, range(known)),
+        ({"temperature": 0, "logit_bias": {"50300": 1}}, [50300]),
+    ):
+        settings = parse_settings(body, vocab, seed=0, known=known)
+        padded = dict(settings.logit_bias)
+        assert len(padded) == vocab - known and all(t >= known for t in padded)
+        rule = settings_arrays([settings], vocab).rule
+        for step in range(3):
+            picked = pick(logits, rule, keys, step, seen, counts)
+            token = int(np.asarray(picked)[0])
+            assert token in allowed, (body, token)

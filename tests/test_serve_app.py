@@ -128,7 +128,7 @@ def test_serve_command_refuses_bad_flags_in_one_line(tmp_path):
     for args, message in (
         (["--max-batch", "0"], "--max-batch: must be at least 1"),
         (["--grace", "-1"], "--grace: must be 0 or more seconds"),
-        (["--request-timeout", "-1"], "--request-timeout: must be 0 or more seconds"),
+        (["--request-timeout", "0"], "--request-timeout: must be more than 0 seconds"),
         (["--port", "70000"], "--port: must be from 0 to 65535"),
         (["--host", ""], "--host: is empty"),
         (["--api-key", "sekret "], "--api-key: starts or ends with white space"),
@@ -167,7 +167,12 @@ def test_the_served_id_has_its_own_flag_and_the_old_spelling(monkeypatch, flag):
     from tests.conftest import TINY_A, cli
 
     served = {}
-    monkeypatch.setattr(serve_cmd, "_run", lambda app, *a: served.update(app=app))
+
+    def run(app, scheduler, sock, *args):
+        served["app"] = app
+        sock.close()
+
+    monkeypatch.setattr(serve_cmd, "_run", run)
     result = cli("serve", "-m", str(TINY_A), flag, "my-gpt2", "--port", "0")
     assert result.exit_code == 0, result.output
     assert served["app"].state.server.model_name == "my-gpt2"

@@ -167,11 +167,16 @@ def _check_flags(flags: dict) -> list[str] | None:
         raise typer.BadParameter(
             f"must be from 0 to 65535, got {flags['port']}", param_hint="--port"
         )
-    for name in ("grace", "queue_timeout", "request_timeout", "keep_alive"):
+    for name in ("grace", "queue_timeout", "keep_alive"):
         if not flags[name] >= 0:
             raise typer.BadParameter(
                 f"must be 0 or more seconds, got {flags[name]}", param_hint=_flag(name)
             )
+    if not flags["request_timeout"] > 0:
+        raise typer.BadParameter(
+            f"must be more than 0 seconds, got {flags['request_timeout']}",
+            param_hint="--request-timeout",
+        )
     if not flags["host"].strip():
         raise typer.BadParameter(
             "is empty (it would listen on every interface): give an address, e.g. 127.0.0.1 "

@@ -354,9 +354,9 @@ class Server:
         for chunk in bodies.opening():
             yield chunk
         async for index, event in guarded(run.events()):
-            if isinstance(event, APIError | Failed):
-                if isinstance(event, Failed):
-                    event = APIError(event.status, event.message)
+            if isinstance(event, Failed):
+                event = APIError(event.status, event.message)
+            if isinstance(event, APIError):  # the engine failed it, or the server ended it
                 yield {"error": event.body()["error"]}
                 run.cancel()
                 break

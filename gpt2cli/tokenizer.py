@@ -33,6 +33,12 @@ class GPT2Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids
 
+    def encode_unlocked(self, text: str) -> list[int]:
+        """`encode`, letting other Python threads run meanwhile: tokenizers' batch call releases
+        the GIL, its single call does not (a 1 MiB text holds it for a second). For the server;
+        a process that forks after using it gets a warning from tokenizers."""
+        return self.backend.encode_batch([text], add_special_tokens=False)[0].ids
+
     def decode(self, ids: list[int]) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=False)
 

@@ -39,7 +39,7 @@ def one_line(done) -> str:
         (["generate", "hi", "--num-samples", "1000", "-n", "2"],
          "lower --num-samples, --max-new-tokens or the number of prompts"),
         (["eval", "-d", "corpus.txt", "--batch-size", "100"], "lower --batch-size or --seq-length"),
-        (["serve", "--max-batch", "1000", "--port", "1"], "lower --max-batch"),
+        (["serve", "--max-batch", "1000", "--port", "0"], "lower --max-batch"),
         (["train", "-d", "corpus.txt", "--batch-size", "1000", "--steps", "1"],
          "try a smaller --batch-size (now 1000)"),
     ],

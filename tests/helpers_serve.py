@@ -148,9 +148,11 @@ class FakeEngine:
     def __init__(self, *, tokens=8, interval=0.0, token=None, top=(), max_queue=64, hang=False):
         from types import SimpleNamespace
 
+        from gpt2cli.serve.prefix_cache import PrefixCache
         from gpt2cli.tokenizer import bundled
 
         self.tokenizer = bundled()
+        self.prefix = PrefixCache(0)  # /metrics reads it
         self.programs = SimpleNamespace(
             config=SimpleNamespace(n_positions=128, vocab_size=50304, eos_token_id=50256)
         )

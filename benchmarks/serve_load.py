@@ -171,10 +171,10 @@ def chat_client(model: str, turns: int, max_tokens: int, *flags: str) -> list[di
         proc.wait(120)
 
 
-def chat_turns(model: str, turns: int, max_tokens: int) -> None:
+def chat_turns(model: str, turns: int, max_tokens: int, max_batch: int) -> None:
     rows = {
-        "cache": chat_client(model, turns, max_tokens),
-        "no cache": chat_client(model, turns, max_tokens, "--prefix-cache-mb", "0"),
+        name: chat_client(model, turns, max_tokens, "--max-batch", str(max_batch), *flags)
+        for name, flags in (("cache", ()), ("no cache", ("--prefix-cache-mb", "0")))
     }
     print(f"{'turn':>4} {'prompt':>6} | {'TTFT':>8} {'cached':>6} | {'TTFT, no cache':>14}")
     for i, (warm, cold) in enumerate(zip(rows["cache"], rows["no cache"], strict=True)):
@@ -304,7 +304,7 @@ def main() -> None:
     prompts = [[rng.randrange(EOS) for _ in range(args.prompt_tokens)] for _ in range(64)]
 
     if args.chat_turns:
-        chat_turns(args.model, args.chat_turns, args.max_tokens)
+        chat_turns(args.model, args.chat_turns, args.max_tokens, args.max_batch)
         return
     if args.overload:
         print(json.dumps(overload(args.model, prompts, args.max_tokens)))

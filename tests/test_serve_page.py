@@ -134,10 +134,11 @@ def test_stop_button_cancels_the_stream(browser, serve_tiny):
 
 @pytest.fixture(scope="module")
 def serve_demo():
-    """`gpt2 serve -m shakespeare`: the bundled demo model, a 128-token window."""
-    server = ServerProcess("--api-key", SERVE_KEY, model="shakespeare")
+    """`gpt2 serve -m shakespeare`: the bundled demo model, a 128-token window (one row: the
+    page is one client, and fewer programs compile)."""
+    server = ServerProcess("--api-key", SERVE_KEY, "--max-batch", "1", model="shakespeare")
     try:
-        server.wait_ready()
+        server.wait_ready(900)
         yield server
     finally:
         assert server.stop() == 0

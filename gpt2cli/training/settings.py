@@ -20,6 +20,7 @@ from gpt2cli.errors import ParameterError, UserError
 
 VAL_FRACTION = 0.05  # the tail held out for validation, unless a prepared folder says otherwise
 FINE_TUNE_LR = 5e-5
+LORA_LR = 2e-4  # adapters start at zero and are few: PEFT's examples train them at 1e-4..3e-4
 
 
 def setting(default: Any, help: str, *aliases: str, fixed: bool = True) -> Any:
@@ -92,8 +93,8 @@ class OptimizerSettings:
 
     lr: float | None = setting(
         None,
-        f"Peak learning rate [default: {FINE_TUNE_LR} to fine-tune; from scratch "
-        "6e-4 x 768 / n_embd, at most 1e-2].",
+        f"Peak learning rate [default: {FINE_TUNE_LR} to fine-tune, {LORA_LR} with --lora; "
+        "from scratch 6e-4 x 768 / n_embd, at most 1e-2].",
     )
     min_lr: float | None = setting(None, "Final learning rate [default: lr/10].")
     warmup: int | None = setting(None, f"Linear warm-up steps [default: min({WARMUP}, steps/10)].")
@@ -156,12 +157,35 @@ class ParallelSettings:
     )
 
 
+@dataclass(frozen=True)
+class LoraSettings:
+    """Low-rank adapters trained beside a frozen model (lora.py)."""
+
+    lora: bool = setting(
+        False,
+        "Train LoRA adapters on a frozen model instead of every weight: no gradient and no "
+        "optimizer state for the model, checkpoints of megabytes; the run writes OUT/adapter "
+        "(PEFT's format) instead of a whole model.",
+    )
+    lora_rank: int = setting(8, "With --lora: the adapters' rank r (PEFT's default).")
+    lora_alpha: float | None = setting(
+        None, "With --lora: the update is scaled by alpha / r [default: the rank, so 1]."
+    )
+    lora_dropout: float = setting(0.0, "With --lora: dropout on each adapter's input.")
+    lora_targets: list[str] = setting(
+        ["c_attn"],
+        "With --lora: the layers adapted, of attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj "
+        "(PEFT's short names too: c_proj is both projections) [default: c_attn, as PEFT].",
+    )
+
+
 GROUPS = {
     "model": ModelSettings,
     "data": DataSettings,
     "optimizer": OptimizerSettings,
     "loop": LoopSettings,
     "parallel": ParallelSettings,
+    "lora": LoraSettings,
 }
 
 
@@ -174,6 +198,7 @@ class Settings:
     optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
     loop: LoopSettings = field(default_factory=LoopSettings)
     parallel: ParallelSettings = field(default_factory=ParallelSettings)
+    lora: LoraSettings = field(default_factory=LoraSettings)
 
     @classmethod
     def from_flat(cls, values: dict[str, Any]) -> Settings:
@@ -319,6 +344,8 @@ def resolve(s: Settings, config: GPT2Config | None, val_fraction: float | None =
     """The derived settings filled in, as far as they can be known (`config`: the model's)."""
     o, d, loop = s.optimizer, s.data, s.loop
     lr = o.lr
+    if lr is None and s.lora.lora:
+        lr = LORA_LR
     if lr is None:
         lr = (
             scratch_lr(config)
@@ -338,4 +365,6 @@ def resolve(s: Settings, config: GPT2Config | None, val_fraction: float | None =
         changes["seq_length"] = min(SEQ_LENGTH, config.n_positions)
     if d.val_fraction is None:
         changes["val_fraction"] = val_fraction
+    if s.lora.lora_alpha is None:
+        changes["lora_alpha"] = float(s.lora.lora_rank)
     return s.replace(**changes)

@@ -24,6 +24,7 @@ from gpt2cli.cli.console import debugging, err, error_line, print_error
 from gpt2cli.cli.interrupts import StopRequest
 from gpt2cli.cli.options import (
     DEFAULT_MODEL,
+    AdapterDir,
     Dtype,
     JsonOutput,
     MaxNewTokens,
@@ -260,6 +261,7 @@ def chat(
     model: ModelRef = DEFAULT_MODEL,
     tokenizer: TokenizerRef = None,
     dtype: Dtype = "float32",
+    adapter: AdapterDir = None,
     system: Annotated[
         str | None, typer.Option("--system", help="The preamble the chat starts with.")
     ] = None,
@@ -316,7 +318,9 @@ def chat(
     compile_cache.enable()
     interactive = sys.stdin.isatty()
     with err.status("loading the model", spinner="dots") if interactive else nullcontext():
-        config, params = load_model(model, finite=True, tqdm_class=hub_progress_class())
+        config, params = load_model(
+            model, finite=True, tqdm_class=hub_progress_class(), adapter=adapter
+        )
         tok = load_tokenizer(tokenizer, model, tqdm_class=hub_progress_class())
         steers = steering(config, steer, steer_layer, steer_scale)
         engine = Engine(config, params, dtype=dtype, steering=steers)

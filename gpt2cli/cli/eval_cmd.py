@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from gpt2cli.cli.options import (
     DEFAULT_MODEL,
+    AdapterDir,
     Dataset,
     Dtype,
     JsonOutput,
@@ -47,6 +49,7 @@ def evaluate(
         int, Opt("--batch-size", "-b", min=1, help="Windows per forward pass.")
     ] = 4,
     dtype: Dtype = "float32",
+    adapter: AdapterDir = None,
     errors: TextErrors = None,
     as_json: JsonOutput = False,
     task: Annotated[
@@ -76,7 +79,7 @@ def evaluate(
                 "--task scores its own windows: drop --dataset, --seq-length and --stride",
                 param_hint="--task",
             )
-        _score_task(task, model, tokenizer, batch_size, dtype, as_json)
+        _score_task(task, model, tokenizer, batch_size, dtype, as_json, adapter)
         return
     if not (dataset or more_files):
         raise UserError("give the text to score with --dataset FILE")
@@ -94,7 +97,9 @@ def evaluate(
     names = list(dataset or []) + list(more_files or [])
     prepared = _prepared(names)
     files = [] if prepared else data.resolve_files(names, os.environ.get("DATA_DIR"))
-    config, params = load_model(model, finite=True, tqdm_class=hub_progress_class())
+    config, params = load_model(
+        model, finite=True, tqdm_class=hub_progress_class(), adapter=adapter
+    )
     if prepared:
         prepared.check_tokenizer(load_tokenizer(tokenizer, model, tqdm_class=hub_progress_class()))
         tokens = np.asarray(prepared.validation())
@@ -142,7 +147,13 @@ def evaluate(
 
 
 def _score_task(
-    path: str, model: str, tokenizer: str | None, batch_size: int, dtype: str, as_json: bool
+    path: str,
+    model: str,
+    tokenizer: str | None,
+    batch_size: int,
+    dtype: str,
+    as_json: bool,
+    adapter: Path | None,
 ) -> None:
     """acc and acc_norm of the model on a task file; with --json, a line per item first."""
     from gpt2cli import compile_cache
@@ -153,7 +164,9 @@ def _score_task(
 
     items = tasks.read_task(path)
     compile_cache.enable()
-    config, params = load_model(model, finite=True, tqdm_class=hub_progress_class())
+    config, params = load_model(
+        model, finite=True, tqdm_class=hub_progress_class(), adapter=adapter
+    )
     tok = load_tokenizer(tokenizer, model, tqdm_class=hub_progress_class())
     scorer = Scorer(config, params, dtype, batch_tokens=batch_size * config.n_positions)
     with task_progress() as progress:

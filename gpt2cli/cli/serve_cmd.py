@@ -13,6 +13,7 @@ import typer
 
 from gpt2cli.cli.options import (
     DEFAULT_MODEL,
+    AdapterDir,
     Dtype,
     ModelRef,
     Steer,
@@ -65,6 +66,7 @@ def serve(
         int, typer.Option(help="Tokens decoded per step (cancellation acts between steps).")
     ] = 4,
     dtype: Dtype = "float32",
+    adapter: AdapterDir = None,
     tokenizer: TokenizerRef = None,
     steer: Steer = None,
     steer_layer: SteerLayer = None,
@@ -114,7 +116,7 @@ def serve(
 
     compile_cache.enable()
     with err.status(f"loading {model}"):
-        config, params = load_model(model, tqdm_class=hub_progress_class())
+        config, params = load_model(model, tqdm_class=hub_progress_class(), adapter=adapter)
         tok = load_tokenizer(tokenizer, model, tqdm_class=hub_progress_class())
     if tok.vocab_size > config.vocab_size:
         raise UserError(

@@ -120,7 +120,8 @@ class LoopSettings:
     out: str | None = setting(None, "Run folder (checkpoints, metrics) [default: runs/<time>].")
     output: str | None = setting(
         None,
-        "Trained model .npz [default: OUT/final.npz; gpt2_finetuned.npz without --out].",
+        "Trained model .npz [default: OUT/final.npz; gpt2_finetuned.npz without --out; "
+        "with --lora the adapter folder OUT/adapter].",
         "-o",
     )
     plot: bool = setting(
@@ -365,6 +366,6 @@ def resolve(s: Settings, config: GPT2Config | None, val_fraction: float | None =
         changes["seq_length"] = min(SEQ_LENGTH, config.n_positions)
     if d.val_fraction is None:
         changes["val_fraction"] = val_fraction
-    if s.lora.lora_alpha is None:
+    if s.lora.lora and s.lora.lora_alpha is None:
         changes["lora_alpha"] = float(s.lora.lora_rank)
     return s.replace(**changes)

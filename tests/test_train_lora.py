@@ -3,6 +3,12 @@ the memory estimate counts a frozen model, and wrong settings stop before anythi
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
 import jax
 import numpy as np
 import pytest
@@ -70,9 +76,14 @@ COMMON = (
 )  # fmt: skip
 
 
+def metrics(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
 def test_resume_repeats_the_uninterrupted_run_and_writes_the_same_adapter(tmp_path):
     corpus = str(write_corpus(tmp_path / "c.txt", lines=60))
-    whole = cli("train", "-d", corpus, *COMMON, "--steps", "6", "--out", "whole")
+    whole = cli("train", "-d", corpus, *COMMON, "--steps", "6", "--out", "whole",
+                "--sample-every", "6", "--sample-tokens", "4")  # fmt: skip
     assert whole.exit_code == 0, whole.output
     part = cli("train", "-d", corpus, *COMMON, "--steps", "3", "--out", "part")
     assert part.exit_code == 0, part.output
@@ -86,6 +97,8 @@ def test_resume_repeats_the_uninterrupted_run_and_writes_the_same_adapter(tmp_pa
     for key in a:
         np.testing.assert_array_equal(a[key], b[key])
     assert not (tmp_path / "whole" / "final.npz").exists()  # the adapter is the result
+    sampled = [r for r in metrics(tmp_path / "whole") if "sample" in r]  # the merged model runs
+    assert [r["step"] for r in sampled] == [6] and isinstance(sampled[0]["sample"], str)
     spec, _ = load_adapter(tmp_path / "whole" / "adapter")
     assert spec == lora.LoraSpec(2, 2.0, 0.1, ("attn.c_attn", "mlp.c_fc"))
     ckpt = tmp_path / "whole" / "ckpt-0000006.npz"
@@ -113,6 +126,10 @@ def test_print_config_shows_the_lora_settings(tmp_path):
         (["--lora", "--lora-targets", "q_proj"], "--lora-targets 'q_proj' names no layer"),
         (["--lora", "--lora-dropout", "1"], "--lora-dropout must be in [0, 1)"),
         (["--lora-rank", "4"], "--lora-rank only applies with --lora"),
+        (
+            ["--lora", "--output", "a.npz"],
+            "--output a.npz is a file name; --lora writes an adapter",
+        ),
     ],
 )
 def test_wrong_lora_settings_are_one_line_and_write_nothing(tmp_path, flags, message):
@@ -147,3 +164,51 @@ def test_a_full_fine_tune_that_cannot_fit_suggests_lora(tmp_path, monkeypatch):
     assert done.exit_code == 1 and len(done.output.strip().splitlines()) == 1, done.output
     assert "try --lora (train adapters, not every weight)" in done.output
     assert not (tmp_path / "big").exists()
+
+
+LORA_MODES = textwrap.dedent(
+    """
+    import dataclasses, json, sys
+    import jax, numpy as np
+    from gpt2cli.hub import load_model
+    from gpt2cli.training.plan import train_config_for
+    from gpt2cli.training.trainer import Trainer
+
+    config, params = load_model(sys.argv[1])
+    tokens = np.random.default_rng(0).integers(0, 50257, (1, 4, 17), np.int32)
+    single = train_config_for(config, batch_size=4, seq_length=16, lr=1e-2, warmup=0,
+                              decay_steps=3, lora=True, lora_rank=2)
+    out = {}
+    for mode in ("single", "data-parallel", "fsdp"):
+        trainer = Trainer(config, dataclasses.replace(single, parallel=mode))
+        state = trainer.fresh_state(params)
+        losses = []
+        for _ in range(3):
+            state, metrics = trainer.step(state, tokens)
+            losses.append(float(metrics["loss"]))
+        kernel = trainer.base["h_0"]["mlp"]["c_fc"]["kernel"]  # [16, 64]
+        b = state.params["h_0"]["attn"]["c_attn"]["lora_b"]  # [2, 48]
+        out[mode] = {"losses": losses, "devices": len(b.sharding.device_set),
+                     "kernel_shard": list(kernel.addressable_shards[0].data.shape),
+                     "b_shard": list(b.addressable_shards[0].data.shape)}
+    print(json.dumps(out))
+    """
+)
+
+
+@pytest.mark.slow
+def test_lora_trains_alike_on_one_device_data_parallel_and_fsdp(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "GPT2_NO_COMPILE_CACHE": "1",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=4 "
+                        "--xla_backend_optimization_level=0"}  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", LORA_MODES, str(TINY_A)], env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    single = out["single"]["losses"]
+    assert abs(single[2] - single[0]) > 1e-3  # the adapters moved (random tokens: up or down)
+    for mode in ("data-parallel", "fsdp"):
+        assert out[mode]["losses"] == pytest.approx(single, abs=1e-5)
+        assert out[mode]["devices"] == 4 and out[mode]["b_shard"] == [2, 48]  # replicated
+    assert out["data-parallel"]["kernel_shard"] == [16, 64]
+    assert out["fsdp"]["kernel_shard"] == [16, 16]  # the frozen model is sharded

@@ -148,8 +148,8 @@ def new_plan(
         raise UserError(f"{output} already exists (use --force to overwrite, or --output)")
     if output.is_dir() and not lora:
         raise ParameterError("output", f"{output} is a folder; give a .npz file name")
-    if output.is_file() and lora:
-        raise ParameterError("output", f"{output} is a file; --lora writes an adapter folder")
+    if lora and (output.is_file() or output.suffix == ".npz"):
+        raise ParameterError("output", f"{output} is a file name; --lora writes an adapter folder")
     s = settings.resolve(s, model_config, val_fraction).replace(
         out=str(folder.resolve()), output=str(output.resolve())
     )

@@ -51,7 +51,7 @@ class TrainConfig:
     remat: bool  # recompute each block backwards: less memory, slower
     seed: int  # init (from scratch), data order and dropout
     parallel: str  # one of sharding.MODES
-    lora: LoraSpec | None = None  # train these adapters on a frozen model, not every weight
+    lora: LoraSpec | None  # train these adapters on a frozen model (None: every weight)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -296,6 +296,7 @@ def chat(
       gpt2 chat -m shakespeare
       gpt2 chat -m gpt2.npz --system "A helpful assistant." --temperature 0
       printf 'Hello\\nHow are you?\\n' | gpt2 chat -m shakespeare --json
+      gpt2 chat -m gpt2-xl --adapter runs/xl-lora/adapter
     """
     if system is not None:
         check_utf8(system, "--system")

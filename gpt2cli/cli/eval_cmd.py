@@ -70,6 +70,7 @@ def evaluate(
       gpt2 eval -m gpt2 --dataset wiki.txt --seq-length 1024 --stride 512 --json
       gpt2 eval -m runs/scratch/final.npz --dataset data/corpus
       gpt2 eval -m gpt2 --task hellaswag_val.jsonl
+      gpt2 eval -m gpt2 --dataset val.txt --adapter runs/lora/adapter
     """
     import os
 

@@ -82,6 +82,7 @@ def serve(
       gpt2 serve -m gpt2.npz
 
       gpt2 serve -m gpt2 --port 8080 --max-batch 16 --api-key "$KEY" --cors-origins http://localhost:3000
+      gpt2 serve -m gpt2-xl --adapter runs/xl-lora/adapter
 
       curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' -d '{"prompt": "Once upon a time", "max_tokens": 20}'
     """

@@ -63,9 +63,13 @@ def test_bfloat16_keeps_the_frozen_model_in_bfloat16(tiny_b):
         config, batch_size=2, seq_length=16, lora=True, dtype="bfloat16", warmup=0
     )
     trainer = Trainer(config, tc)
-    state = trainer.fresh_state(params)
+    on_device = jax.tree.map(jax.numpy.asarray, params)  # as --init makes them: moved, not copied
+    state = trainer.fresh_state(on_device)
     assert {a.dtype for a in jax.tree.leaves(trainer.base)} == {np.dtype("bfloat16")}
     assert {a.dtype for a in jax.tree.leaves(state.params)} == {np.dtype("float32")}
+    kernel = params["h_0"]["attn"]["c_attn"]["kernel"]
+    stored = np.asarray(trainer.base["h_0"]["attn"]["c_attn"]["kernel"])
+    np.testing.assert_array_equal(stored, kernel.astype(stored.dtype))
 
 
 COMMON = (

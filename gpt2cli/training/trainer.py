@@ -265,10 +265,17 @@ class Trainer:
 
     def _place_base(self, base: Any) -> None:
         dtype = jnp.dtype(self.model.dtype)
-        base = jax.tree.map(lambda x: np.asarray(x, dtype), base)
         fsdp = self.tc.parallel == "fsdp"
         self._base_shardings = sharding.tree_shardings(base, self.mesh, fsdp)
-        self.base = sharding.put(base, self._base_shardings)
+
+        def place(x, where):
+            if isinstance(x, jax.Array) and jax.process_count() == 1:
+                # a fresh --init model already on the device: moved, not copied through the
+                # host (gpt2-xl's 6.2 GB would be held twice while it is placed)
+                return jax.device_put(x.astype(dtype), where)
+            return sharding.put(np.asarray(x, dtype), where)
+
+        self.base = jax.tree.map(place, base, self._base_shardings)
 
     def model_params(self, params: Any) -> Any:
         """The whole model's weights: `params`, or with LoRA the frozen model with the adapters

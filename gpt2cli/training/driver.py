@@ -189,16 +189,19 @@ def check_fits(plan: Plan, loss_chunks: int = 1) -> str:
     if have is None:
         return f"memory: {need.describe()}"
     fixed = need.params + need.optimizer + need.gradients
-    if fixed > have:  # no batch fits: the model's shape is what is too big
+    lora = "--lora (train adapters on the frozen model, not every weight)"
+    if fixed > have:  # no batch fits: a new model's shape, or a loaded one's AdamW, is too big
+        fine_tune = tc.lora is None and not plan.settings.model.init
         raise UserError(
             f"this model's weights, optimizer state and gradients alone need {fixed / memory.GB:.1f}"
             f" GB but the machine has {have / memory.GB:.1f} GB ({what}): "
-            + memory.largest_part(plan.model_config)
+            + (f"try {lora}" if fine_tune else memory.largest_part(plan.model_config))
         )
     if need.total > have:
         remedies = [f"a smaller --batch-size (now {tc.batch_size}) with more --grad-accum"]
-        if tc.lora is None:  # AdamW's state for every weight: often the largest share
-            remedies.insert(0, "--lora (train adapters, not every weight)")
+        if tc.lora is None:  # first where AdamW's state outweighs the batch's activations
+            at = 0 if need.optimizer + need.gradients > need.activations else len(remedies)
+            remedies.insert(at, lora)
         if not tc.remat:
             remedies.append("--remat")
         if tc.dtype == "float32":

@@ -13,7 +13,8 @@ checked by pyproject's import-linter contracts):
 
     model core   config, model, hooks, kernels, precision: GPT-2's shapes and math, its named
                  points, run per backend
-    files        weights, checkpoint, hub, tokenizer: safetensors, .npz, model references, BPE
+    files        weights, checkpoint, hub, tokenizer: safetensors, .npz, model references, BPE;
+                 lora, adapter: LoRA adapters, their merge and PEFT's adapter folder
     generation   sampling, engine, generate, chat, scoring, api: compiled decoding and its text
                  streams, batched log-probabilities of given text
     lens         named activations, interventions, the logit lens, attention maps

@@ -88,15 +88,24 @@ def _quiet_class() -> type[tqdm]:
 
 
 def load_model(
-    ref: str, *, finite: bool = False, tqdm_class: type[tqdm] | None = None
+    ref: str,
+    *,
+    finite: bool = False,
+    tqdm_class: type[tqdm] | None = None,
+    adapter: str | Path | None = None,
 ) -> tuple[GPT2Config, Params]:
     """(config, params as numpy) for any model reference; `finite`: refuse NaN/inf weights,
-    which would only ever generate garbage. `tqdm_class`: see `resolve`."""
+    which would only ever generate garbage. `tqdm_class`: see `resolve`. `adapter`: a LoRA
+    adapter folder merged into the weights (adapter.py)."""
     from gpt2cli.checkpoint import describe_nonfinite, load_npz, nonfinite
     from gpt2cli.weights import load_hf_folder
 
     path = resolve(ref, tqdm_class=tqdm_class)
     config, params = load_hf_folder(path) if path.is_dir() else load_npz(path)
+    if adapter is not None:
+        from gpt2cli.adapter import apply_adapter
+
+        params = apply_adapter(config, params, adapter)
     if finite and (bad := nonfinite(params)):
         raise UserError(f"model {ref} is broken: {describe_nonfinite(bad)}; load another model")
     return config, params

@@ -12,6 +12,9 @@ D n_embd, H heads, K head_dim, V vocab, I MLP width, L layers.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -80,8 +83,25 @@ class KVCache:
         )
 
 
+_ADAPTER_DROPOUT: contextvars.ContextVar[float] = contextvars.ContextVar(
+    "adapter_dropout", default=0.0
+)
+
+
+@contextlib.contextmanager
+def adapter_dropout(rate: float) -> Iterator[None]:
+    """Trace a training step with this dropout on every LoRA adapter's input (PEFT's
+    lora_dropout); outside, adapters see their input as it is."""
+    token = _ADAPTER_DROPOUT.set(rate)
+    try:
+        yield
+    finally:
+        _ADAPTER_DROPOUT.reset(token)
+
+
 class Dense(nn.Module):
-    """`x @ kernel + bias` with HF's (in, out) kernel (the kernels may store it (out, in))."""
+    """`x @ kernel + bias` with HF's (in, out) kernel (the kernels may store it (out, in)), plus
+    `dropout(x) @ lora_a @ lora_b` where a training step attached a LoRA adapter (lora.py)."""
 
     features: int
     std: float
@@ -94,7 +114,20 @@ class Dense(nn.Module):
         kernel = self.param("kernel", nn.initializers.normal(self.std), shape, self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        return kernels.active().linear(x, kernel) + bias  # [..., out]
+        y = kernels.active().linear(x, kernel) + bias  # [..., out]
+        if self.has_variable("params", "lora_a"):
+            y = y + self._adapter(x)
+        return y
+
+    def _adapter(self, x):
+        a = self.get_variable("params", "lora_a").astype(self.dtype)  # [in, r]
+        b = self.get_variable("params", "lora_b").astype(self.dtype)  # [r, out], scale applied
+        rate = _ADAPTER_DROPOUT.get()
+        if rate > 0 and self.has_rng("dropout"):
+            keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - rate, x.shape)
+            x = jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+        linear = kernels.active().linear
+        return linear(linear(x, a), b)  # [..., r] -> [..., out]
 
 
 class Embed(nn.Embed):

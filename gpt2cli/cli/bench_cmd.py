@@ -10,7 +10,16 @@ from typing import Annotated
 
 import typer
 
-from gpt2cli.cli.options import DEFAULT_MODEL, Dtype, JsonOutput, ModelRef, Temperature, TopK, TopP
+from gpt2cli.cli.options import (
+    DEFAULT_MODEL,
+    AdapterDir,
+    Dtype,
+    JsonOutput,
+    ModelRef,
+    Temperature,
+    TopK,
+    TopP,
+)
 
 
 def measure(
@@ -67,6 +76,7 @@ def bench(
         int, typer.Option(help="Timed runs after the first (best is kept).", min=1)
     ] = 3,
     dtype: Dtype = "float32",
+    adapter: AdapterDir = None,
     temperature: Temperature = 0.0,
     top_k: TopK = 0,
     top_p: TopP = 1.0,
@@ -95,7 +105,9 @@ def bench(
     sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)  # checks ranges
     compile_cache.enable()
     with err.status(f"loading {model}"):
-        config, params = load_model(model, finite=True, tqdm_class=hub_progress_class())
+        config, params = load_model(
+            model, finite=True, tqdm_class=hub_progress_class(), adapter=adapter
+        )
     config.check_fits(prompt_tokens + new_tokens, "--prompt-tokens + --new-tokens =")
     memory.check_fits(
         memory.generation_footprint(

@@ -24,6 +24,7 @@ from gpt2cli.cli.console import debugging, err, error_line, print_error
 from gpt2cli.cli.interrupts import StopRequest
 from gpt2cli.cli.options import (
     DEFAULT_MODEL,
+    AdapterDir,
     Dtype,
     JsonOutput,
     MaxNewTokens,
@@ -259,6 +260,7 @@ def chat(
     model: ModelRef = DEFAULT_MODEL,
     tokenizer: TokenizerRef = None,
     dtype: Dtype = "float32",
+    adapter: AdapterDir = None,
     system: Annotated[
         str | None, typer.Option("--system", help="The preamble the chat starts with.")
     ] = None,
@@ -293,6 +295,7 @@ def chat(
       gpt2 chat -m shakespeare
       gpt2 chat -m gpt2.npz --system "A helpful assistant." --temperature 0
       printf 'Hello\\nHow are you?\\n' | gpt2 chat -m shakespeare --json
+      gpt2 chat -m gpt2-xl --adapter runs/xl-lora/adapter
     """
     if system is not None:
         check_utf8(system, "--system")
@@ -316,7 +319,9 @@ def chat(
     compile_cache.enable()
     interactive = sys.stdin.isatty()
     with err.status("loading the model", spinner="dots") if interactive else nullcontext():
-        config, params = load_model(model, finite=True, tqdm_class=hub_progress_class())
+        config, params = load_model(
+            model, finite=True, tqdm_class=hub_progress_class(), adapter=adapter
+        )
         tok = load_tokenizer(tokenizer, model, tqdm_class=hub_progress_class())
         window = config.n_positions
         need = memory.generation_footprint(

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from gpt2cli.cli.console import err
+from gpt2cli.cli.options import AdapterDir
 from gpt2cli.errors import UserError
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -26,6 +27,7 @@ def convert(
     dtype: Annotated[
         str | None, typer.Option("--dtype", help="Cast weights: float32, bfloat16 or float16.")
     ] = None,
+    adapter: AdapterDir = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
 ) -> None:
     """Convert a checkpoint: Hugging Face safetensors <-> .npz.
@@ -36,6 +38,7 @@ def convert(
       gpt2 convert gpt2 gpt2.npz
       gpt2 convert ./my-hf-folder out.npz --dtype bfloat16
       gpt2 convert out.npz ./hf-export --to hf
+      gpt2 convert gpt2-xl merged.npz --adapter runs/xl-lora/adapter   # fuse a LoRA adapter
     """
     if to not in ("npz", "hf"):
         raise typer.BadParameter(f"{to!r} is not one of: npz, hf", param_hint="--to")
@@ -54,12 +57,13 @@ def convert(
     from gpt2cli.progress import hub_progress_class
 
     with err.status(f"reading {source}"):
-        config, params = load_model(source, tqdm_class=hub_progress_class())
+        config, params = load_model(source, tqdm_class=hub_progress_class(), adapter=adapter)
     if dtype is not None:
         params = _cast(params, dtype)
     with err.status(f"writing {dest}"):
         written = _write(dest, to, config, params, force, source)
-    err.print(f"wrote {written} ({config.num_params():,} parameters)")
+    merged = f", adapter {adapter} merged" if adapter else ""
+    err.print(f"wrote {written} ({config.num_params():,} parameters{merged})")
     typer.echo(str(written))
 
 

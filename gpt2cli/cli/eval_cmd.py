@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from gpt2cli.cli.options import (
     DEFAULT_MODEL,
+    AdapterDir,
     Dataset,
     Dtype,
     JsonOutput,
@@ -47,6 +49,7 @@ def evaluate(
         int, Opt("--batch-size", "-b", min=1, help="Windows per forward pass.")
     ] = 4,
     dtype: Dtype = "float32",
+    adapter: AdapterDir = None,
     errors: TextErrors = None,
     as_json: JsonOutput = False,
     task: Annotated[
@@ -67,6 +70,7 @@ def evaluate(
       gpt2 eval -m gpt2 --dataset wiki.txt --seq-length 1024 --stride 512 --json
       gpt2 eval -m runs/scratch/final.npz --dataset data/corpus
       gpt2 eval -m gpt2 --task hellaswag_val.jsonl
+      gpt2 eval -m gpt2 --dataset val.txt --adapter runs/lora/adapter
     """
     import os
 
@@ -76,7 +80,7 @@ def evaluate(
                 "--task scores its own windows: drop --dataset, --seq-length and --stride",
                 param_hint="--task",
             )
-        _score_task(task, model, tokenizer, batch_size, dtype, as_json)
+        _score_task(task, model, tokenizer, batch_size, dtype, as_json, adapter)
         return
     if not (dataset or more_files):
         raise UserError("give the text to score with --dataset FILE")
@@ -94,7 +98,9 @@ def evaluate(
     names = list(dataset or []) + list(more_files or [])
     prepared = _prepared(names)
     files = [] if prepared else data.resolve_files(names, os.environ.get("DATA_DIR"))
-    config, params = load_model(model, finite=True, tqdm_class=hub_progress_class())
+    config, params = load_model(
+        model, finite=True, tqdm_class=hub_progress_class(), adapter=adapter
+    )
     if prepared:
         prepared.check_tokenizer(load_tokenizer(tokenizer, model, tqdm_class=hub_progress_class()))
         tokens = np.asarray(prepared.validation())
@@ -143,7 +149,13 @@ def evaluate(
 
 
 def _score_task(
-    path: str, model: str, tokenizer: str | None, batch_size: int, dtype: str, as_json: bool
+    path: str,
+    model: str,
+    tokenizer: str | None,
+    batch_size: int,
+    dtype: str,
+    as_json: bool,
+    adapter: Path | None,
 ) -> None:
     """acc and acc_norm of the model on a task file; with --json, a line per item first."""
     from gpt2cli import compile_cache
@@ -154,7 +166,9 @@ def _score_task(
 
     items = tasks.read_task(path)
     compile_cache.enable()
-    config, params = load_model(model, finite=True, tqdm_class=hub_progress_class())
+    config, params = load_model(
+        model, finite=True, tqdm_class=hub_progress_class(), adapter=adapter
+    )
     tok = load_tokenizer(tokenizer, model, tqdm_class=hub_progress_class())
     _check_memory(config, batch_size, config.n_positions, dtype)
     scorer = Scorer(config, params, dtype, batch_tokens=batch_size * config.n_positions)

@@ -12,6 +12,7 @@ import typer
 
 from gpt2cli.cli.options import (
     DEFAULT_MODEL,
+    AdapterDir,
     Dtype,
     JsonOutput,
     MaxNewTokens,
@@ -147,6 +148,7 @@ def generate(
         bool, typer.Option(help="Drop the start of a prompt that does not fit the window.")
     ] = False,
     dtype: Dtype = "float32",
+    adapter: AdapterDir = None,
     tokenizer: TokenizerRef = None,
     steer: Steer = None,
     steer_layer: SteerLayer = None,
@@ -161,6 +163,7 @@ def generate(
       gpt2 generate "Once upon a time" -m gpt2.npz --max-new-tokens 200 --temperature 0.8 --top-p 0.95 --seed 1
       echo "The meaning of life is" | gpt2 generate - -m ./hf-folder --num-samples 3 --json
       gpt2 generate "I think dogs are" -m gpt2 --steer love_hate.npy --steer-layer 6 --steer-scale 4
+      gpt2 generate "User: hi" -m gpt2-xl --adapter runs/xl-lora/adapter
     """
     from gpt2cli.cli.console import err
 
@@ -193,7 +196,9 @@ def generate(
     compile_cache.enable()
     started = time.perf_counter()
     with err.status(f"loading {model}"):
-        config, params = load_model(model, finite=True, tqdm_class=hub_progress_class())
+        config, params = load_model(
+            model, finite=True, tqdm_class=hub_progress_class(), adapter=adapter
+        )
         tok = load_tokenizer(tokenizer, model, tqdm_class=hub_progress_class())
     prompts = [tok.encode(text) for text in texts]
     for text, ids in zip(texts, prompts, strict=True):

@@ -15,17 +15,27 @@ from gpt2cli.cli.options import JsonOutput
 
 
 def inspect(
-    model: Annotated[str, typer.Argument(help="A .npz file, a HF folder or a Hub repo id.")],
+    model: Annotated[
+        str,
+        typer.Argument(help="A .npz file, a HF folder, a Hub repo id, or a LoRA adapter folder."),
+    ],
     json_output: JsonOutput = False,
 ) -> None:
-    """Show a model's config and parameter tree: shapes, dtypes, counts, totals, size on disk.
+    """Show a model's config and parameter tree: shapes, dtypes, counts, totals, size on disk
+    (of an adapter folder: its LoRA settings, arrays and size).
 
     Examples:
 
     \b
       gpt2 inspect out.npz
       gpt2 inspect gpt2-medium --json
+      gpt2 inspect runs/xl-lora/adapter
     """
+    from gpt2cli.adapter import is_adapter
+
+    if is_adapter(Path(model)):
+        _inspect_adapter(Path(model), json_output)
+        return
     from gpt2cli.checkpoint import describe_nonfinite, flatten, nonfinite
     from gpt2cli.cli.console import err
     from gpt2cli.hub import load_model, resolve
@@ -50,6 +60,40 @@ def inspect(
     }
     if report["nonfinite"]:
         err.print(f"warning: {describe_nonfinite(report['nonfinite'])}", markup=False)
+    if json_output:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        _print_report(report)
+
+
+def _inspect_adapter(path: Path, json_output: bool) -> None:
+    from gpt2cli.adapter import CONFIG_FILE, load_adapter
+    from gpt2cli.checkpoint import flatten
+    from gpt2cli.headers import read_json
+
+    spec, adapters = load_adapter(path)
+    leaves = {
+        name: {"shape": list(a.shape), "dtype": str(a.dtype), "count": int(a.size)}
+        for name, a in flatten(adapters).items()
+    }
+    layers = sorted({int(name.split("/")[0][2:]) for name in leaves})
+    report = {
+        "source": str(path),
+        "path": str(path),
+        "format": "lora adapter (PEFT)",
+        "config": {
+            "rank": spec.rank,
+            "alpha": spec.alpha,
+            "scale": spec.scale,
+            "dropout": spec.dropout,
+            "targets": list(spec.targets),
+            "layers": f"{layers[0]}..{layers[-1]} ({len(layers)})",
+            "base_model": read_json(path / CONFIG_FILE).get("base_model_name_or_path"),
+        },
+        "params": leaves,
+        "total_params": sum(leaf["count"] for leaf in leaves.values()),
+        "size_bytes": _size_on_disk(path),
+    }
     if json_output:
         typer.echo(json.dumps(report, indent=2))
     else:

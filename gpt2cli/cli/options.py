@@ -83,6 +83,16 @@ TokenizerRef = Annotated[
     ),
 ]
 
+AdapterDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--adapter",
+        metavar="DIR",
+        help="A LoRA adapter folder (PEFT's format, as gpt2 train --lora writes it) merged into "
+        "the model's weights when they load (W + alpha/r x A B): it costs nothing per token.",
+    ),
+]
+
 
 Dtype = Annotated[
     str, typer.Option("--dtype", help=precision.HELP, callback=_checked(precision.get))

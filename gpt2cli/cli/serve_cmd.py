@@ -12,6 +12,7 @@ import typer
 
 from gpt2cli.cli.options import (
     DEFAULT_MODEL,
+    AdapterDir,
     Dtype,
     ModelRef,
     Steer,
@@ -94,6 +95,7 @@ def serve(
         ),
     ] = 1024,
     dtype: Dtype = "float32",
+    adapter: AdapterDir = None,
     tokenizer: TokenizerRef = None,
     steer: Steer = None,
     steer_layer: SteerLayer = None,
@@ -109,6 +111,7 @@ def serve(
       gpt2 serve -m gpt2.npz
 
       gpt2 serve -m gpt2 --port 8080 --max-batch 16 --api-key "$KEY" --cors-origins http://localhost:3000
+      gpt2 serve -m gpt2-xl --adapter runs/xl-lora/adapter
 
       gpt2 serve -m out/final.npz --served-name my-gpt2
 
@@ -134,7 +137,7 @@ def serve(
 
     compile_cache.enable()
     with err.status(f"loading {model}"):
-        config, params = load_model(model, tqdm_class=hub_progress_class())
+        config, params = load_model(model, tqdm_class=hub_progress_class(), adapter=adapter)
         tok = load_tokenizer(tokenizer, model, tqdm_class=hub_progress_class())
     if tok.vocab_size > config.vocab_size:
         raise UserError(

@@ -35,6 +35,7 @@ def train(**given) -> None:
       gpt2 prepare 'corpus/*.txt' --out data/corpus && gpt2 train --dataset data/corpus --init tiny
       gpt2 train --init tiny --dataset tiny.txt --print-config > run.toml; gpt2 train --config run.toml
       gpt2 train --resume runs/ft --steps 4000
+      gpt2 train --dataset chats.txt -m gpt2-xl --lora --lora-rank 16 --out runs/xl-lora
     """
     from gpt2cli.cli.options import flags_for
     from gpt2cli.training import settings
@@ -177,7 +178,7 @@ def _check(s) -> object:
     """Conflicting or missing flags, before any work starts."""
     from gpt2cli import precision
     from gpt2cli.config import SHAPE_FIELDS
-    from gpt2cli.training.settings import check_text_errors, flag
+    from gpt2cli.training.settings import check_text_errors, default_of, flag, flat_names
 
     m, p = s.model, s.parallel
     precision.get(m.dtype)
@@ -190,6 +191,10 @@ def _check(s) -> object:
         raise UserError(
             f"{flag(shaped[0])} shapes a new model: add --init PRESET (a loaded model keeps its shape)"
         )
+    given = s.flat()
+    lora_only = [n for n in flat_names("lora") if n != "lora" and given[n] != default_of(n)]
+    if lora_only and not s.lora.lora:
+        raise UserError(f"{flag(lora_only[0])} only applies with --lora: add it, or drop the flag")
     if p.data_parallel and p.fsdp:
         raise UserError("--fsdp already splits the batch over the devices; drop --data-parallel")
     if (p.num_processes > 1) != (p.coordinator is not None):

@@ -79,7 +79,7 @@ def run(plan: Plan, view: View, *, force: bool, plot: bool, tqdm_class=None) -> 
         f"placing {plan.model_config.num_params() / 1e6:.1f}M parameters and the optimizer state"
     ):
         if plan.start_params is not None:
-            state = trainer.create_state(plan.start_params)
+            state = trainer.fresh_state(plan.start_params)
             plan.start_params = None  # the device holds them now; free the host copy
         else:
             load = functools.partial(load_model, tqdm_class=tqdm_class)
@@ -119,7 +119,7 @@ def run(plan: Plan, view: View, *, force: bool, plot: bool, tqdm_class=None) -> 
     )
     try:
         with view.stopping() as stop_requested, view.steps(loop.steps, start) as steps:
-            hooks = _Hooks(folder, view, steps, save, main, probes)
+            hooks = _Hooks(folder, view, steps, save, main, probes, trainer.model_params)
             state, step = train_loop(trainer, state, data, loop, hooks, should_stop)
     except Diverged as exc:
         last = folder.latest()
@@ -140,7 +140,13 @@ def run(plan: Plan, view: View, *, force: bool, plot: bool, tqdm_class=None) -> 
     params = to_host(state.params)  # all processes take part
     if not main:
         return outcome
-    written = save_npz(plan.output, config, params, force=force)
+    if trainer.lora is not None:
+        from gpt2cli.adapter import save_adapter
+
+        base = source.model or source.init
+        written = save_adapter(plan.output, trainer.lora, params, base=base, force=force)
+    else:
+        written = save_npz(plan.output, config, params, force=force)
     return Outcome(start, step, loop.steps, folder.path, written, folder.plot() if plot else None)
 
 
@@ -163,6 +169,7 @@ def check_fits(plan: Plan, loss_chunks: int = 1) -> str:
     import jax.numpy as jnp
 
     from gpt2cli import precision
+    from gpt2cli.lora import count
 
     tc = plan.train_config
     parallel = tc.parallel != "single"
@@ -176,19 +183,25 @@ def check_fits(plan: Plan, loss_chunks: int = 1) -> str:
         remat=tc.remat,
         shards=devices if tc.parallel == "fsdp" else 1,
         loss_chunks=loss_chunks,
+        trained=None if tc.lora is None else count(tc.lora, plan.model_config),
     )
     have, what = memory.device_capacity()
     if have is None:
         return f"memory: {need.describe()}"
     fixed = need.params + need.optimizer + need.gradients
-    if fixed > have:  # no batch fits: the model's shape is what is too big
+    lora = "--lora (train adapters on the frozen model, not every weight)"
+    if fixed > have:  # no batch fits: a new model's shape, or a loaded one's AdamW, is too big
+        fine_tune = tc.lora is None and not plan.settings.model.init
         raise UserError(
             f"this model's weights, optimizer state and gradients alone need {fixed / memory.GB:.1f}"
             f" GB but the machine has {have / memory.GB:.1f} GB ({what}): "
-            + memory.largest_part(plan.model_config)
+            + (f"try {lora}" if fine_tune else memory.largest_part(plan.model_config))
         )
     if need.total > have:
         remedies = [f"a smaller --batch-size (now {tc.batch_size}) with more --grad-accum"]
+        if tc.lora is None:  # first where AdamW's state outweighs the batch's activations
+            at = 0 if need.optimizer + need.gradients > need.activations else len(remedies)
+            remedies.insert(at, lora)
         if not tc.remat:
             remedies.append("--remat")
         if tc.dtype == "float32":
@@ -203,9 +216,11 @@ def check_fits(plan: Plan, loss_chunks: int = 1) -> str:
 class _Hooks:
     """The loop's hooks: metrics.jsonl, checkpoints and probes, shown through the view."""
 
-    def __init__(self, folder, view: View, steps: StepView, save, main: bool, probes) -> None:
+    def __init__(
+        self, folder, view: View, steps: StepView, save, main: bool, probes, model_params
+    ) -> None:
         self.folder, self.view, self.steps, self._save, self.main = folder, view, steps, save, main
-        self.probes = probes
+        self.probes, self.model_params = probes, model_params  # the whole model of what trains
 
     def on_log(self, record: dict) -> None:
         if self.main:
@@ -222,7 +237,8 @@ class _Hooks:
             return {}
         from gpt2cli.training.sharding import to_host
 
-        return self.probes.measure(to_host(params), step, evaluating)  # all processes take part
+        full = to_host(self.model_params(params))  # all processes take part
+        return self.probes.measure(full, step, evaluating)
 
     @contextmanager
     def compiling(self, what: str):

@@ -30,6 +30,7 @@ import numpy as np
 from gpt2cli.config import GPT2Config, new_model_config
 from gpt2cli.errors import ParameterError, UserError
 from gpt2cli.fields import check_types
+from gpt2cli.lora import LoraSpec, parse_targets
 from gpt2cli.training import data, settings
 from gpt2cli.training.loop import TrainData
 from gpt2cli.training.run_folder import RUN_FILE, RunFolder, RunLock, load_checkpoint
@@ -37,6 +38,7 @@ from gpt2cli.training.shards import is_prepared, open_prepared
 from gpt2cli.training.trainer import TrainConfig, Trainer, TrainState
 
 SEED_OUTPUT = "gpt2_finetuned.npz"  # where the original script saved; kept without --out
+ADAPTER_FOLDER = "adapter"  # in the run folder: what a --lora run writes
 
 # Settings that say where the run lies: run.json does not store them (the folder is where it
 # lies, and the output is stored relative to it), so a copied run folder writes into itself.
@@ -90,8 +92,20 @@ def parallel_mode(p: settings.ParallelSettings) -> str:
 def train_config(s: settings.Settings) -> TrainConfig:
     """The trainer's settings (every one that changes the numbers a step computes)."""
     flat = s.flat()
-    names = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "parallel"]
-    return TrainConfig(**{name: flat[name] for name in names}, parallel=parallel_mode(s.parallel))
+    names = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("parallel", "lora")]
+    return TrainConfig(
+        **{name: flat[name] for name in names},
+        parallel=parallel_mode(s.parallel),
+        lora=lora_spec(s.lora),
+    )
+
+
+def lora_spec(s: settings.LoraSettings) -> LoraSpec | None:
+    """The adapters --lora trains (None without --lora)."""
+    if not s.lora:
+        return None
+    alpha = float(s.lora_rank) if s.lora_alpha is None else s.lora_alpha
+    return LoraSpec(s.lora_rank, alpha, s.lora_dropout, parse_targets(s.lora_targets))
 
 
 def train_config_for(model_config: GPT2Config, **values: Any) -> TrainConfig:
@@ -123,14 +137,19 @@ def new_plan(
     else:
         val_fraction = settings.VAL_FRACTION
     folder = Path(loop.out) if loop.out else default_folder()
+    lora = s.lora.lora
     if loop.output:
         output = Path(loop.output)
+    elif lora:  # the adapter alone, in PEFT's format
+        output = folder / ADAPTER_FOLDER
     else:
         output = folder / "final.npz" if loop.out else Path(SEED_OUTPUT)
     if main_process and output.exists() and not force:
         raise UserError(f"{output} already exists (use --force to overwrite, or --output)")
-    if output.is_dir():
+    if output.is_dir() and not lora:
         raise ParameterError("output", f"{output} is a folder; give a .npz file name")
+    if lora and (output.is_file() or output.suffix == ".npz"):
+        raise ParameterError("output", f"{output} is a file name; --lora writes an adapter folder")
     s = settings.resolve(s, model_config, val_fraction).replace(
         out=str(folder.resolve()), output=str(output.resolve())
     )
@@ -141,6 +160,8 @@ def new_plan(
     )
     plan = Plan(RunFolder(folder), s, model_config, resolved, resumed=False)
     model_config.check_fits(plan.train_config.seq_length, "seq_length")
+    if plan.train_config.lora is not None:
+        plan.train_config.lora.check_fits(model_config)
     if main_process:
         RunFolder.check_new(folder)
     return plan
@@ -239,13 +260,15 @@ _SECTIONS = {"settings": dict, "model_config": dict, "data": dict, "output": str
 
 def check_spec(spec: dict[str, Any], file: Path) -> None:
     """Every section and setting of a version 2 run.json, of the right type, its data files
-    present. A setting that may change on --resume takes its default where the file lacks it
-    (written by a gpt2 from before that setting)."""
+    present. A setting that may change on --resume, or one of --lora's, takes its default where
+    the file lacks it (written by a gpt2 from before that setting)."""
     for key, kind in _SECTIONS.items():
         if not isinstance(spec.get(key), kind):
             raise UserError(f"{file}: {key} is missing or not a {kind.__name__}")
     stored = [name for name in settings.FIELDS if name not in _PLACES]
-    needed = [name for name in settings.fixed_names() if name not in _PLACES]
+    # A run.json from before --lora lacks its settings: that run trained without adapters
+    later = settings.flat_names("lora")
+    needed = [name for name in settings.fixed_names() if name not in (*_PLACES, *later)]
     for section, names in (("settings", needed), ("data", DataFiles.__dataclass_fields__)):
         missing = [name for name in names if name not in spec[section]]
         if missing:
@@ -312,12 +335,13 @@ def initial_weights(plan: Plan, trainer: Trainer, load_model) -> TrainState:
     latest = plan.folder.latest() if plan.resumed else None
     if latest is not None:
         step_file, path = latest
-        like = _params_like(plan.model_config)
+        like = trainer.trained_template()
         step, params, opt_state = load_checkpoint(path, like, trainer.opt_state_template(like))
         if step != step_file:
             raise UserError(f"checkpoint {path} says step {step}; its name says {step_file}")
-        return trainer.create_state(params, opt_state, step)
-    return trainer.create_state(starting_params(plan, load_model))
+        base = starting_params(plan, load_model) if trainer.lora else None  # LoRA: not saved
+        return trainer.create_state(params, opt_state, step, base)
+    return trainer.fresh_state(starting_params(plan, load_model))
 
 
 def starting_params(plan: Plan, load_model) -> Any:
@@ -332,14 +356,6 @@ def starting_params(plan: Plan, load_model) -> Any:
             f"model {m.model} no longer has the run's shape ({loaded_config} differs from {config})"
         )
     return params
-
-
-def _params_like(config: GPT2Config) -> Any:
-    import jax
-
-    from gpt2cli.model import init_params
-
-    return jax.eval_shape(lambda: init_params(config))
 
 
 def source_config(

@@ -22,6 +22,7 @@ from gpt2cli.sampling_checks import MAX_SEED
 
 VAL_FRACTION = 0.05  # the tail held out for validation, unless a prepared folder says otherwise
 FINE_TUNE_LR = 5e-5
+LORA_LR = 2e-4  # adapters start at zero and are few: PEFT's examples train them at 1e-4..3e-4
 
 
 INT_LIMIT = 2**31 - 1  # JAX computes steps, lengths and counts in int32
@@ -146,8 +147,8 @@ class OptimizerSettings:
 
     lr: float | None = setting(
         None,
-        f"Peak learning rate [default: {FINE_TUNE_LR} to fine-tune; from scratch "
-        "6e-4 x 768 / n_embd, at most 1e-2].",
+        f"Peak learning rate [default: {FINE_TUNE_LR} to fine-tune, {LORA_LR} with --lora; "
+        "from scratch 6e-4 x 768 / n_embd, at most 1e-2].",
         allowed=RATE,
     )
     min_lr: float | None = setting(
@@ -182,7 +183,8 @@ class LoopSettings:
     out: str | None = setting(None, "Run folder (checkpoints, metrics) [default: runs/<time>].")
     output: str | None = setting(
         None,
-        "Trained model .npz [default: OUT/final.npz; gpt2_finetuned.npz without --out].",
+        "Trained model .npz [default: OUT/final.npz; gpt2_finetuned.npz without --out; "
+        "with --lora the adapter folder OUT/adapter].",
         "-o",
     )
     plot: bool = setting(
@@ -224,12 +226,41 @@ class ParallelSettings:
     )
 
 
+@dataclass(frozen=True)
+class LoraSettings:
+    """Low-rank adapters trained beside a frozen model (lora.py)."""
+
+    lora: bool = setting(
+        False,
+        "Train LoRA adapters on a frozen model instead of every weight: no gradient and no "
+        "optimizer state for the model, checkpoints of megabytes; the run writes OUT/adapter "
+        "(PEFT's format) instead of a whole model.",
+    )
+    lora_rank: int = setting(
+        8, "With --lora: the adapters' rank r (PEFT's default).", allowed=POSITIVE
+    )
+    lora_alpha: float | None = setting(
+        None,
+        "With --lora: the update is scaled by alpha / r [default: the rank, so 1].",
+        allowed=RATE,
+    )
+    lora_dropout: float = setting(
+        0.0, "With --lora: dropout on each adapter's input.", allowed=FRACTION
+    )
+    lora_targets: list[str] = setting(
+        ["c_attn"],
+        "With --lora: the layers adapted, of attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj "
+        "(PEFT's short names too: c_proj is both projections) [default: c_attn, as PEFT].",
+    )
+
+
 GROUPS = {
     "model": ModelSettings,
     "data": DataSettings,
     "optimizer": OptimizerSettings,
     "loop": LoopSettings,
     "parallel": ParallelSettings,
+    "lora": LoraSettings,
 }
 
 
@@ -242,6 +273,7 @@ class Settings:
     optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
     loop: LoopSettings = field(default_factory=LoopSettings)
     parallel: ParallelSettings = field(default_factory=ParallelSettings)
+    lora: LoraSettings = field(default_factory=LoraSettings)
 
     @classmethod
     def from_flat(cls, values: dict[str, Any]) -> Settings:
@@ -413,6 +445,8 @@ def resolve(s: Settings, config: GPT2Config | None, val_fraction: float | None =
     """The derived settings filled in, as far as they can be known (`config`: the model's)."""
     o, d, loop = s.optimizer, s.data, s.loop
     lr = o.lr
+    if lr is None and s.lora.lora:
+        lr = LORA_LR
     if lr is None:
         lr = (
             scratch_lr(config)
@@ -432,4 +466,6 @@ def resolve(s: Settings, config: GPT2Config | None, val_fraction: float | None =
         changes["seq_length"] = min(SEQ_LENGTH, config.n_positions)
     if d.val_fraction is None:
         changes["val_fraction"] = val_fraction
+    if s.lora.lora and s.lora.lora_alpha is None:
+        changes["lora_alpha"] = float(s.lora.lora_rank)
     return s.replace(**changes)

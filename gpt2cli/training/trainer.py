@@ -19,10 +19,12 @@ import numpy as np
 import optax
 from flax import struct
 
-from gpt2cli import kernels, precision
+from gpt2cli import kernels, lora, precision
+from gpt2cli.checkpoint import unflatten
 from gpt2cli.config import GPT2Config
 from gpt2cli.errors import ParameterError
-from gpt2cli.model import GPT2
+from gpt2cli.lora import LoraSpec
+from gpt2cli.model import GPT2, adapter_dropout
 from gpt2cli.training import settings, sharding
 
 
@@ -47,6 +49,7 @@ class TrainConfig:
     remat: bool  # recompute each block backwards: less memory, slower
     seed: int  # init (from scratch), data order and dropout
     parallel: str  # one of sharding.MODES
+    lora: LoraSpec | None  # train these adapters on a frozen model (None: every weight)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -170,10 +173,18 @@ class Trainer:
         sharding.check_batch(self.mesh, tc.batch_size)
         model_config.check_fits(tc.seq_length, "seq_length")
         self.batch_sharding = sharding.batch_sharding(self.mesh)
+        self.lora = tc.lora
+        if self.lora is not None:
+            self.lora.check_fits(model_config)
+        # With LoRA, the frozen model's weights on the mesh, stored in the compute dtype (what
+        # the steps read anyway): an argument of the steps, never donated or updated
+        self.base = None
+        self._base_shardings = None
         self._state_shardings = None
         self._init = None
         self._step = None
         self._eval = None
+        self._merge = None
 
     @staticmethod
     @functools.lru_cache(maxsize=4)
@@ -185,7 +196,7 @@ class Trainer:
 
     def state_shardings(self, params_shape: Any) -> TrainState:
         opt_shape = jax.eval_shape(self.tx.init, params_shape)
-        fsdp = self.tc.parallel == "fsdp"
+        fsdp = self.tc.parallel == "fsdp" and self.lora is None  # adapters are tiny: replicated
         scalar = sharding.replicated(self.mesh)
         return TrainState(
             step=scalar,
@@ -197,8 +208,31 @@ class Trainer:
         """The optimizer state's structure and shapes, without computing it."""
         return jax.eval_shape(self.tx.init, params)
 
-    def create_state(self, params: Any, opt_state: Any = None, step: int = 0) -> TrainState:
-        """Place params (and a saved optimizer state, else a fresh one) on the mesh."""
+    def trained_template(self) -> Any:
+        """Shapes of what the steps train: the model's params, or the LoRA adapters."""
+        if self.lora is None:
+            from gpt2cli.model import init_params
+
+            return jax.eval_shape(lambda: init_params(self.model_config))
+        shapes = lora.adapter_shapes(self.model_config, self.lora)
+        flat = {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in shapes.items()}
+        return unflatten(flat)
+
+    def fresh_state(self, params: Any) -> TrainState:
+        """A new run's state from the starting model's weights: trained, or with --lora frozen
+        under fresh adapters."""
+        if self.lora is None:
+            return self.create_state(params)
+        adapters = lora.init_adapters(self.model_config, self.lora, self.tc.seed)
+        return self.create_state(adapters, base=params)
+
+    def create_state(
+        self, params: Any, opt_state: Any = None, step: int = 0, base: Any = None
+    ) -> TrainState:
+        """Place params (and a saved optimizer state, else a fresh one) on the mesh; with LoRA
+        `params` are the adapters and `base` the frozen model."""
+        if self.lora is not None:
+            self._place_base(base)
         params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
         shardings = self.state_shardings(params)
         self._state_shardings = shardings
@@ -215,24 +249,58 @@ class Trainer:
             opt_state=opt,
         )
 
+    def _place_base(self, base: Any) -> None:
+        dtype = jnp.dtype(self.model.dtype)
+        fsdp = self.tc.parallel == "fsdp"
+        self._base_shardings = sharding.tree_shardings(base, self.mesh, fsdp)
+
+        def place(x, where):
+            if isinstance(x, jax.Array) and jax.process_count() == 1:
+                # a fresh --init model already on the device: moved, not copied through the
+                # host (gpt2-xl's 6.2 GB would be held twice while it is placed)
+                return jax.device_put(x.astype(dtype), where)
+            return sharding.put(np.asarray(x, dtype), where)
+
+        self.base = jax.tree.map(place, base, self._base_shardings)
+
+    def model_params(self, params: Any) -> Any:
+        """The whole model's weights: `params`, or with LoRA the frozen model with the adapters
+        merged into it (for probes that run the model as inference does)."""
+        if self.lora is None:
+            return params
+        if self._merge is None:
+            self._merge = jax.jit(functools.partial(lora.merge, scale=self.lora.scale))
+        return self._merge(self.base, params)
+
     # ---- jitted steps ------------------------------------------------------------------
 
-    def _loss_and_grads(self, params, tokens, rng):
-        loss = functools.partial(token_loss, self.model, deterministic=False)
-        with kernels.use(self.kernels):
-            return jax.value_and_grad(loss)(params, tokens, rng, loss_chunks=self.loss_chunks)
+    def _with_base(self, params, base):
+        """What the model runs: `params`, or the frozen base with the adapters attached."""
+        return params if self.lora is None else lora.attach(base, params, self.lora.scale)
 
-    def _train_step(self, state: TrainState, batch: jax.Array):
+    def _loss_and_grads(self, params, tokens, rng, base=None):
+        """The loss and its gradient in `params` alone: with LoRA the frozen base gets none."""
+
+        def loss(trained, tokens, rng):
+            full = self._with_base(trained, base)
+            return token_loss(self.model, full, tokens, rng, False, self.loss_chunks)
+
+        rate = self.lora.dropout if self.lora is not None else 0.0
+        with kernels.use(self.kernels), adapter_dropout(rate):
+            return jax.value_and_grad(loss)(params, tokens, rng)
+
+    def _train_step(self, state: TrainState, batch: jax.Array, base: Any = None):
         """One optimizer step over [accum, rows, T+1] tokens."""
         key = jax.random.fold_in(jax.random.key(self.tc.seed), state.step)
         accum = batch.shape[0]
         if accum == 1:
-            loss, grads = self._loss_and_grads(state.params, batch[0], key)
+            loss, grads = self._loss_and_grads(state.params, batch[0], key, base)
         else:
 
             def micro(carry, xs):
                 tokens, i = xs
-                loss, grads = self._loss_and_grads(state.params, tokens, jax.random.fold_in(key, i))
+                rng = jax.random.fold_in(key, i)
+                loss, grads = self._loss_and_grads(state.params, tokens, rng, base)
                 total_loss, total_grads = carry
                 return (total_loss + loss, jax.tree.map(jnp.add, total_grads, grads)), None
 
@@ -255,7 +323,7 @@ class Trainer:
             shardings = self._state_shardings
             self._step = self.kernels.jit(
                 self._train_step,
-                in_shardings=(shardings, self.batch_sharding),
+                in_shardings=(shardings, self.batch_sharding, self._base_shardings),
                 out_shardings=(shardings, sharding.replicated(self.mesh)),
                 donate_argnums=0,
             )
@@ -264,24 +332,30 @@ class Trainer:
         # The classic threefry layout draws dropout masks ~2.5x faster on CPU than the
         # partitionable one, and its numbers do not depend on the sharding either.
         with jax.threefry_partitionable(False):
-            return self._step(state, batch)
+            return self._step(state, batch, self.base)
 
     def eval_loss(self, params: Any, local_batches: list[np.ndarray]) -> float:
         """Mean loss over validation batches (each [1, rows, T+1], this process's rows)."""
         if self._eval is None:
             self._eval = self.kernels.jit(
                 self._eval_loss,
-                in_shardings=(self._state_shardings.params, self.batch_sharding),
+                in_shardings=(
+                    self._state_shardings.params,
+                    self.batch_sharding,
+                    self._base_shardings,
+                ),
                 out_shardings=sharding.replicated(self.mesh),
             )
         losses = [
-            self._eval(params, sharding.put_batch(b, self.batch_sharding)) for b in local_batches
+            self._eval(params, sharding.put_batch(b, self.batch_sharding), self.base)
+            for b in local_batches
         ]
         return float(np.mean(jax.device_get(losses)))
 
-    def _eval_loss(self, params, batch):
+    def _eval_loss(self, params, batch, base=None):
+        full = self._with_base(params, base)
         with kernels.use(self.kernels):
-            return token_loss(self.model, params, batch[0], None, True, self.loss_chunks)
+            return token_loss(self.model, full, batch[0], None, True, self.loss_chunks)
 
     def lr_at(self, step: int) -> float:
         return float(self.schedule(step))

@@ -5,9 +5,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import threading
+import os
+import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -23,6 +24,9 @@ from gpt2cli.cli.options import (
     steering,
 )
 from gpt2cli.errors import UserError
+
+WarmUp = Literal["background", "first", "all"]  # what serve/warmup.py compiles before ready
+STOP_WAIT = 3.0  # seconds the engine may take to end; a compile it is in is not waited for
 
 
 def serve(
@@ -64,6 +68,14 @@ def serve(
     decode_chunk: Annotated[
         int, typer.Option(help="Tokens decoded per step (cancellation acts between steps).")
     ] = 4,
+    warm_up: Annotated[
+        WarmUp,
+        typer.Option(
+            help="What is compiled before /health answers 200: what a first request needs, then "
+            "the rest in the background; 'first': the rest when a request needs it; 'all': "
+            "everything (nothing compiles after start)."
+        ),
+    ] = "background",
     dtype: Dtype = "float32",
     tokenizer: TokenizerRef = None,
     steer: Steer = None,
@@ -131,18 +143,34 @@ def serve(
         err.print(f"compiling for up to {max_batch} rows (/health answers 503 until done)")
         return SlotPrograms(one, many, decode_chunk, prefill_chunk), tok
 
+    def say_ready() -> None:
+        if scheduler.load_error:
+            err.print(f"[bold red]error:[/] the engine failed to start: {scheduler.load_error}")
+        else:
+            err.print("ready: /health answers 200")
+
     scheduler = Scheduler(
-        load, max_batch=max_batch, max_queue=max_queue, queue_timeout=queue_timeout
+        load,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        queue_timeout=queue_timeout,
+        warm_up=warm_up,
+        on_ready=say_ready,
     )
     scheduler.metrics = Metrics(scheduler)
     app = create_app(
         scheduler, model_name=name, api_key=api_key, cors_origins=origins, max_body=max_body
     )
-    _run(app, scheduler, host, port, grace, err)
+    ended = _run(app, scheduler, host, port, grace, err)
     err.print("stopped")
+    if not ended:  # a compile still runs: exiting under it could crash the interpreter's exit
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
-def _run(app, scheduler, host: str, port: int, grace: float, err) -> None:
+def _run(app, scheduler, host: str, port: int, grace: float, err) -> bool:
+    """Serve until a signal; -> whether the engine's threads ended (see `Scheduler.stop`)."""
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -161,6 +189,10 @@ def _run(app, scheduler, host: str, port: int, grace: float, err) -> None:
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
 
+        def handle_exit(self, sig, frame) -> None:
+            scheduler.begin_shutdown()  # no compile started, no "ready" printed after this
+            super().handle_exit(sig, frame)
+
     logging = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     logging["handlers"]["access"]["stream"] = "ext://sys.stderr"  # stdout is for results
     config = uvicorn.Config(
@@ -173,16 +205,8 @@ def _run(app, scheduler, host: str, port: int, grace: float, err) -> None:
     )
     server = Server(config)
     scheduler.start()
-    threading.Thread(target=_say_when_ready, args=(scheduler, err), daemon=True).start()
     try:
         server.run()  # a port in use: uvicorn logs it and exits 1
     finally:
-        scheduler.stop()
-
-
-def _say_when_ready(scheduler, err) -> None:
-    scheduler.ready.wait()
-    if scheduler.load_error:
-        err.print(f"[bold red]error:[/] the engine failed to start: {scheduler.load_error}")
-    else:
-        err.print("ready: /health answers 200")
+        ended = scheduler.stop(timeout=STOP_WAIT)
+    return ended

@@ -140,7 +140,8 @@ def serve(
     def load():
         one = engine(batch=1)
         many = engine(batch=max_batch) if max_batch > 1 else one
-        err.print(f"compiling for up to {max_batch} rows (/health answers 503 until done)")
+        what = f"every program for up to {max_batch} rows" if warm_up == "all" else "the first"
+        err.print(f"compiling {what} (/health answers 503 until done)")
         return SlotPrograms(one, many, decode_chunk, prefill_chunk), tok
 
     def say_ready() -> None:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import threading
-import time
 from collections import Counter
 from dataclasses import dataclass
 
@@ -204,7 +203,6 @@ class SlotPrograms:
         self._compiling: set[Program] = set()
         self._lock = threading.Condition()
         self.compiles: Counter[Program] = Counter()  # each program's compiles: 1 each, ever
-        self.compile_seconds = 0.0
         self.traces = 0  # model programs traced (prefill and decode)
 
     @property
@@ -223,7 +221,7 @@ class SlotPrograms:
             if program in self._compiled:
                 return self._compiled[program]
             self._compiling.add(program)
-        start, done = time.monotonic(), None
+        done = None
         try:
             done = self._lower(program).compile()
         finally:
@@ -232,7 +230,6 @@ class SlotPrograms:
                 if done is not None:
                     self._compiled[program] = done
                     self.compiles[program] += 1
-                    self.compile_seconds += time.monotonic() - start
                 self._lock.notify_all()
         return done
 

@@ -9,6 +9,9 @@ smallest size in `row_buckets` that holds them with the shortest cache length th
 their tokens (resized only when a job starts or ends, or a row outgrows the length), so one
 short request alone pays for one short row, not for `max_batch` rows of the whole context.
 
+The programs a first request needs are compiled before `ready`, the others in the background
+or when first needed (`warmup.py`).
+
 Text is made here too (`generate.RowText`: UTF-8-safe detokenizing, stop strings held back),
 so a stop frees its row at once; each job gets its output through `sink`, a thread-safe
 callback, one `Delta` per chunk and a last `Finish` or `Failed`.

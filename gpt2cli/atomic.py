@@ -28,6 +28,8 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
             dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp"
         )
     except FileNotFoundError:
+        if path.parent.is_dir():  # /proc, /sys: folders that take no new files
+            raise UserError(f"cannot write {path}: {path.parent} takes no new files") from None
         raise UserError(f"cannot write {path}: folder {path.parent} does not exist") from None
     except OSError as exc:
         raise UserError(f"cannot write {path}: {exc.strerror} ({path.parent})") from None

@@ -101,8 +101,10 @@ def _read_header(data: np.lib.npyio.NpzFile, path: Path) -> dict:
 def load_npz(path: str | Path) -> tuple[GPT2Config, Params]:
     """Load and validate a checkpoint: every array present, of the right shape, no pickles."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"{path} does not exist")
+    if not path.is_file():  # /dev/null, a pipe
+        raise UserError(f"{path} is not a regular file (expected a .npz checkpoint)")
     if not zipfile.is_zipfile(path):  # np.load would try to unpickle anything else
         raise UserError(f"{path} is not a readable .npz file (not a zip archive)")
     try:

@@ -33,6 +33,12 @@ class GPT2Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids
 
+    def encode_unlocked(self, text: str) -> list[int]:
+        """`encode`, letting other Python threads run meanwhile: tokenizers' batch call releases
+        the GIL, its single call does not (a 1 MiB text holds it for a second). For the server;
+        a process that forks after using it gets a warning from tokenizers."""
+        return self.backend.encode_batch([text], add_special_tokens=False)[0].ids
+
     def decode(self, ids: list[int]) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=False)
 
@@ -118,6 +124,40 @@ def from_folder(folder: Path) -> GPT2Tokenizer | None:
         except Exception as exc:
             raise UserError(f"cannot read the tokenizer files in {folder}: {exc}") from exc
     return None
+
+
+def hf_files(tokenizer: GPT2Tokenizer, context: int) -> dict[str, str]:
+    """File name -> text of the tokenizer files and generation_config.json a Hugging Face
+    folder carries, so that transformers' `AutoTokenizer` and `pipeline` load it (no network:
+    written from the tokenizer itself). `context`: the model's window (`model_max_length`)."""
+    import json
+    import tempfile
+
+    backend = tokenizer.backend
+    with tempfile.TemporaryDirectory() as tmp:
+        backend.model.save(tmp)  # a BPE model writes vocab.json and merges.txt
+        saved = [Path(tmp) / name for name in ("vocab.json", "merges.txt")]
+        files = {f.name: f.read_text("utf-8") for f in saved if f.is_file()}
+    files["tokenizer.json"] = backend.to_str(pretty=True)
+    eos = EOS_TEXT if tokenizer.eos_id is not None else None
+    special = {"bos_token": eos, "eos_token": eos, "unk_token": eos} if eos else {}
+    added = {
+        str(i): {"content": t.content, "lstrip": t.lstrip, "rstrip": t.rstrip,
+                 "normalized": t.normalized, "single_word": t.single_word, "special": t.special}
+        for i, t in backend.get_added_tokens_decoder().items()
+    }  # fmt: skip
+    config = {
+        "tokenizer_class": "GPT2Tokenizer",
+        "model_max_length": context,
+        "add_prefix_space": False,
+        "added_tokens_decoder": added,
+        **special,
+    }
+    ids = {"bos_token_id": tokenizer.eos_id, "eos_token_id": tokenizer.eos_id} if eos else {}
+    files["tokenizer_config.json"] = json.dumps(config, indent=2) + "\n"
+    files["special_tokens_map.json"] = json.dumps(special, indent=2) + "\n"
+    files["generation_config.json"] = json.dumps(ids, indent=2) + "\n"  # where text ends
+    return files
 
 
 @lru_cache(maxsize=4)

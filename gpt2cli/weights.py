@@ -181,9 +181,17 @@ def _save_safetensors(tensors: dict, tmp: Path) -> None:
         raise OSError(str(exc)) from None
 
 
-def save_hf_folder(folder: Path, config: GPT2Config, params: Params, force: bool = False) -> Path:
-    """Write config.json + model.safetensors that transformers loads."""
-    targets = [folder / "config.json", folder / SINGLE_FILE]
+def save_hf_folder(
+    folder: Path,
+    config: GPT2Config,
+    params: Params,
+    force: bool = False,
+    extra: dict[str, str] | None = None,
+) -> Path:
+    """Write config.json + model.safetensors that transformers loads, and the `extra` files
+    (name -> text: the tokenizer's, tokenizer.hf_files)."""
+    extra = extra or {}
+    targets = [folder / "config.json", folder / SINGLE_FILE, *(folder / name for name in extra)]
     existing = [str(t) for t in targets if t.exists()]
     if existing and not force:
         raise UserError(f"{existing[0]} already exists (use --force to overwrite)")
@@ -196,9 +204,10 @@ def save_hf_folder(folder: Path, config: GPT2Config, params: Params, force: bool
     config_text = json.dumps(config.to_hf(), indent=2) + "\n"
     try:
         atomic_write(folder / SINGLE_FILE, lambda tmp: _save_safetensors(tensors, tmp))
-        atomic_write(
-            folder / "config.json", lambda tmp: tmp.write_text(config_text, encoding="utf-8")
-        )
+        for name, text in {"config.json": config_text, **extra}.items():
+            atomic_write(
+                folder / name, lambda tmp, text=text: tmp.write_text(text, encoding="utf-8")
+            )
     except BaseException:
         if created:  # leave no half-made folder behind (a full disk, Ctrl-C)
             for file in targets:

@@ -137,3 +137,65 @@ def metric(port: int, name: str, headers: dict | None = None) -> float:
         if line.startswith(name + " ") or line.startswith(name + "{"):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"no metric {name}")
+
+
+class FakeEngine:
+    """A `Scheduler` stand-in for app tests without a model: the bundled tokenizer, a config of
+    `vocab` ids, and a thread per choice that sends `tokens` deltas of `token` (" hi" unless
+    given) on a clock of `interval` seconds (a device decoding on its own), then a finish. With `max_queue=0` every request that
+    passes validation gets a 503 queue_full; with `hang=True` no job ever gets an event."""
+
+    def __init__(self, *, tokens=8, interval=0.0, token=None, top=(), max_queue=64, hang=False):
+        from types import SimpleNamespace
+
+        from gpt2cli.tokenizer import bundled
+
+        self.tokenizer = bundled()
+        self.programs = SimpleNamespace(
+            config=SimpleNamespace(n_positions=128, vocab_size=50304, eos_token_id=50256)
+        )
+        self.ready = threading.Event()
+        self.ready.set()
+        self.load_error = None
+        self.metrics = None
+        self.max_batch, self.max_queue = 4, max_queue
+        self.queue_length = self.busy_rows = self.block_rows = self.block_length = 0
+        self.tokens, self.interval, self.hang = tokens, interval, hang
+        self.token = self.tokenizer.encode(" hi")[0] if token is None else token
+        self.top = top
+        self.submitted: list = []
+
+    def submit(self, jobs) -> None:
+        from gpt2cli.serve.scheduler import QueueFull
+
+        if len(jobs) > self.max_queue:
+            raise QueueFull("the server is busy: the request queue is full, retry shortly")
+        self.submitted += jobs
+        if not self.hang:
+            for job in jobs:
+                threading.Thread(target=self._run, args=(job,), daemon=True).start()
+
+    def cancel(self, jobs) -> None:
+        for job in jobs:
+            job.cancelled = True
+
+    def _run(self, job) -> None:
+        from gpt2cli.serve.scheduler import Delta, Finish, TokenInfo
+
+        start = time.monotonic()
+        for i in range(self.tokens):
+            if job.cancelled:
+                return
+            time.sleep(max(start + (i + 1) * self.interval - time.monotonic(), 0))
+            info = TokenInfo(self.token, -1.0, self.top)
+            text = self.tokenizer.decode([self.token]) if self.token < 50257 else ""
+            job.sink(Delta(text, (info,)))
+        job.sink(Finish("length", self.tokens))
+
+
+def fake_app(engine: FakeEngine | None = None, **kwargs):
+    """The app over a `FakeEngine` (served id "m")."""
+    from gpt2cli.serve.app import create_app
+
+    engine = engine or FakeEngine()
+    return create_app(engine, model_name="m", **kwargs), engine

@@ -71,3 +71,17 @@ def isolate(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("GPT2_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("GPT2_NO_COMPILE_CACHE", "1")
     monkeypatch.chdir(tmp_path)
+
+
+def assert_opens_in_transformers(folder, context: int) -> None:
+    """transformers (no torch) reads the folder's tokenizer as GPT-2's, with its ids."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert tokenizer("hello world").input_ids == [31373, 995]
+    assert tokenizer(" Hello, world!<|endoftext|>").input_ids == [18435, 11, 995, 0, 50256]
+    assert tokenizer.eos_token_id == 50256 and tokenizer.model_max_length == context
+    assert tokenizer.decode([31373, 995]) == "hello world"
+    generation = GenerationConfig.from_pretrained(folder)
+    assert generation.eos_token_id == 50256 and generation.bos_token_id == 50256
+    assert len(json.loads((folder / "vocab.json").read_text())) == 50257

@@ -8,6 +8,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from tests.conftest import TINY_A, TINY_B, cli, run_gpt2
+from tests.helpers_train import assert_opens_in_transformers
 
 
 def test_convert_inspect_and_export_through_the_console_script(tmp_path):
@@ -32,6 +33,28 @@ def test_convert_inspect_and_export_through_the_console_script(tmp_path):
     original = load_file(TINY_A / "model.safetensors")
     exported = load_file(tmp_path / "hf" / "model.safetensors")
     assert all(exported[k].tobytes() == v.tobytes() for k, v in original.items())
+
+
+@pytest.mark.parametrize("source", ["npz", "hf"])
+def test_an_hf_export_carries_the_tokenizer_and_generation_config(tmp_path, source):
+    model = TINY_A  # an HF folder with GPT-2's vocab.json and merges.txt
+    if source == "npz":  # no tokenizer of its own: the bundled one
+        assert cli("convert", str(TINY_A), str(tmp_path / "a.npz")).exit_code == 0
+        model = tmp_path / "a.npz"
+    done = cli("convert", str(model), str(tmp_path / "hf"), "--to", "hf")
+    assert done.exit_code == 0, done.output
+    context = json.loads((TINY_A / "config.json").read_text())["n_positions"]
+    assert_opens_in_transformers(tmp_path / "hf", context)
+    hf = {p.name for p in (tmp_path / "hf").iterdir()}
+    assert hf == {"config.json", "model.safetensors", "vocab.json", "merges.txt", "tokenizer.json",
+                  "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"}  # fmt: skip
+
+
+def test_a_path_that_is_there_but_not_a_file_or_a_folder_for_files_says_so():
+    line = _one_error_line(cli("inspect", "/dev/null"))
+    assert line == "error: /dev/null is not a regular file (expected a .npz checkpoint)"
+    line = _one_error_line(cli("convert", str(TINY_A), "/proc/x.npz"))
+    assert line == "error: cannot write /proc/x.npz: /proc takes no new files"
 
 
 def test_inspect_prints_a_table_and_tree(tmp_path):

@@ -91,3 +91,34 @@ def test_a_run_json_of_an_unknown_version_is_one_line(tmp_path, uninterrupted, v
         f"run.json is version {version} of 'gpt2cli-run'; this gpt2 reads version 2" in done.output
     )
     assert len(done.output.strip().splitlines()) == 1, done.output
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "problem"),
+    [
+        ("beta2", 1.5, "must be in [0, 1), got 1.5"),
+        ("batch_size", 0, "must be at least 1, got 0"),
+        ("steps", 2**31, "must be at most 2147483647, got 2147483648"),
+    ],
+)
+def test_a_run_json_setting_out_of_range_is_one_line_naming_it(
+    tmp_path, uninterrupted, name, value, problem
+):
+    shutil.copytree(uninterrupted, tmp_path / "run")
+    spec = json.loads((tmp_path / "run/run.json").read_text())
+    spec["settings"][name] = value
+    (tmp_path / "run/run.json").write_text(json.dumps(spec))
+    done = gpt2("train", "--resume", "run")
+    assert done.exit_code == 1
+    assert done.output.strip() == f"error: run/run.json: settings.{name} {problem}"
+
+
+def test_a_resume_with_a_process_id_beyond_the_process_count_is_a_usage_error(
+    tmp_path, uninterrupted
+):
+    shutil.copytree(uninterrupted, tmp_path / "run")
+    done = gpt2("train", "--resume", "run", "--steps", "5", "--process-id", "5")
+    assert done.exit_code == 2
+    assert "Invalid value for --process-id: must be below the process count (1), got 5" in (
+        done.output
+    )

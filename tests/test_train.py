@@ -206,14 +206,12 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path, corpus):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
         (["--dataset", "missing/*.txt"], "'missing/*.txt' matches no file"),
         (["--seq-length", "4096"], "--seq-length 4096 exceeds the model's context window of 128"),
         (["--init", "tiny"], "give either --model (fine-tune) or --init (from scratch)"),
         (["--dataset", "latin1.txt"], "latin1.txt is not UTF-8 text: byte 0xe9 at offset 3"),
         (["--dataset", "empty.txt"], "empty.txt is empty"),
         (["--dataset", "short.txt", "--seq-length", "64"], "shorter than one block"),
-        (["--keep", "0"], "--keep must be a positive integer, got 0"),
     ],
 )
 def test_bad_inputs_fail_in_one_line_and_write_nothing(tmp_path, corpus, args, message):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import subprocess
 import sys
 
@@ -46,20 +47,45 @@ def test_the_trainer_takes_the_settings_resolved_and_has_no_defaults_of_its_own(
     assert core.lr == settings.FINE_TUNE_LR and core.min_lr == settings.FINE_TUNE_LR / 10
 
 
-def test_print_config_round_trips_through_config(tmp_path):
+def test_print_config_writes_what_was_given_and_derived_values_as_comments(tmp_path):
     printed = gpt2("train", "--init", "tiny", "-d", "a.txt", "--n-layer", "3", "--steps", "50",
                    "--print-config")  # fmt: skip
     assert printed.exit_code == 0, printed.output
+    assert "\n# decay-steps = 50  # derived: " in printed.stdout
+    assert "\n# warmup = 5  # derived: " in printed.stdout
     (tmp_path / "run.toml").write_text(printed.stdout)
     values = config_file.read(tmp_path / "run.toml")
-    assert values["n_layer"] == 3 and values["dataset"] == ["a.txt"]
-    assert values["lr"] == pytest.approx(7.2e-3) and values["warmup"] == 5  # derived, resolved
-    assert "n_head" not in values  # unset stays unset (a comment)
-    again = gpt2("train", "--config", "run.toml", "--steps", "60", "--print-config")
+    assert values["n_layer"] == 3 and values["dataset"] == ["a.txt"] and values["steps"] == 50
+    assert {"lr", "min_lr", "warmup", "decay_steps", "seq_length", "n_head"}.isdisjoint(values)
+    again = gpt2("train", "--config", "run.toml", "--steps", "60", "--n-embd", "128",
+                 "--print-config")  # fmt: skip
     assert again.exit_code == 0, again.output
-    reread = {**values, "steps": 60, "decay_steps": 50}  # the flag wins; resolved ones stay
+    assert "\n# decay-steps = 60  # derived: " in again.stdout  # derived again from --steps
+    assert "\n# lr = 0.0036  # derived: " in again.stdout  # and from the new width
     (tmp_path / "again.toml").write_text(again.stdout)
-    assert config_file.read(tmp_path / "again.toml") == reread
+    assert config_file.read(tmp_path / "again.toml") == {**values, "steps": 60, "n_embd": 128}
+
+
+@pytest.mark.slow
+def test_the_readme_flow_print_config_then_more_steps_ends_the_cosine_at_the_new_count(tmp_path):
+    corpus = write_corpus(tmp_path / "c.txt", lines=60)
+    shape = ("--init", "tiny", "--n-layer", "1", "--n-embd", "32", "--n-head", "2",
+             "--batch-size", "2", "--seq-length", "16", "--log-every", "1", "-d", str(corpus))  # fmt: skip
+    printed = gpt2("train", *shape, "--steps", "2", "--print-config")
+    (tmp_path / "run.toml").write_text(printed.stdout)
+    via_file = gpt2("train", "--config", "run.toml", "--steps", "4", "--out", "file")
+    assert via_file.exit_code == 0, via_file.output
+    via_flags = gpt2("train", *shape, "--steps", "4", "--out", "flags")
+    assert via_flags.exit_code == 0, via_flags.output
+    spec = {run: json.loads((tmp_path / run / "run.json").read_text()) for run in ("file", "flags")}
+    assert spec["file"] == spec["flags"]
+    assert spec["file"]["settings"]["decay_steps"] == 4
+    records = [json.loads(line) for line in (tmp_path / "file/metrics.jsonl").open()]
+    lrs = {r["step"]: r["lr"] for r in records if "lr" in r}  # step k ran at schedule(k - 1)
+    peak, low = spec["file"]["settings"]["lr"], spec["file"]["settings"]["min_lr"]
+    for step in (3, 4):  # a cosine over 4 steps, not one stuck at min_lr from step 2 on
+        cosine = low + 0.5 * (peak - low) * (1 + math.cos(math.pi * (step - 1) / 4))
+        assert lrs[step] == pytest.approx(cosine, rel=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -117,8 +143,62 @@ def test_run_json_records_the_settings_and_resume_reads_them(tmp_path):
 
 
 def test_the_core_names_the_parameter_and_the_command_its_flag(tmp_path):
-    with pytest.raises(ParameterError, match="^min_lr must be >= 0, got -1.0$"):
+    with pytest.raises(ParameterError, match="^min_lr must be at least 0, got -1.0$"):
         train_config_for(preset("tiny"), min_lr=-1.0)
     done = gpt2("train", "--init", "tiny", "-d", str(write_corpus(tmp_path / "c.txt")),
                 "--min-lr", "-1", "--steps", "1")  # fmt: skip
-    assert done.exit_code == 1 and "error: --min-lr must be >= 0, got -1.0" in done.output
+    assert done.exit_code == 2
+    assert "error: Invalid value for --min-lr: must be at least 0, got -1.0" in done.output
+
+
+RANGES = [  # (setting, a value outside its range, the problem)
+    ("beta2", 1.5, "must be in [0, 1), got 1.5"),
+    ("beta1", -1, "must be in [0, 1), got -1.0"),
+    ("num_processes", 0, "must be at least 1, got 0"),
+    ("steps", 2147483648, "must be at most 2147483647, got 2147483648"),
+    ("steps", 99999999999999999999, "must be at most 2147483647, got 99999999999999999999"),
+    ("batch_size", 0, "must be at least 1, got 0"),
+    ("keep", 0, "must be at least 1, got 0"),
+    ("n_head", 0, "must be at least 1, got 0"),
+    ("lr", 0, "must be greater than 0, got 0.0"),
+    ("dropout", 1.0, "must be in [0, 1), got 1.0"),
+    ("seed", -1, "must be in [0, 4294967295], got -1"),
+]
+
+
+@pytest.mark.parametrize(("name", "value", "problem"), RANGES)
+def test_a_value_out_of_range_is_refused_the_same_way_from_a_flag_or_a_config(
+    tmp_path, name, value, problem
+):
+    written = {p.name for p in tmp_path.iterdir()}
+    done = gpt2("train", "--init", "tiny", "-d", "a.txt", settings.flag(name), str(value))
+    assert done.exit_code == 2, done.output
+    assert f"error: Invalid value for {settings.flag(name)}: {problem}" in done.output
+    (tmp_path / "run.toml").write_text(f"{name.replace('_', '-')} = {value}\n")
+    done = gpt2("train", "--init", "tiny", "-d", "a.txt", "--config", "run.toml")
+    assert done.exit_code == 1
+    assert done.output.strip() == f"error: run.toml: {name} {problem}"
+    assert {p.name for p in tmp_path.iterdir()} == written | {"run.toml"}
+
+
+def test_every_number_setting_has_a_range():
+    for name, (_, f) in settings.FIELDS.items():
+        if settings.field_type(name) in (int, float, int | None, float | None):
+            assert f.metadata["allowed"] is not None, name
+
+
+def test_a_process_id_beyond_the_process_count_is_a_usage_error():
+    done = gpt2("train", "--init", "tiny", "-d", "a.txt", "--process-id", "5")
+    assert done.exit_code == 2
+    assert "Invalid value for --process-id: must be below the process count (1), got 5" in (
+        done.output
+    )
+
+
+def test_a_setting_spelled_twice_in_a_config_is_refused(tmp_path):
+    (tmp_path / "run.toml").write_text("batch-size = 2\nbatch_size = 4\n")
+    done = gpt2("train", "--init", "tiny", "-d", "a.txt", "--config", "run.toml", "--print-config")
+    assert done.exit_code == 1
+    assert done.output.strip() == (
+        "error: run.toml: 'batch-size' and 'batch_size' are the same setting; keep one"
+    )

@@ -13,7 +13,7 @@ from gpt2cli.config import GPT2Config, new_model_config, preset
 from gpt2cli.errors import UserError
 from gpt2cli.training.settings import scratch_lr
 from tests.conftest import cli as gpt2_in_process
-from tests.helpers_train import isolate, write_corpus
+from tests.helpers_train import assert_opens_in_transformers, isolate, write_corpus
 
 SHAPE = ("--init", "tiny", "--n-layer", "3", "--n-head", "2", "--n-embd", "32")
 SMALL = ("--steps", "2", "--batch-size", "2", "--seq-length", "16", "--n-positions", "48")
@@ -54,6 +54,7 @@ def test_the_shape_lands_in_run_json_checkpoint_and_final_file(shaped_run, tmp_p
     converted = gpt2("convert", str(shaped_run / "final.npz"), str(tmp_path / "hf"), "--to", "hf")
     assert converted.exit_code == 0, converted.output
     assert json.loads((tmp_path / "hf/config.json").read_text())["n_embd"] == 32
+    assert_opens_in_transformers(tmp_path / "hf", context=48)  # a run's model exports whole
 
 
 def test_init_from_a_config_json(tmp_path):
@@ -78,7 +79,6 @@ def test_learning_rate_rule_by_width():
     [
         (["--init", "tiny", "--n-embd", "130"], "n_embd must be divisible by n_head"),
         (["--n-layer", "4"], "--n-layer shapes a new model: add --init"),
-        (["--init", "tiny", "--n-head", "0"], "n_head must be a positive integer, got 0"),
         (["--init", "my/config.json"], "no such config file"),
     ],
 )
@@ -87,3 +87,17 @@ def test_bad_shapes_are_one_line(tmp_path, args, message):
     done = gpt2("train", "-d", str(corpus), "--steps", "1", *args)
     assert done.exit_code == 1
     assert message in done.output and len(done.output.strip().splitlines()) == 1, done.output
+
+
+def test_a_config_json_with_fewer_tokens_than_its_tokenizer_is_refused(tmp_path):
+    corpus = write_corpus(tmp_path / "c.txt", lines=20)
+    shape = {"model_type": "gpt2", "vocab_size": 1000, "n_positions": 32, "n_embd": 16,
+             "n_layer": 1, "n_head": 2}  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(shape))
+    done = gpt2("train", "-d", str(corpus), "--init", "config.json", "--steps", "1", "--out", "r")
+    assert done.exit_code == 1
+    assert done.output.strip() == (
+        "error: config.json: vocab_size 1000 is below the tokenizer's 50257 tokens; give a "
+        "vocab_size of at least 50257"
+    )
+    assert not (tmp_path / "r").exists()

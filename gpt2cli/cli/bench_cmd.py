@@ -90,12 +90,24 @@ def bench(
     from gpt2cli.generate import Engine, SamplingParams
     from gpt2cli.hub import load_model
     from gpt2cli.progress import hub_progress_class
+    from gpt2cli.training import memory
 
     sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)  # checks ranges
     compile_cache.enable()
     with err.status(f"loading {model}"):
         config, params = load_model(model, finite=True, tqdm_class=hub_progress_class())
     config.check_fits(prompt_tokens + new_tokens, "--prompt-tokens + --new-tokens =")
+    memory.check_fits(
+        memory.generation_footprint(
+            config,
+            rows=batch,
+            length=prompt_tokens + new_tokens,
+            prompt=prompt_tokens,
+            compute_bytes=memory.compute_bytes(dtype),
+        ),
+        f"--batch {batch} x {prompt_tokens + new_tokens} tokens",
+        "--batch, --prompt-tokens or --new-tokens",
+    )
     engine = Engine(config, params, dtype, batch=batch)
     with err.status("measuring"):
         result = {

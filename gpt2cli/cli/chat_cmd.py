@@ -303,6 +303,7 @@ def chat(
     from gpt2cli.generate import Engine, SamplingParams
     from gpt2cli.hub import load_model, load_tokenizer
     from gpt2cli.progress import hub_progress_class
+    from gpt2cli.training import memory
 
     chosen = chat_core.template(template)
     sampling = SamplingParams(
@@ -318,6 +319,11 @@ def chat(
     with err.status("loading the model", spinner="dots") if interactive else nullcontext():
         config, params = load_model(model, finite=True, tqdm_class=hub_progress_class())
         tok = load_tokenizer(tokenizer, model, tqdm_class=hub_progress_class())
+        window = config.n_positions
+        need = memory.generation_footprint(
+            config, rows=1, length=window, prompt=window, compute_bytes=memory.compute_bytes(dtype)
+        )
+        memory.check_fits(need, f"a chat over the model's {window}-token window", "--dtype")
         steers = steering(config, steer, steer_layer, steer_scale)
         engine = Engine(config, params, dtype=dtype, steering=steers)
     session = chat_core.ChatSession(

@@ -15,7 +15,13 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 def convert(
     source: Annotated[str, typer.Argument(help="Model to read: Hub repo id, HF folder or .npz.")],
-    dest: Annotated[Path, typer.Argument(help="Output: a .npz file, or a folder with --to hf.")],
+    dest: Annotated[
+        Path,
+        typer.Argument(
+            help="Output: a .npz file, or a folder with --to hf (weights, config.json, tokenizer "
+            "files, generation_config.json)."
+        ),
+    ],
     to: Annotated[str, typer.Option("--to", help="Output format: npz or hf.")] = "npz",
     dtype: Annotated[
         str | None, typer.Option("--dtype", help="Cast weights: float32, bfloat16 or float16.")
@@ -52,7 +58,7 @@ def convert(
     if dtype is not None:
         params = _cast(params, dtype)
     with err.status(f"writing {dest}"):
-        written = _write(dest, to, config, params, force)
+        written = _write(dest, to, config, params, force, source)
     err.print(f"wrote {written} ({config.num_params():,} parameters)")
     typer.echo(str(written))
 
@@ -74,11 +80,14 @@ def _cast(params: dict, dtype: str) -> dict:
     return unflatten(flat)
 
 
-def _write(dest: Path, to: str, config, params: dict, force: bool) -> Path:
-    if to == "hf":
+def _write(dest: Path, to: str, config, params: dict, force: bool, source: str) -> Path:
+    if to == "hf":  # with the tokenizer: the source folder's own, else GPT-2's bundled one
+        from gpt2cli.hub import load_tokenizer
+        from gpt2cli.tokenizer import hf_files
         from gpt2cli.weights import save_hf_folder
 
-        return save_hf_folder(dest, config, params, force=force)
+        tokenizer = hf_files(load_tokenizer(None, source), config.n_positions)
+        return save_hf_folder(dest, config, params, force=force, extra=tokenizer)
     from gpt2cli.checkpoint import save_npz
 
     return save_npz(dest, config, params, force=force)

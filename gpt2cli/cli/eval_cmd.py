@@ -103,6 +103,7 @@ def evaluate(
             files, load_tokenizer(tokenizer, model, tqdm_class=hub_progress_class()), errors=errors
         )
     length = seq_length or config.n_positions
+    _check_memory(config, batch_size, length, dtype)
     with task_progress() as progress, flags_for({"stride", "batch_size"}, length="--seq-length"):
         task = progress.add_task("evaluating", total=None)
         result = evaluation.evaluate(
@@ -155,6 +156,7 @@ def _score_task(
     compile_cache.enable()
     config, params = load_model(model, finite=True, tqdm_class=hub_progress_class())
     tok = load_tokenizer(tokenizer, model, tqdm_class=hub_progress_class())
+    _check_memory(config, batch_size, config.n_positions, dtype)
     scorer = Scorer(config, params, dtype, batch_tokens=batch_size * config.n_positions)
     with task_progress() as progress:
         bar = progress.add_task("scoring choices", total=sum(len(i.choices) for i in items))
@@ -192,3 +194,14 @@ def _prepared(names: list[str]):
     if len(names) == 1 and is_prepared(names[0]):
         return open_prepared(names[0])
     return None
+
+
+def _check_memory(config, batch_size: int, length: int, dtype: str) -> None:
+    from gpt2cli.training import memory
+
+    need = memory.scoring_footprint(
+        config, rows=batch_size, length=length, compute_bytes=memory.compute_bytes(dtype)
+    )
+    memory.check_fits(
+        need, f"--batch-size {batch_size} x {length} tokens", "--batch-size or --seq-length"
+    )

@@ -178,6 +178,7 @@ def generate(
     )
     from gpt2cli.hub import load_model, load_tokenizer
     from gpt2cli.progress import hub_progress_class
+    from gpt2cli.training import memory
 
     for text in texts:  # before the model loads
         check_prompt(text)
@@ -201,6 +202,18 @@ def generate(
         )
     new_tokens = _new_tokens(max_new_tokens, max_length, max(map(len, prompts)))
     prompts = [fit_prompt(ids, new_tokens, config.n_positions, truncate) for ids in prompts]
+    longest = max(map(len, prompts))
+    memory.check_fits(
+        memory.generation_footprint(
+            config,
+            rows=len(prompts) * num_samples,
+            length=longest + new_tokens,
+            prompt=longest,
+            compute_bytes=memory.compute_bytes(dtype),
+        ),
+        f"{len(prompts)} prompt(s) x {num_samples} sample(s) of {longest + new_tokens} tokens",
+        "--num-samples, --max-new-tokens or the number of prompts",
+    )
     steers = steering(config, steer, steer_layer, steer_scale)
     engine = Engine(config, params, dtype, batch=len(prompts) * num_samples, steering=steers)
     loaded = time.perf_counter() - started

@@ -220,9 +220,9 @@ def check_steer_flags(steer: Path | None, layer: int | None, scale: float | None
     if steer is None:
         for flag, value in (("--steer-layer", layer), ("--steer-scale", scale)):
             if value is not None:
-                raise _usage_error(flag, "it only applies with --steer VECTOR.npy")
+                raise usage_error(flag, "it only applies with --steer VECTOR.npy")
     elif layer is None:
-        raise _usage_error("--steer-layer", "missing: --steer needs the block to steer at")
+        raise usage_error("--steer-layer", "missing: --steer needs the block to steer at")
 
 
 def steering(config, steer: Path | None, layer: int | None, scale: float | None):
@@ -231,7 +231,7 @@ def steering(config, steer: Path | None, layer: int | None, scale: float | None)
     if steer is None:
         return None
     if layer >= config.n_layer:
-        raise _usage_error(
+        raise usage_error(
             "--steer-layer", f"{layer} is outside this model's 0..{config.n_layer - 1}"
         )
     from gpt2cli.engine import Steering
@@ -241,7 +241,7 @@ def steering(config, steer: Path | None, layer: int | None, scale: float | None)
     return chosen if scale is None else chosen.replace(scale=scale)
 
 
-def _usage_error(flag: str, message: str) -> typer.BadParameter:
+def usage_error(flag: str, message: str) -> typer.BadParameter:
     """A usage error about `flag` found after the flags were parsed (the usage line, exit 2)."""
     import click
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import os
@@ -27,10 +26,12 @@ from gpt2cli.errors import UserError
 
 WarmUp = Literal["background", "first", "all"]  # what serve/warmup.py compiles before ready
 STOP_WAIT = 3.0  # seconds the engine may take to end; a compile it is in is not waited for
+# serve's -m without the --model-name alias, which names the served id here (--served-name)
+ServeModel = Annotated[str, typer.Option("--model", "-m", help=ModelRef.__metadata__[0].help)]
 
 
 def serve(
-    model: ModelRef = DEFAULT_MODEL,
+    model: ServeModel = DEFAULT_MODEL,
     host: Annotated[
         str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")
     ] = "127.0.0.1",
@@ -55,12 +56,32 @@ def serve(
         typer.Option(help="Comma-separated origins allowed by CORS, or '*' (default: CORS off)."),
     ] = None,
     grace: Annotated[
-        float, typer.Option(help="On SIGTERM / Ctrl-C, seconds in-flight requests may finish.")
+        float,
+        typer.Option(
+            help="On SIGTERM / Ctrl-C, seconds in-flight requests may finish (a second signal "
+            "ends them at once)."
+        ),
     ] = 10.0,
+    request_timeout: Annotated[
+        float,
+        typer.Option(
+            help="Seconds a client has to send a whole request (headers and body), from "
+            "connecting or from its previous response; then the connection is closed."
+        ),
+    ] = 30.0,
+    keep_alive: Annotated[
+        float, typer.Option(help="Seconds an idle connection is kept open after a response.")
+    ] = 5.0,
     max_body: Annotated[int, typer.Option(help="Largest request body in bytes (413 above).")] = 1
     << 20,
-    model_name: Annotated[
-        str | None, typer.Option(help="The model id clients send (default: the model's file name).")
+    served_name: Annotated[
+        str | None,
+        typer.Option(
+            "--served-name",
+            "--model-name",
+            help="The model id clients send and /v1/models lists (default: the model's file "
+            "name). --model-name is its older spelling.",
+        ),
     ] = None,
     prefill_chunk: Annotated[
         int, typer.Option(help="Prompt tokens read per step: the longest stall a prompt causes.")
@@ -93,26 +114,16 @@ def serve(
 
       gpt2 serve -m gpt2 --port 8080 --max-batch 16 --api-key "$KEY" --cors-origins http://localhost:3000
 
+      gpt2 serve -m out/final.npz --served-name my-gpt2
+
       curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' -d '{"prompt": "Once upon a time", "max_tokens": 20}'
     """
-    for name, value in (
-        ("--max-batch", max_batch),
-        ("--max-queue", max_queue),
-        ("--prefill-chunk", prefill_chunk),
-        ("--decode-chunk", decode_chunk),
-        ("--max-body", max_body),
-    ):
-        if value < 1:
-            raise UserError(f"{name} must be at least 1, got {value}")
-    if not 0 <= port <= 65535:
-        raise UserError(f"--port must be from 0 to 65535, got {port}")
-    for name, value in (("--grace", grace), ("--queue-timeout", queue_timeout)):
-        if not value >= 0:
-            raise UserError(f"{name} must be 0 or more seconds, got {value}")
-    if api_key is not None and not api_key.strip():
-        raise UserError("--api-key is empty: give a key or leave the option out")
-    origins = [o.strip() for o in cors_origins.split(",") if o.strip()] if cors_origins else None
+    origins = _check_flags(locals())
     check_steer_flags(steer, steer_layer, steer_scale)
+
+    from gpt2cli.serve.listen import bind
+
+    sock = bind(host, port)  # a port in use is said now, not after loading and compiling
 
     from gpt2cli import compile_cache
     from gpt2cli.cli.console import err
@@ -123,6 +134,7 @@ def serve(
     from gpt2cli.serve.metrics import Metrics
     from gpt2cli.serve.programs import SlotPrograms
     from gpt2cli.serve.scheduler import Scheduler
+    from gpt2cli.training import memory
 
     compile_cache.enable()
     with err.status(f"loading {model}"):
@@ -133,7 +145,17 @@ def serve(
             f"the tokenizer has {tok.vocab_size} ids but the model's vocabulary has "
             f"{config.vocab_size}; pass the model's tokenizer with --tokenizer"
         )
-    name = model_name or Path(model).name.removesuffix(".npz") or model
+    window = config.n_positions
+    need = memory.generation_footprint(
+        config,
+        rows=max_batch,
+        length=window,
+        prompt=window,
+        compute_bytes=memory.compute_bytes(dtype),
+        prefill_rows=1,  # a request's prompt is read alone
+    )
+    memory.check_fits(need, f"--max-batch {max_batch} x {window} tokens", "--max-batch")
+    name = served_name or Path(model).name.removesuffix(".npz") or model
     steers = steering(config, steer, steer_layer, steer_scale)
     engine = functools.partial(Engine, config, params, dtype, steering=steers)
 
@@ -162,7 +184,8 @@ def serve(
     app = create_app(
         scheduler, model_name=name, api_key=api_key, cors_origins=origins, max_body=max_body
     )
-    ended = _run(app, scheduler, host, port, grace, err)
+    timeouts = {"grace": grace, "request": request_timeout, "keep_alive": keep_alive}
+    ended = _run(app, scheduler, sock, host, port, timeouts, err)
     err.print("stopped")
     if not ended:  # a compile still runs: exiting under it could crash the interpreter's exit
         sys.stdout.flush()
@@ -170,29 +193,58 @@ def serve(
         os._exit(0)
 
 
-def _run(app, scheduler, host: str, port: int, grace: float, err) -> bool:
+def _check_flags(flags: dict) -> list[str] | None:
+    """Values out of range are usage errors (exit 2), found before anything loads. -> the CORS
+    origins."""
+    for name in ("max_batch", "max_queue", "prefill_chunk", "decode_chunk", "max_body"):
+        if flags[name] < 1:
+            raise typer.BadParameter(
+                f"must be at least 1, got {flags[name]}", param_hint=_flag(name)
+            )
+    if not 0 <= flags["port"] <= 65535:
+        raise typer.BadParameter(
+            f"must be from 0 to 65535, got {flags['port']}", param_hint="--port"
+        )
+    for name in ("grace", "queue_timeout", "keep_alive"):
+        if not flags[name] >= 0:
+            raise typer.BadParameter(
+                f"must be 0 or more seconds, got {flags[name]}", param_hint=_flag(name)
+            )
+    if not flags["request_timeout"] > 0:
+        raise typer.BadParameter(
+            f"must be more than 0 seconds, got {flags['request_timeout']}",
+            param_hint="--request-timeout",
+        )
+    if not flags["host"].strip():
+        raise typer.BadParameter(
+            "is empty (it would listen on every interface): give an address, e.g. 127.0.0.1 "
+            "or 0.0.0.0",
+            param_hint="--host",
+        )
+    key = flags["api_key"]
+    if key is not None and not key.strip():
+        raise typer.BadParameter(
+            "is empty: give a key or leave the option out", param_hint="--api-key"
+        )
+    if key is not None and key != key.strip():
+        raise typer.BadParameter(
+            "starts or ends with white space, which no client's key can match (clients' keys "
+            "are read without it)",
+            param_hint="--api-key",
+        )
+    origins = flags["cors_origins"]
+    return [o.strip() for o in origins.split(",") if o.strip()] if origins else None
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _run(app, scheduler, sock, host: str, port: int, timeouts: dict, err) -> bool:
     """Serve until a signal; -> whether the engine's threads ended (see `Scheduler.stop`)."""
     import uvicorn
 
-    class Server(uvicorn.Server):
-        """uvicorn's server, but a SIGTERM or Ctrl-C that shut it down cleanly exits 0
-        (uvicorn re-raises the signal after its graceful shutdown)."""
-
-        @contextlib.contextmanager
-        def capture_signals(self):
-            import signal
-
-            handled = (signal.SIGINT, signal.SIGTERM)
-            previous = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
-            try:
-                yield
-            finally:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
-
-        def handle_exit(self, sig, frame) -> None:
-            scheduler.begin_shutdown()  # no compile started, no "ready" printed after this
-            super().handle_exit(sig, frame)
+    from gpt2cli.serve.listen import Server, timed_h11
 
     logging = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     logging["handlers"]["access"]["stream"] = "ext://sys.stderr"  # stdout is for results
@@ -200,14 +252,17 @@ def _run(app, scheduler, host: str, port: int, grace: float, err) -> bool:
         app,
         host=host,
         port=port,
-        timeout_graceful_shutdown=grace,
+        http=timed_h11(timeouts["request"]),
+        timeout_keep_alive=timeouts["keep_alive"],
+        timeout_graceful_shutdown=None,  # the Server ends requests itself after the grace
         log_config=logging,
         lifespan="off",
     )
-    server = Server(config)
+    # on a signal the scheduler compiles nothing more and never says "ready" after it
+    server = Server(config, timeouts["grace"], app.state.server.shut_down, scheduler.begin_shutdown)
     scheduler.start()
     try:
-        server.run()  # a port in use: uvicorn logs it and exits 1
+        server.run(sockets=[sock])
     finally:
         ended = scheduler.stop(timeout=STOP_WAIT)
     return ended

@@ -69,8 +69,8 @@ def _train(**given) -> None:
             return
     else:
         s = _check(settings.Settings.from_flat(values))
-        if print_config:
-            typer.echo(config_file.dumps(_resolved_cheaply(s)))
+        if print_config:  # what was given; derived values as comments, derived again on reading
+            typer.echo(config_file.dumps(s, _resolved_cheaply(s)))
             return
         plan = _new(s, force)
     try:
@@ -89,8 +89,8 @@ def _command_parameters() -> list[inspect.Parameter]:
     """The command's flags: one per setting (training/settings.py), plus the actions."""
     from gpt2cli.training import settings
 
-    def option(name: str, kind, default, *names: str, help: str) -> inspect.Parameter:
-        info = Opt(default, *names, help=help, show_default=False)  # plain help: no markup
+    def option(name: str, kind, default, *names: str, help: str, callback=None):
+        info = Opt(default, *names, help=help, show_default=False, callback=callback)  # no markup
         return inspect.Parameter(
             name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=kind
         )
@@ -125,6 +125,7 @@ def _command_parameters() -> list[inspect.Parameter]:
                 settings.flag(name),
                 *f.metadata["aliases"],
                 help=f.metadata["help"] + shown,
+                callback=_in_range(name),
             )
         )
     params += [
@@ -154,6 +155,21 @@ def _command_parameters() -> list[inspect.Parameter]:
     return params
 
 
+def _in_range(name: str):
+    """A flag's callback: the setting's own range check, a usage error (exit 2) when outside."""
+    from gpt2cli.errors import ParameterError
+    from gpt2cli.training import settings
+
+    def callback(value):
+        try:
+            settings.check_range(name, value)
+        except ParameterError as exc:
+            raise typer.BadParameter(exc.problem, param_hint=settings.flag(name)) from None
+        return value
+
+    return callback
+
+
 train.__signature__ = inspect.Signature(_command_parameters())
 
 
@@ -166,6 +182,7 @@ def _check(s) -> object:
     m, p = s.model, s.parallel
     precision.get(m.dtype)
     check_text_errors(s.data.errors)
+    _check_together(s)
     if m.model and m.init:
         raise UserError("give either --model (fine-tune) or --init (from scratch), not both")
     shaped = [name for name in SHAPE_FIELDS if getattr(m, name) is not None]
@@ -182,6 +199,18 @@ def _check(s) -> object:
     if not s.data.dataset:
         raise UserError("give the text to train on with --dataset FILE (or --resume a run)")
     return s
+
+
+def _check_together(s) -> None:
+    """The ranges that depend on another setting, as usage errors."""
+    from gpt2cli.cli.options import usage_error
+    from gpt2cli.errors import ParameterError
+    from gpt2cli.training.settings import check_together, flag
+
+    try:
+        check_together(s)
+    except ParameterError as exc:
+        raise usage_error(flag(exc.name), exc.problem) from None
 
 
 def _resolved_cheaply(s):
@@ -247,7 +276,9 @@ def _resume(path: str, values: dict, force: bool):
             f"its settings (see {Path(path) / 'run.json'}); start a new run to change them"
         )
     overrides = {name: value for name, value in values.items() if name not in fixed}
-    _start_processes(recorded.replace(**overrides).parallel)
+    resumed = recorded.replace(**overrides)
+    _check_together(resumed)
+    _start_processes(resumed.parallel)
     return resume_plan(path, overrides, force=force, main_process=_is_main())
 
 

@@ -4,4 +4,5 @@ programs.py  the compiled programs over a block of slots (per-row lengths and sa
 scheduler.py the engine thread: queue, admission, chunked prefill, decode, cancellation
 protocol.py  OpenAI request fields -> jobs, and responses / stream chunks back
 app.py       the Starlette app: routes, auth, limits, streaming, metrics, the chat page
+listen.py    uvicorn as serve runs it: bound first, request timeouts, shutdown in OpenAI's shape
 """

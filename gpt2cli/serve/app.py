@@ -3,6 +3,10 @@
 A request becomes one job per choice (see protocol.py); its events come back from the engine
 thread into an asyncio queue. While a response is being produced the client connection is
 watched, and a disconnect cancels the request's jobs, streamed or not.
+
+The event loop only moves bytes: parsing a body, tokenizing it and encoding a large answer run
+in a worker thread, so a 1 MiB prompt never stalls the streams of others. `Server.shut_down`
+ends every request still running in OpenAI's shape (a 503, or an error event and [DONE]).
 """
 
 from __future__ import annotations
@@ -17,10 +21,11 @@ from html import escape
 from importlib import resources
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
@@ -31,15 +36,22 @@ from gpt2cli.serve.scheduler import Delta, Failed, Finish, Job, Prompt, QueueFul
 from gpt2cli.tokenizer import token_bytes
 
 RETRY_AFTER_S = 1
+CLIENT_GONE = 499  # nginx's status for a client that closed its connection first
 log = logging.getLogger("uvicorn.error")
+
+
+def shutting_down() -> APIError:
+    return APIError(503, "the server is shutting down", None, "shutting_down")
 
 
 class Run:
     """One request's jobs and the queue their events arrive on."""
 
-    def __init__(self, plan: Plan, scheduler: Scheduler):
+    def __init__(self, plan: Plan, scheduler: Scheduler, live: set):
         self.plan = plan
         self.scheduler = scheduler
+        self.live = live  # the server's running requests, for `Server.shut_down`
+        self.error: APIError | None = None  # why the server ended it (`abort`)
         self.queue: asyncio.Queue = asyncio.Queue()
         self.started = time.monotonic()
         loop = asyncio.get_running_loop()
@@ -70,20 +82,38 @@ class Run:
             self.scheduler.submit(self.jobs)
         except QueueFull as exc:
             raise APIError(503, str(exc), None, "queue_full") from None
+        self.live.add(self)
 
     def cancel(self) -> None:
-        if self.open and not self.cancelled:
-            self.cancelled = True
-            self.scheduler.cancel(self.jobs)
-            if self.scheduler.metrics:
-                self.scheduler.metrics.cancelled.inc()
-            self.queue.put_nowait((None, None))  # wake whoever waits for events
+        """The client left: stop the jobs (counted as cancelled)."""
+        if self._stop() and self.scheduler.metrics:
+            self.scheduler.metrics.cancelled.inc()
+
+    def abort(self, error: APIError) -> None:
+        """The server ends the request: `events` raises `error`."""
+        self.error = error
+        self._stop()
+
+    def close(self) -> None:
+        """The response is over, however it ended."""
+        self.cancel()
+        self.live.discard(self)
+
+    def _stop(self) -> bool:
+        if not self.open or self.cancelled:
+            return False
+        self.cancelled = True
+        self.scheduler.cancel(self.jobs)
+        self.queue.put_nowait((None, None))  # wake whoever waits for events
+        return True
 
     async def events(self):
         """(choice index, event) until every choice has finished (or the run is cancelled)."""
         while self.open:
             index, event = await self.queue.get()
             if index is None:
+                if self.error is not None:
+                    raise self.error
                 return
             if isinstance(event, Finish | Failed):
                 self.open -= 1
@@ -124,7 +154,7 @@ class EventStream:
             pass
         finally:
             watcher.cancel()
-            self.run.cancel()
+            self.run.close()
 
 
 class Server:
@@ -133,9 +163,18 @@ class Server:
     def __init__(self, scheduler: Scheduler, model_name: str, api_key: str | None):
         self.scheduler = scheduler
         self.model_name = model_name
-        self.api_key = api_key
+        self.api_key = None if api_key is None else api_key.encode()
         self.metrics = scheduler.metrics
         self.created = int(time.time())
+        self.runs: set[Run] = set()
+        self.closing = False
+
+    def shut_down(self) -> None:
+        """End every running request now, in OpenAI's shape, and refuse new ones (the server's
+        grace period is over). Call it on the event loop."""
+        self.closing = True
+        for run in list(self.runs):
+            run.abort(shutting_down())
 
     # ---- shared checks ---------------------------------------------------------------
 
@@ -144,7 +183,10 @@ class Server:
             return
         given = request.headers.get("authorization", "")
         scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), self.api_key):
+        # bytes, as the client sent them (HTTP headers arrive as latin-1): a key or token
+        # outside ASCII compares like any other
+        token = token.strip().encode("latin-1")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token, self.api_key):
             raise APIError(
                 401,
                 "missing or wrong API key: send Authorization: Bearer KEY",
@@ -172,7 +214,7 @@ class Server:
                 "request_too_large",
             )
         body = bytearray()
-        async for part in request.stream():
+        async for part in request.stream():  # ClientDisconnect if the client leaves: a 499
             body += part
             if len(body) > limit:
                 raise APIError(
@@ -181,12 +223,7 @@ class Server:
                     None,
                     "request_too_large",
                 )
-        try:
-            return json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise APIError(
-                400, f"the request body is not valid JSON: {exc}", None, "invalid_json"
-            ) from None
+        return await run_in_threadpool(protocol.parse_body, bytes(body))
 
     # ---- routes ----------------------------------------------------------------------
 
@@ -223,7 +260,14 @@ class Server:
         body = await self.read_json(request)
         self.require_ready()
         n_positions = self.scheduler.programs.config.n_positions
-        return JSONResponse(protocol.tokenize(body, self.scheduler.tokenizer, n_positions))
+
+        def answer() -> Response:
+            tokens = protocol.tokenize(
+                body, self.scheduler.tokenizer, n_positions, self.model_names
+            )
+            return JSONResponse(tokens)
+
+        return await run_in_threadpool(answer)
 
     async def tokenizer_info(self, request: Request) -> Response:
         self.authorize(request)
@@ -236,7 +280,16 @@ class Server:
         body = await self.read_json(request)
         self.require_ready()
         vocab = self.scheduler.programs.config.vocab_size
-        return JSONResponse(protocol.detokenize(body, self.scheduler.tokenizer, vocab))
+
+        def answer() -> Response:
+            text = protocol.detokenize(body, self.scheduler.tokenizer, vocab, self.model_names)
+            return JSONResponse(text)
+
+        return await run_in_threadpool(answer)
+
+    @property
+    def model_names(self) -> set[str]:
+        return {self.model_name}
 
     async def completions(self, request: Request) -> Response:
         return await self.generate(request, chat=False)
@@ -249,15 +302,17 @@ class Server:
         body = await self.read_json(request)
         self.require_ready()
         make = protocol.chat_plan if chat else protocol.completion_plan
-        plan = make(
+        plan = await run_in_threadpool(
+            make,
             body,
-            models={self.model_name},
+            models=self.model_names,
             tokenizer=self.scheduler.tokenizer,
             config=self.scheduler.programs.config,
             max_batch=self.scheduler.max_batch,
         )
-        self.metrics.prompt_tokens.inc(sum(map(len, plan.prompts)))
-        run = Run(plan, self.scheduler)
+        if self.closing:
+            raise shutting_down()
+        run = Run(plan, self.scheduler, self.runs)
         run.start()
         if plan.stream:
             return EventStream(run, self.stream_chunks(run))
@@ -284,18 +339,25 @@ class Server:
                     bodies.finish(index, event.reason, event.completion_tokens)
         finally:
             watcher.cancel()
+            run.close()
         if run.cancelled:  # the client is gone: nobody reads this
-            return Response(status_code=499)
+            return Response(status_code=CLIENT_GONE)
+        self.served(run)
+        return await run_in_threadpool(lambda: JSONResponse(bodies.whole()))
+
+    def served(self, run: Run) -> None:
         self.metrics.duration.observe(time.monotonic() - run.started)
-        return JSONResponse(bodies.whole())
+        self.metrics.prompt_tokens.inc(sum(map(len, run.plan.prompts)))
 
     async def stream_chunks(self, run: Run):
         bodies = self.bodies(run.plan)
         for chunk in bodies.opening():
             yield chunk
-        async for index, event in run.events():
+        async for index, event in guarded(run.events()):
             if isinstance(event, Failed):
-                yield {"error": APIError(event.status, event.message).body()["error"]}
+                event = APIError(event.status, event.message)
+            if isinstance(event, APIError):  # the engine failed it, or the server ended it
+                yield {"error": event.body()["error"]}
                 run.cancel()
                 break
             if isinstance(event, Finish):
@@ -308,7 +370,7 @@ class Server:
             if chunk is not None:
                 yield chunk
         else:
-            self.metrics.duration.observe(time.monotonic() - run.started)
+            self.served(run)
             usage = bodies.usage_chunk()
             if usage is not None:
                 yield usage
@@ -317,6 +379,15 @@ class Server:
     async def page(self, request: Request) -> Response:
         html = resources.files("gpt2cli.serve").joinpath("static/chat.html").read_text("utf-8")
         return HTMLResponse(html.replace("{{MODEL}}", escape(self.model_name)))
+
+
+async def guarded(events):
+    """The events, then the APIError that ended them (as an event) if one did."""
+    try:
+        async for item in events:
+            yield item
+    except APIError as exc:
+        yield None, exc
 
 
 def error_response(exc: APIError) -> Response:
@@ -347,6 +418,8 @@ def create_app(
                 response = await handler(request)
             except APIError as exc:
                 response = error_response(exc)
+            except ClientDisconnect:  # it left while sending its body: nobody reads this
+                response = Response(status_code=CLIENT_GONE)
             except Exception as exc:  # noqa: BLE001 - one request fails, the server goes on
                 log.exception("internal error on %s", endpoint)
                 response = internal_error(exc)
@@ -396,7 +469,9 @@ def create_app(
                 CORSMiddleware,
                 allow_origins=cors_origins,
                 allow_methods=["GET", "POST", "OPTIONS"],
-                allow_headers=["authorization", "content-type"],
+                # any header, for an allowed origin: OpenAI's JavaScript SDK adds its own
+                # (x-stainless-*, openai-beta, openai-organization, ...) to every request
+                allow_headers=["*"],
             )
         )
     app = Starlette(

@@ -25,7 +25,7 @@ class Counter:
         if not self.labels and not self.values:
             return [*lines, f"{self.name} 0"]
         for key, value in sorted(self.values.items()):
-            lines.append(f"{self.name}{_labels(self.labels, key)} {value:g}")
+            lines.append(f"{self.name}{_labels(self.labels, key)} {_number(value)}")
         return lines
 
 
@@ -37,7 +37,7 @@ class Gauge:
         return [
             f"# HELP {self.name} {self.help}",
             f"# TYPE {self.name} gauge",
-            f"{self.name} {self.read():g}",
+            f"{self.name} {_number(self.read())}",
         ]
 
 
@@ -60,8 +60,16 @@ class Histogram:
             running += count
             le = "+Inf" if bound == float("inf") else f"{bound:g}"
             lines.append(f'{self.name}_bucket{{le="{le}"}} {running}')
-        lines += [f"{self.name}_sum {self.total:g}", f"{self.name}_count {running}"]
+        lines += [f"{self.name}_sum {_number(self.total)}", f"{self.name}_count {running}"]
         return lines
+
+
+def _number(value: float) -> str:
+    """A value as Prometheus reads it, exactly: a whole number in full (`:g` would print
+    1024983 as 1.02498e+06, losing increments), anything else as Python's shortest repr."""
+    if float(value).is_integer():
+        return str(int(value))
+    return repr(float(value))
 
 
 def _labels(names: tuple[str, ...], values: tuple) -> str:
@@ -79,7 +87,7 @@ class Metrics:
             "gpt2_requests_total", "HTTP requests by endpoint and status.", ("endpoint", "status")
         )
         self.prompt_tokens = Counter(
-            "gpt2_prompt_tokens_total", "Prompt tokens of served requests."
+            "gpt2_prompt_tokens_total", "Prompt tokens of served (answered) requests."
         )
         self.generated_tokens = Counter("gpt2_generated_tokens_total", "Tokens generated.")
         self.cancelled = Counter(

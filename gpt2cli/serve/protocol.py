@@ -8,7 +8,9 @@ Validation is ours (not a schema library's), so every error keeps OpenAI's shape
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import secrets
 import time
 from dataclasses import dataclass, replace
@@ -130,11 +132,20 @@ def _number(body: dict, name: str, default, *, integer: bool = False):
         return default
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise bad(name, f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
-    if integer and not (isinstance(value, int) or float(value).is_integer()):
-        raise bad(name, f"{name} must be an integer, got {value!r}")
+    if isinstance(value, int):  # JSON integers have any number of digits
+        if integer:
+            return value
+        try:
+            return float(value)
+        except OverflowError:
+            raise bad(
+                name, f"{name} is out of range: a number of {len(str(value))} digits"
+            ) from None
     if not math.isfinite(value):
         raise bad(name, f"{name} must be a finite number, got {value!r}")
-    return int(value) if integer else float(value)
+    if integer and not value.is_integer():
+        raise bad(name, f"{name} must be an integer, got {value!r}")
+    return int(value) if integer else value
 
 
 def _flag(body: dict, name: str, default: bool = False) -> bool:
@@ -152,6 +163,45 @@ def _checked(param: str, check, *args, **kwargs) -> None:
         check(*args, **kwargs)
     except UserError as exc:
         raise bad(param, str(exc)) from None
+
+
+# a \uD800-\uDFFF escape: the only way JSON text can hold a surrogate (UTF-8 bytes cannot)
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def parse_body(raw: bytes):
+    """A request body -> its JSON value, or a 400: not JSON, nested too deeply for Python, or
+    holding a lone surrogate (`"\\ud800"`: JSON allows it, no tokenizer or encoder does)."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise bad(None, f"the request body is not valid JSON: {exc}", "invalid_json") from None
+    except RecursionError:
+        raise bad(None, "the request body is nested too deeply", "invalid_json") from None
+    if _SURROGATE_ESCAPE.search(raw):
+        _check_text(body)
+    return body
+
+
+def _check_text(body) -> None:
+    """400 naming the field of the first string (key or value) that is not valid Unicode."""
+    todo = [(body, None)]
+    while todo:
+        value, param = todo.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                at = key if param is None else f"{param}.{key}"
+                todo += [(key, param), (item, at)]
+        elif isinstance(value, list):
+            todo += [(item, f"{param}[{i}]") for i, item in enumerate(value)]
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                char = value[exc.start]
+                raise bad(
+                    param, f"the text holds a lone surrogate {char!r}: not valid Unicode"
+                ) from None
 
 
 def check_fields(body, allowed: set[str]) -> None:
@@ -178,11 +228,16 @@ def parse_stop(body: dict) -> tuple[str, ...]:
         raise bad("stop", "stop must be a string or a list of strings")
     if len(stops) > MAX_STOPS:
         raise bad("stop", f"stop takes at most {MAX_STOPS} strings, got {len(stops)}")
+    if "" in stops:
+        raise bad("stop", "an empty stop string would end every reply before it starts")
     return tuple(stops)
 
 
-def parse_settings(body: dict, vocab: int, seed: int) -> Settings:
-    """The sampling fields (OpenAI's defaults where absent); logprobs are the plan's to add."""
+def parse_settings(body: dict, vocab: int, seed: int, known: int | None = None) -> Settings:
+    """The sampling fields (OpenAI's defaults where absent); logprobs are the plan's to add.
+
+    `known`: the tokenizer's ids, when the model's vocabulary is wider (nanoGPT pads 50257 to
+    50304): the ids beyond it are text to no one, so they are never sampled unless biased."""
     temperature = _number(body, "temperature", 1.0)
     top_p = _number(body, "top_p", 1.0)
     min_p = _number(body, "min_p", 0.0)
@@ -212,7 +267,11 @@ def parse_settings(body: dict, vocab: int, seed: int) -> Settings:
         repetition_penalty=penalty,
         seed=seed,
     )
-    return Settings(sampling=sampling, logit_bias=parse_logit_bias(body, vocab), **additive)
+    bias = parse_logit_bias(body, vocab)
+    if known is not None and known < vocab:
+        biased = {token for token, _ in bias}
+        bias += tuple((t, -math.inf) for t in range(known, vocab) if t not in biased)
+    return Settings(sampling=sampling, logit_bias=bias, **additive)
 
 
 def parse_logit_bias(body: dict, vocab: int) -> tuple[tuple[int, float], ...]:
@@ -223,10 +282,9 @@ def parse_logit_bias(body: dict, vocab: int) -> tuple[tuple[int, float], ...]:
         raise bad("logit_bias", "logit_bias must map token ids to numbers from -100 to 100")
     table = {}
     for key, value in bias.items():
-        try:
-            token = int(key)
-        except ValueError:
-            raise bad("logit_bias", f"logit_bias key {key!r} is not a token id") from None
+        if not (key.isascii() and key.isdigit()):  # int() would take " 5 ", "1_0" and "٣"
+            raise bad("logit_bias", f"logit_bias key {key!r} is not a token id")
+        token = int(key)
         if not 0 <= token < vocab:
             raise bad("logit_bias", f"logit_bias token {token} is outside 0..{vocab - 1}")
         if (
@@ -247,15 +305,25 @@ def parse_seed(body: dict) -> int:
     return secrets.randbelow(SEED_RANGE) if seed is None else seed % SEED_RANGE
 
 
-def parse_common(body: dict, models: set[str], vocab: int) -> dict:
+def check_model(body: dict, models: set[str]) -> str:
+    """The served id the request names (or the only one, if it names none)."""
     model = body.get("model")
-    if model is not None and model not in models:
+    if model is None:
+        return sorted(models)[0]
+    if not isinstance(model, str):
+        raise bad("model", f"model must be a string, got {model!r}")
+    if model not in models:
         raise APIError(
             404,
             f"the model {model!r} does not exist; this server serves {', '.join(sorted(models))}",
             "model",
             "model_not_found",
         )
+    return model
+
+
+def parse_common(body: dict, models: set[str], vocab: int, known: int | None = None) -> dict:
+    model = check_model(body, models)
     n = _number(body, "n", 1, integer=True)
     stream = _flag(body, "stream")
     options = body.get("stream_options")
@@ -271,11 +339,11 @@ def parse_common(body: dict, models: set[str], vocab: int) -> dict:
         raise bad("user", "user must be a string")
     seed = parse_seed(body)
     return dict(
-        model=model or sorted(models)[0],
+        model=model,
         n=n,
         stream=stream,
         include_usage=include_usage,
-        settings=parse_settings(body, vocab, seed),
+        settings=parse_settings(body, vocab, seed, known),
         stop=parse_stop(body),
     )
 
@@ -325,7 +393,7 @@ def parse_prompts(prompt, tokenizer, vocab: int) -> tuple[list[list[int]], list[
     ids, texts = [], []
     for p in prompts:
         if isinstance(p, str):
-            encoded = tokenizer.encode(p) or [tokenizer.eos_id]  # "" starts a new document
+            encoded = tokenizer.encode_unlocked(p) or [tokenizer.eos_id]  # "" starts a new document
             ids.append(check_ids(encoded, vocab, "prompt"))
             texts.append(p)
         else:
@@ -339,7 +407,7 @@ def completion_plan(body: dict, *, models: set[str], tokenizer, config, max_batc
     check_fields(body, COMPLETION_FIELDS)
     if "prompt" not in body:
         raise bad("prompt", "prompt is required")
-    common = parse_common(body, models, config.vocab_size)
+    common = parse_common(body, models, config.vocab_size, tokenizer.vocab_size)
     prompts, texts = parse_prompts(body["prompt"], tokenizer, config.vocab_size)
     logprobs = _number(body, "logprobs", None, integer=True)
     if logprobs is not None and not 0 <= logprobs <= 20:
@@ -388,6 +456,22 @@ def _message_text(message: dict, index: int) -> str:
     return " ".join(content.split())  # one line per turn, as `gpt2 chat` writes it
 
 
+def check_message_fields(message: dict, index: int) -> None:
+    """role and content; other fields only as null (a client replaying OpenAI's replies sends
+    `refusal: null`). `name` is refused: the transcript calls every turn User or Assistant."""
+    for name, value in message.items():
+        if name in ("role", "content") or value is None:
+            continue
+        param = f"messages[{index}].{name}"
+        if name == "name":
+            raise bad(
+                param,
+                "name is not supported: gpt2 chat's transcript calls every turn User or Assistant",
+                "unsupported_parameter",
+            )
+        raise bad(param, f"unknown message field {name!r}", "unknown_parameter")
+
+
 def chat_ids(messages, tokenizer, template: Template = TEMPLATES["chat"]) -> list[int]:
     """The transcript `gpt2 chat` would send: preamble, then each turn, ending at the assistant's
     name. System (or developer) messages replace the preamble."""
@@ -397,6 +481,7 @@ def chat_ids(messages, tokenizer, template: Template = TEMPLATES["chat"]) -> lis
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise bad(f"messages[{i}]", "each message must be an object with role and content")
+        check_message_fields(message, i)
         role = message.get("role")
         text = _message_text(message, i)
         if role in ("system", "developer"):
@@ -413,9 +498,9 @@ def chat_ids(messages, tokenizer, template: Template = TEMPLATES["chat"]) -> lis
             )
     if messages[-1].get("role") != "user":
         raise bad("messages", "the last message must be the user's")
-    ids = tokenizer.encode(template.system if system is None else system)
+    ids = tokenizer.encode_unlocked(template.system if system is None else system)
     for turn in turns:
-        ids += tokenizer.encode(turn)
+        ids += tokenizer.encode_unlocked(turn)
     return ids
 
 
@@ -423,7 +508,7 @@ def chat_plan(body: dict, *, models: set[str], tokenizer, config, max_batch: int
     check_fields(body, CHAT_FIELDS)
     if "messages" not in body:
         raise bad("messages", "messages is required")
-    common = parse_common(body, models, config.vocab_size)
+    common = parse_common(body, models, config.vocab_size, tokenizer.vocab_size)
     ids = check_ids(chat_ids(body["messages"], tokenizer), config.vocab_size, "messages")
     logprobs = _flag(body, "logprobs")
     top = _number(body, "top_logprobs", None, integer=True)
@@ -452,17 +537,19 @@ def chat_plan(body: dict, *, models: set[str], tokenizer, config, max_batch: int
 # ---- other routes ----------------------------------------------------------------------
 
 
-def tokenize(body, tokenizer, n_positions: int) -> dict:
+def tokenize(body, tokenizer, n_positions: int, models: set[str]) -> dict:
     """/tokenize: a prompt, or chat messages as `chat_ids` writes them -> their token ids.
     `add_special_tokens` (vLLM's field) changes nothing: GPT-2 adds no BOS or EOS to a text."""
     if isinstance(body, dict) and "messages" in body:
         check_fields(body, {"model", "messages", "add_special_tokens"})
+        check_model(body, models)
         ids = chat_ids(body["messages"], tokenizer)
     else:
         check_fields(body, {"model", "prompt", "add_special_tokens"})
+        check_model(body, models)
         if not isinstance(body.get("prompt"), str):
             raise bad("prompt", "prompt must be a string")
-        ids = tokenizer.encode(body["prompt"])
+        ids = tokenizer.encode_unlocked(body["prompt"])
     _flag(body, "add_special_tokens")
     return {"tokens": ids, "count": len(ids), "max_model_len": n_positions}
 
@@ -484,9 +571,10 @@ def tokenizer_info(tokenizer, n_positions: int) -> dict:
     }
 
 
-def detokenize(body, tokenizer, vocab: int) -> dict:
-    """/detokenize: token ids -> their text."""
+def detokenize(body, tokenizer, vocab: int, models: set[str]) -> dict:
+    """/detokenize: token ids -> their text (ids beyond the tokenizer's are no text)."""
     check_fields(body, {"model", "tokens"})
+    check_model(body, models)
     tokens = body.get("tokens")
     if not isinstance(tokens, list):
         raise bad("tokens", "tokens must be a list of token ids")
@@ -646,8 +734,12 @@ class Bodies:
             "total_tokens": prompt + completion,
         }
 
+    def _bytes(self, token: int) -> bytes:
+        """A token's bytes; none for an id beyond the tokenizer's (a padded vocabulary)."""
+        return self.table[token] if token < len(self.table) else b""
+
     def _text(self, token: int) -> str:
-        return self.table[token].decode("utf-8", errors="replace")
+        return self._bytes(token).decode("utf-8", errors="replace")
 
     def _logprobs(self, tokens, want_top: int, offset: int = 0) -> dict:
         """Chat's `content` list of tokens with their bytes, or the completions' four lists."""
@@ -680,4 +772,4 @@ class Bodies:
         return out if want_top else {**out, "top_logprobs": None}
 
     def _token(self, token: int, logprob: float) -> dict:
-        return {"token": self._text(token), "logprob": logprob, "bytes": list(self.table[token])}
+        return {"token": self._text(token), "logprob": logprob, "bytes": list(self._bytes(token))}

@@ -25,7 +25,7 @@ def read(path: str | Path) -> dict[str, Any]:
         raise UserError(f"--config {path}: no such file") from None
     except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"--config {path}: {exc}") from None
-    values = {}
+    values, spelled = {}, {}
     for key, value in table.items():
         name = key.replace("-", "_")
         if name not in settings.FIELDS:
@@ -33,26 +33,33 @@ def read(path: str | Path) -> dict[str, Any]:
                 " (a table? keys are flat: the long flag names)" if isinstance(value, dict) else ""
             )
             raise UserError(f"{path}: unknown key {key!r}{hint}")
+        if name in spelled:
+            raise UserError(f"{path}: {spelled[name]!r} and {key!r} are the same setting; keep one")
+        spelled[name] = key
         values[name] = settings.check_value(name, value, f"{path}: ")
     return values
 
 
-def dumps(s: settings.Settings) -> str:
-    """TOML for the settings `s`, grouped and commented; unset (derived) values are comments."""
+def dumps(given: settings.Settings, resolved: settings.Settings | None = None) -> str:
+    """TOML for the settings `given`, grouped and commented. A setting left unset there (one
+    derived from others) stays a comment, with what it resolves to in `resolved`, so a file
+    that changes --steps or the shape derives it again."""
     lines = ["# gpt2 train settings: gpt2 train --config THIS_FILE", ""]
-    values = s.flat()
+    values = given.flat()
+    derived = (resolved or given).flat()
     for group, kind in settings.GROUPS.items():
         lines.append(f"# [{group}] {kind.__doc__.strip()}")
         for name, (owner, f) in settings.FIELDS.items():
             if owner != group:
                 continue
             key = name.replace("_", "-")
-            value = values[name]
             help_text = f.metadata["help"]
-            if value is None:
-                lines.append(f"# {key} = <unset>  # {help_text}")
+            if values[name] is not None:
+                lines.append(f"{key} = {_toml(values[name])}  # {help_text}")
+            elif derived[name] is not None:
+                lines.append(f"# {key} = {_toml(derived[name])}  # derived: {help_text}")
             else:
-                lines.append(f"{key} = {_toml(value)}  # {help_text}")
+                lines.append(f"# {key} = <unset>  # {help_text}")
         lines.append("")
     return "\n".join(lines)
 

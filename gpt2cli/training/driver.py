@@ -67,6 +67,7 @@ def run(plan: Plan, view: View, *, force: bool, plot: bool, tqdm_class=None) -> 
     view = view if main else _Silent(view)
     source = plan.settings.model
     tokenizer = load_tokenizer(source.tokenizer, source.model, tqdm_class=tqdm_class)
+    _check_vocab(plan, tokenizer.vocab_size)
     probes = Probes(
         plan.settings.loop, plan.model_config, tokenizer, source.dtype
     )  # reads the task
@@ -143,6 +144,18 @@ def run(plan: Plan, view: View, *, force: bool, plot: bool, tqdm_class=None) -> 
     return Outcome(start, step, loop.steps, folder.path, written, folder.plot() if plot else None)
 
 
+def _check_vocab(plan: Plan, tokens: int) -> None:
+    """A model must have a row for every token its tokenizer makes (a smaller vocab_size trains
+    on ids past its embedding table: NaN)."""
+    vocab = plan.model_config.vocab_size
+    if vocab < tokens:
+        source = plan.settings.model.init or plan.settings.model.model
+        raise UserError(
+            f"{source}: vocab_size {vocab} is below the tokenizer's {tokens} tokens; give a "
+            f"vocab_size of at least {tokens}"
+        )
+
+
 def check_fits(plan: Plan, loss_chunks: int = 1) -> str:
     """The line that says what the run will hold against what the device has; a UserError,
     with what to change, when it cannot fit."""
@@ -167,6 +180,13 @@ def check_fits(plan: Plan, loss_chunks: int = 1) -> str:
     have, what = memory.device_capacity()
     if have is None:
         return f"memory: {need.describe()}"
+    fixed = need.params + need.optimizer + need.gradients
+    if fixed > have:  # no batch fits: the model's shape is what is too big
+        raise UserError(
+            f"this model's weights, optimizer state and gradients alone need {fixed / memory.GB:.1f}"
+            f" GB but the machine has {have / memory.GB:.1f} GB ({what}): "
+            + memory.largest_part(plan.model_config)
+        )
     if need.total > have:
         remedies = [f"a smaller --batch-size (now {tc.batch_size}) with more --grad-accum"]
         if not tc.remat:

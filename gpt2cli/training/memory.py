@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass
 
 from gpt2cli.config import GPT2Config
+from gpt2cli.errors import UserError
 
 GB = 1e9
 
@@ -65,8 +66,42 @@ def footprint(
     return Footprint(params, 2 * params, gradients, kept + logits, rows, seq)
 
 
+MACHINE_MEMORY = "GPT2_MACHINE_MEMORY"  # bytes the checks take as the machine's (tests, a share)
+
+
+def largest_part(config: GPT2Config) -> str:
+    """Which of a model's parts holds most of its parameters, and the setting that sizes it."""
+    d = config.n_embd
+    parts = {
+        f"the position table (n_positions {config.n_positions} x n_embd {d}) holds most of "
+        "them: a smaller --n-positions": config.n_positions * d,
+        f"the token table (vocab_size {config.vocab_size} x n_embd {d}) holds most of them: "
+        "a smaller vocab_size": config.vocab_size * d,
+        f"the {config.n_layer} blocks hold most of them: a smaller --n-layer or --n-embd": (
+            config.num_params() - (config.n_positions + config.vocab_size) * d
+        ),
+    }
+    return max(parts, key=parts.get)
+
+
 def host_available() -> int | None:
-    """Memory the host can still give (MemAvailable), or None where it cannot be read."""
+    """Memory the host can still give (MemAvailable, or less where this process's address
+    space is limited), or None where it cannot be read. GPT2_MACHINE_MEMORY overrides it."""
+    if os.environ.get(MACHINE_MEMORY):
+        return int(float(os.environ[MACHINE_MEMORY]))
+    available = _mem_available()
+    limit = _address_space_limit()
+    return limit if available is None else min(available, limit or available)
+
+
+def _address_space_limit() -> int | None:
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def _mem_available() -> int | None:
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
             for line in f:
@@ -86,6 +121,60 @@ def device_capacity() -> tuple[int | None, str]:
 
     device = jax.local_devices()[0]
     stats = device.memory_stats() if device.platform != "cpu" else None
-    if stats and stats.get("bytes_limit"):
+    if stats and stats.get("bytes_limit") and not os.environ.get(MACHINE_MEMORY):
         return int(stats["bytes_limit"]), f"{device.device_kind} memory"
     return host_available(), "available host memory"
+
+
+# ---- the other commands: what generating and scoring hold ----------------------------------
+
+
+def generation_footprint(
+    config: GPT2Config,
+    *,
+    rows: int,
+    length: int,
+    prompt: int,
+    compute_bytes: int,
+    prefill_rows=None,
+) -> int:
+    """Bytes a generating command holds (a floor): the float32 weights twice (host and device),
+    the KV cache of `rows` x `length` slots at the compute dtype, the float32 attention scores
+    of a prefill of `prompt` tokens over `prefill_rows` rows (default: all), and each row's
+    float32 logits with their sampling copy."""
+    prefill_rows = rows if prefill_rows is None else prefill_rows
+    weights = 2 * 4 * config.num_params()
+    cache = 2 * config.n_layer * rows * length * config.n_embd * compute_bytes
+    scores = prefill_rows * config.n_head * prompt * length * 4
+    logits = 2 * rows * config.vocab_size * 4
+    return weights + cache + scores + logits
+
+
+def scoring_footprint(config: GPT2Config, *, rows: int, length: int, compute_bytes: int) -> int:
+    """Bytes a scoring command (eval) holds (a floor): the float32 weights twice, one layer's
+    activations and attention scores of `rows` x `length` tokens, and their float32 logits."""
+    weights = 2 * 4 * config.num_params()
+    layer = rows * length * 16 * config.n_embd * compute_bytes
+    scores = rows * config.n_head * length * length * 4
+    logits = rows * length * config.vocab_size * 4
+    return weights + layer + scores + logits
+
+
+def compute_bytes(dtype: str) -> int:
+    """Bytes per activation at a precision's compute dtype."""
+    import jax.numpy as jnp
+
+    from gpt2cli import precision
+
+    return jnp.dtype(precision.get(dtype).compute).itemsize
+
+
+def check_fits(need: int, what: str, lower: str) -> None:
+    """Refuse, in one line naming what to lower, a command whose `need` (bytes) is above what
+    the device (or the host) has; before anything that size is allocated."""
+    have, where = device_capacity()
+    if have is not None and need > have:
+        raise UserError(
+            f"{what} needs at least {need / GB:.1f} GB but this machine has "
+            f"{have / GB:.1f} GB ({where}): lower {lower}"
+        )

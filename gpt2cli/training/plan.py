@@ -134,7 +134,6 @@ def new_plan(
     s = settings.resolve(s, model_config, val_fraction).replace(
         out=str(folder.resolve()), output=str(output.resolve())
     )
-    check_loop(s.loop)
     resolved = DataFiles(
         dataset=[str(p.resolve()) for p in files],
         val_dataset=[str(p.resolve()) for p in val_files] if val_files else None,
@@ -142,11 +141,6 @@ def new_plan(
     )
     plan = Plan(RunFolder(folder), s, model_config, resolved, resumed=False)
     model_config.check_fits(plan.train_config.seq_length, "seq_length")
-    settings.check_val_fraction(s.data.val_fraction)
-    if s.data.eval_batches <= 0:
-        raise ParameterError(
-            "eval_batches", f"must be a positive integer, got {s.data.eval_batches}"
-        )
     if main_process:
         RunFolder.check_new(folder)
     return plan
@@ -202,8 +196,7 @@ def resume_plan(
 
 def _resume_plan(folder: RunFolder, overrides: dict[str, Any], *, force: bool) -> Plan:
     recorded = _read(folder)
-    changed = recorded.settings.replace(**overrides)
-    check_loop(changed.loop)
+    changed = recorded.settings.replace(**overrides)  # each value's range checked
     plan = Plan(folder, changed, recorded.model_config, recorded.files, resumed=True)
     if plan.output.exists() and not (force or plan.owns_output):
         raise UserError(
@@ -312,18 +305,6 @@ def _from_version_1(spec: dict[str, Any], file: Path) -> dict[str, Any]:
         },
         "output": spec.get("output"),
     }
-
-
-def check_loop(loop: settings.LoopSettings) -> None:
-    """Step counts and cadences: positive; evaluating and saving may be 0 (only at the end),
-    sampling 0 (never)."""
-    for name in ("steps", "log_every", "eval_every", "save_every", "keep", "sample_every",
-                 "sample_tokens"):  # fmt: skip
-        value = getattr(loop, name)
-        zero_ok = name in ("eval_every", "save_every", "sample_every")
-        if value < 0 or (value == 0 and not zero_ok):
-            allowed = "0 or a positive integer" if zero_ok else "a positive integer"
-            raise ParameterError(name, f"must be {allowed}, got {value}")
 
 
 def initial_weights(plan: Plan, trainer: Trainer, load_model) -> TrainState:

@@ -9,6 +9,7 @@ another setting); the help says from what, and `resolve` computes it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,17 +18,60 @@ from typing import Any
 from gpt2cli import precision
 from gpt2cli.config import GPT2Config
 from gpt2cli.errors import ParameterError, UserError
+from gpt2cli.sampling_checks import MAX_SEED
 
 VAL_FRACTION = 0.05  # the tail held out for validation, unless a prepared folder says otherwise
 FINE_TUNE_LR = 5e-5
 
 
-def setting(default: Any, help: str, *aliases: str, fixed: bool = True) -> Any:
-    """A field with its help; `fixed`: part of a run's identity, not changed on --resume.
+INT_LIMIT = 2**31 - 1  # JAX computes steps, lengths and counts in int32
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a number setting allows: `low`/`high` bounds (None: none), each included
+    unless open. Whole numbers are also held to int32 (what JAX counts in)."""
+
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+
+    def problem(self, value: float) -> str | None:
+        """Why `value` is not allowed, or None."""
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"{value} is not a finite number"
+        low, high = self.low, self.high
+        if high is None and isinstance(value, int):
+            high = INT_LIMIT
+        low_ok = low is None or (value > low if self.open_low else value >= low)
+        high_ok = high is None or (value < high if self.open_high else value <= high)
+        if low_ok and high_ok:
+            return None
+        if self.low is not None and self.high is not None:
+            left, right = "(" if self.open_low else "[", ")" if self.open_high else "]"
+            return f"must be in {left}{low}, {high}{right}, got {value}"
+        if not low_ok:
+            return f"must be {'greater than' if self.open_low else 'at least'} {low}, got {value}"
+        return f"must be {'below' if self.open_high else 'at most'} {high}, got {value}"
+
+
+POSITIVE = Range(low=1)  # a count of at least one
+COUNT = Range(low=0)  # 0 allowed: "off" or "only at the end"
+FRACTION = Range(0, 1, open_high=True)  # a share, a probability, an Adam beta
+RATE = Range(low=0, open_low=True)
+SEED = Range(0, MAX_SEED)
+
+
+def setting(
+    default: Any, help: str, *aliases: str, fixed: bool = True, allowed: Range | None = None
+) -> Any:
+    """A field with its help; `fixed`: part of a run's identity, not changed on --resume;
+    `allowed`: the range of a number (every source of settings checks it: `check_range`).
 
     A default that is a list is copied per instance (dataclasses need a factory for it).
     """
-    meta = {"help": help, "aliases": aliases, "fixed": fixed}
+    meta = {"help": help, "aliases": aliases, "fixed": fixed, "allowed": allowed}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -54,12 +98,18 @@ class ModelSettings:
         "Train from scratch: a preset's shape (tiny, gpt2, gpt2-medium, ...) or a config.json "
         "(its file or folder).",
     )
-    n_layer: int | None = setting(None, "With --init: transformer blocks.")
-    n_head: int | None = setting(None, "With --init: attention heads (must divide --n-embd).")
-    n_embd: int | None = setting(None, "With --init: residual stream width.")
-    n_positions: int | None = setting(None, "With --init: context length (nanoGPT's block_size).")
+    n_layer: int | None = setting(None, "With --init: transformer blocks.", allowed=POSITIVE)
+    n_head: int | None = setting(
+        None, "With --init: attention heads (must divide --n-embd).", allowed=POSITIVE
+    )
+    n_embd: int | None = setting(None, "With --init: residual stream width.", allowed=POSITIVE)
+    n_positions: int | None = setting(
+        None, "With --init: context length (nanoGPT's block_size).", allowed=POSITIVE
+    )
     tokenizer: str | None = setting(None, "Tokenizer folder or repo id [default: the model's].")
-    dropout: float | None = setting(None, "Dropout rate in training [default: the model's].")
+    dropout: float | None = setting(
+        None, "Dropout rate in training [default: the model's].", allowed=FRACTION
+    )
     dtype: str = setting("float32", precision.HELP + " Weights stay float32.")
 
 
@@ -75,15 +125,19 @@ class DataSettings:
     )
     val_dataset: list[str] = setting([], "Validation text file(s) instead of a split.")
     val_fraction: float | None = setting(
-        None, f"Tail of the data held out [default: {VAL_FRACTION}, or the prepared folder's]."
+        None,
+        f"Tail of the data held out [default: {VAL_FRACTION}, or the prepared folder's].",
+        allowed=FRACTION,
     )
     errors: str = setting("strict", "Non-UTF-8 bytes: strict (stop) or replace.")
-    batch_size: int = setting(8, "Sequences per micro-batch.", "-b")
+    batch_size: int = setting(8, "Sequences per micro-batch.", "-b", allowed=POSITIVE)
     seq_length: int | None = setting(
-        None, f"Tokens per sequence [default: {SEQ_LENGTH}, or the context if shorter]."
+        None,
+        f"Tokens per sequence [default: {SEQ_LENGTH}, or the context if shorter].",
+        allowed=POSITIVE,
     )
-    grad_accum: int = setting(1, "Micro-batches per optimizer step.")
-    eval_batches: int = setting(8, "Validation batches per evaluation.")
+    grad_accum: int = setting(1, "Micro-batches per optimizer step.", allowed=POSITIVE)
+    eval_batches: int = setting(8, "Validation batches per evaluation.", allowed=POSITIVE)
 
 
 @dataclass(frozen=True)
@@ -94,28 +148,37 @@ class OptimizerSettings:
         None,
         f"Peak learning rate [default: {FINE_TUNE_LR} to fine-tune; from scratch "
         "6e-4 x 768 / n_embd, at most 1e-2].",
+        allowed=RATE,
     )
-    min_lr: float | None = setting(None, "Final learning rate [default: lr/10].")
-    warmup: int | None = setting(None, f"Linear warm-up steps [default: min({WARMUP}, steps/10)].")
+    min_lr: float | None = setting(
+        None, "Final learning rate [default: lr/10].", allowed=Range(low=0)
+    )
+    warmup: int | None = setting(
+        None, f"Linear warm-up steps [default: min({WARMUP}, steps/10)].", allowed=COUNT
+    )
     decay_steps: int | None = setting(
-        None, "Step where the cosine reaches --min-lr [default: steps]."
+        None, "Step where the cosine reaches --min-lr [default: steps].", allowed=POSITIVE
     )
-    weight_decay: float = setting(0.1, "AdamW decay of weight matrices.")
-    beta1: float = setting(0.9, "AdamW's first-moment decay.")
-    beta2: float = setting(0.95, "AdamW's second-moment decay.")
-    grad_clip: float = setting(1.0, "Global gradient-norm limit, 0 = off.")
-    seed: int = setting(0, "Data order, dropout and init.")
+    weight_decay: float = setting(0.1, "AdamW decay of weight matrices.", allowed=Range(low=0))
+    beta1: float = setting(0.9, "AdamW's first-moment decay.", allowed=FRACTION)
+    beta2: float = setting(0.95, "AdamW's second-moment decay.", allowed=FRACTION)
+    grad_clip: float = setting(1.0, "Global gradient-norm limit, 0 = off.", allowed=Range(low=0))
+    seed: int = setting(0, "Data order, dropout and init.", allowed=SEED)
 
 
 @dataclass(frozen=True)
 class LoopSettings:
     """How long to run, how often to report and save, and where results go."""
 
-    steps: int = setting(1000, "Optimizer steps in total.", fixed=False)
-    log_every: int = setting(10, "Steps per log line.", fixed=False)
-    eval_every: int = setting(0, "Steps per validation, 0 = at the end.", fixed=False)
-    save_every: int = setting(1000, "Steps per checkpoint, 0 = at the end.", fixed=False)
-    keep: int = setting(3, "Checkpoints kept.", fixed=False)
+    steps: int = setting(1000, "Optimizer steps in total.", fixed=False, allowed=POSITIVE)
+    log_every: int = setting(10, "Steps per log line.", fixed=False, allowed=POSITIVE)
+    eval_every: int = setting(
+        0, "Steps per validation, 0 = at the end.", fixed=False, allowed=COUNT
+    )
+    save_every: int = setting(
+        1000, "Steps per checkpoint, 0 = at the end.", fixed=False, allowed=COUNT
+    )
+    keep: int = setting(3, "Checkpoints kept.", fixed=False, allowed=POSITIVE)
     out: str | None = setting(None, "Run folder (checkpoints, metrics) [default: runs/<time>].")
     output: str | None = setting(
         None,
@@ -132,10 +195,13 @@ class LoopSettings:
         fixed=False,
     )
     sample_every: int = setting(
-        0, "Steps per greedy sample written to the log and metrics.jsonl, 0 = never.", fixed=False
+        0,
+        "Steps per greedy sample written to the log and metrics.jsonl, 0 = never.",
+        fixed=False,
+        allowed=COUNT,
     )
     sample_prompt: str = setting(SAMPLE_PROMPT, "The text each sample continues.", fixed=False)
-    sample_tokens: int = setting(32, "Tokens per sample.", fixed=False)
+    sample_tokens: int = setting(32, "Tokens per sample.", fixed=False, allowed=POSITIVE)
 
 
 @dataclass(frozen=True)
@@ -149,8 +215,10 @@ class ParallelSettings:
     coordinator: str | None = setting(
         None, "HOST:PORT of process 0, for multi-process runs.", fixed=False
     )
-    num_processes: int = setting(1, "Processes in the run.", fixed=False)
-    process_id: int = setting(0, "This process's index.", fixed=False)
+    num_processes: int = setting(1, "Processes in the run.", fixed=False, allowed=POSITIVE)
+    process_id: int = setting(
+        0, "This process's index, from 0 to --num-processes - 1.", fixed=False, allowed=COUNT
+    )
     remat: bool = setting(
         False, "Recompute each block in the backward pass: less memory, slower.", fixed=False
     )
@@ -181,6 +249,8 @@ class Settings:
         unknown = set(values) - set(FIELDS)
         if unknown:
             raise ValueError(f"unknown settings {sorted(unknown)}")
+        for name, value in values.items():
+            check_range(name, value)
         groups = {}
         for group, kind in GROUPS.items():
             mine = {f.name: values[f.name] for f in dataclasses.fields(kind) if f.name in values}
@@ -228,8 +298,9 @@ def check_text_errors(value: str) -> None:
 
 def check_val_fraction(value: float) -> None:
     """The one check of a held-out share: the tail it takes must leave a head to train on."""
-    if not 0.0 <= value < 1.0:
-        raise ParameterError("val_fraction", f"must be in [0, 1), got {value}")
+    problem = FRACTION.problem(value)
+    if problem:
+        raise ParameterError("val_fraction", problem)
 
 
 def help_of(kind: type, name: str) -> str:
@@ -266,11 +337,34 @@ def default_of(name: str) -> Any:
 
 
 def check_value(name: str, value: Any, where: str) -> Any:
-    """`value` if it fits the field's type (ints pass as floats); else one line naming it."""
+    """`value` if it fits the field's type (ints pass as floats) and range; else one line
+    naming it (`where`: the file, and the section, it was read from)."""
     kind = field_type(name)
-    if _fits(value, kind):
-        return float(value) if kind in (float, float | None) and value is not None else value
-    raise UserError(f"{where}{name} must be {_describe(kind)}, got {value!r}")
+    if not _fits(value, kind):
+        raise UserError(f"{where}{name} must be {_describe(kind)}, got {value!r}")
+    value = float(value) if kind in (float, float | None) and value is not None else value
+    try:
+        check_range(name, value)
+    except ParameterError as exc:
+        raise UserError(f"{where}{name} {exc.problem}") from None
+    return value
+
+
+def check_range(name: str, value: Any) -> None:
+    """The one check of a setting's range, for every source (flags, --config, run.json)."""
+    allowed = FIELDS[name][1].metadata["allowed"]
+    problem = allowed.problem(value) if allowed and value is not None else None
+    if problem:
+        raise ParameterError(name, problem)
+
+
+def check_together(s: Settings) -> None:
+    """The ranges that depend on another setting."""
+    p = s.parallel
+    if p.process_id >= p.num_processes:
+        raise ParameterError(
+            "process_id", f"must be below the process count ({p.num_processes}), got {p.process_id}"
+        )
 
 
 def _fits(value: Any, kind: Any) -> bool:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,8 +23,7 @@ from gpt2cli import kernels, precision
 from gpt2cli.config import GPT2Config
 from gpt2cli.errors import ParameterError
 from gpt2cli.model import GPT2
-from gpt2cli.sampling_checks import check_seed
-from gpt2cli.training import sharding
+from gpt2cli.training import settings, sharding
 
 
 @dataclass(frozen=True)
@@ -52,25 +50,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ParameterError(f.name, f"must be a finite number, got {value}")
-        check_seed(self.seed)
-        for name in ("batch_size", "seq_length", "grad_accum"):
-            if getattr(self, name) <= 0:
-                raise ParameterError(name, f"must be a positive integer, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ParameterError("lr", f"must be > 0, got {self.lr}")
-        for name in ("min_lr", "weight_decay", "grad_clip", "warmup"):
-            if getattr(self, name) < 0:
-                raise ParameterError(name, f"must be >= 0, got {getattr(self, name)}")
+            if f.name in settings.FIELDS:
+                settings.check_range(f.name, getattr(self, f.name))  # the settings' own ranges
         precision.get(self.dtype)
         if self.parallel not in sharding.MODES:
             raise ParameterError(
                 "parallel", f"must be one of {sharding.MODES}, got {self.parallel!r}"
             )
-        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
-            raise ParameterError("dropout", f"must be in [0, 1), got {self.dropout}")
 
 
 def learning_rate(tc: TrainConfig) -> Callable[[jax.Array], jax.Array]:

@@ -284,10 +284,10 @@ def test_background_warm_up_serves_at_once_and_compiles_each_program_once(tok, t
 
 def test_stop_while_compiling_returns_promptly(tok, tiny_a):
     """A stop during the background compiles ends the scheduler after the program being
-    compiled, and reports whether every thread ended."""
+    compiled."""
     s = start(tiny_a, tok, "background", max_batch=4)
     assert s.programs_waiting > 0
     began = time.monotonic()
-    ended = s.stop(timeout=10)
+    s.stop(timeout=10)
     assert time.monotonic() - began < 10
-    assert ended and not s.warmer.running and s.programs_waiting > 0
+    assert not s.running and s.programs_waiting > 0

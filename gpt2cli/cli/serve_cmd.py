@@ -185,9 +185,9 @@ def serve(
         scheduler, model_name=name, api_key=api_key, cors_origins=origins, max_body=max_body
     )
     timeouts = {"grace": grace, "request": request_timeout, "keep_alive": keep_alive}
-    ended = _run(app, scheduler, sock, host, port, timeouts, err)
+    _run(app, scheduler, sock, host, port, timeouts, err)
     err.print("stopped")
-    if not ended:  # a compile still runs: exiting under it could crash the interpreter's exit
+    if scheduler.running:  # a compile still runs: exiting under it could crash the interpreter
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
@@ -240,8 +240,7 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _run(app, scheduler, sock, host: str, port: int, timeouts: dict, err) -> bool:
-    """Serve until a signal; -> whether the engine's threads ended (see `Scheduler.stop`)."""
+def _run(app, scheduler, sock, host: str, port: int, timeouts: dict, err) -> None:
     import uvicorn
 
     from gpt2cli.serve.listen import Server, timed_h11
@@ -264,5 +263,4 @@ def _run(app, scheduler, sock, host: str, port: int, timeouts: dict, err) -> boo
     try:
         server.run(sockets=[sock])
     finally:
-        ended = scheduler.stop(timeout=STOP_WAIT)
-    return ended
+        scheduler.stop(timeout=STOP_WAIT)

@@ -177,9 +177,9 @@ class Scheduler:
             if self.warmer:
                 self.warmer.stop()
 
-    def stop(self, timeout: float = 30.0) -> bool:
-        """Cancel everything and end the engine thread. -> whether every thread that compiles
-        ended within `timeout` (a compile cannot be interrupted)."""
+    def stop(self, timeout: float = 30.0) -> None:
+        """Cancel everything and end the engine thread, waiting up to `timeout` for it and the
+        background compiles (a compile cannot be interrupted: see `running`)."""
         self.begin_shutdown()
         with self._cond:
             self._stopping = True
@@ -191,7 +191,11 @@ class Scheduler:
             self._thread.join(timeout)
         if self.warmer:
             self.warmer.join(max(end - time.monotonic(), 0))
-        return not (self._thread.is_alive() or (self.warmer and self.warmer.running))
+
+    @property
+    def running(self) -> bool:
+        """The engine thread or the background compiles have not ended."""
+        return self._thread.is_alive() or bool(self.warmer and self.warmer.running)
 
     @property
     def queue_length(self) -> int:

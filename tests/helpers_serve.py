@@ -162,6 +162,7 @@ class FakeEngine:
         self.metrics = None
         self.max_batch, self.max_queue = 4, max_queue
         self.queue_length = self.busy_rows = self.block_rows = self.block_length = 0
+        self.programs_compiled = self.programs_waiting = 0
         self.tokens, self.interval, self.hang = tokens, interval, hang
         self.token = self.tokenizer.encode(" hi")[0] if token is None else token
         self.top = top

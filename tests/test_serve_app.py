@@ -30,6 +30,8 @@ KEY = "k"
 class Flaky:
     """A `programs` stand-in whose config fails once: an internal error in a handler."""
 
+    compiled_count = 0
+
     def __init__(self):
         self.calls = 0
 

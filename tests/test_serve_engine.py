@@ -14,7 +14,7 @@ import pytest
 from gpt2cli.engine import Engine, SamplingParams
 from gpt2cli.generate import generate
 from gpt2cli.serve.prefix_cache import PrefixCache
-from gpt2cli.serve.programs import SlotPrograms, length_buckets
+from gpt2cli.serve.programs import Program, SlotPrograms, length_buckets
 from gpt2cli.serve.protocol import Settings
 from gpt2cli.serve.scheduler import (
     QUEUE_FULL,
@@ -26,6 +26,7 @@ from gpt2cli.serve.scheduler import (
     Scheduler,
     row_buckets,
 )
+from gpt2cli.serve.warmup import every_program, first_programs
 from gpt2cli.tokenizer import bundled
 
 PROMPTS = [
@@ -88,11 +89,17 @@ def scheduler(tiny_a, tok):
         one, many = Engine(config, params, batch=1), Engine(config, params, batch=8)
         return SlotPrograms(one, many, chunk=4, prefill_chunk=48), tok
 
-    s = Scheduler(load, max_batch=4, max_queue=6, prefix_cache_bytes=PREFIX_BYTES)
+    s = Scheduler(load, max_batch=4, max_queue=6, prefix_cache_bytes=PREFIX_BYTES, warm_up="all")
     s.start()
     assert s.ready.wait(300) and s.load_error is None
+    s.compiled_at_start = dict(s.programs.compiles)
     yield s
     s.stop()
+
+
+def nothing_compiled_since_start(s: Scheduler) -> bool:
+    """`--warm-up all`: every program was compiled once, before `ready`, none since."""
+    return s.programs.compiles == s.compiled_at_start and set(s.compiled_at_start.values()) == {1}
 
 
 def run(scheduler, tok, specs, max_tokens=24):
@@ -141,7 +148,7 @@ def test_batched_equals_alone_equals_generate(scheduler, tok, tiny_a):
     ]
     assert together == alone == reference
     assert len(set(reference)) == 4
-    assert scheduler.programs.traces == scheduler.compiled_traces  # all compiled at start
+    assert nothing_compiled_since_start(scheduler)
 
 
 def test_rows_growing_past_cache_lengths_keep_their_tokens(scheduler, tok, tiny_a, monkeypatch):
@@ -154,9 +161,9 @@ def test_rows_growing_past_cache_lengths_keep_their_tokens(scheduler, tok, tiny_
     seen_lengths = set()
     decode = scheduler.programs.decode
 
-    def watched(params, slots, *args, **kwargs):  # the block length of every decode chunk
+    def watched(slots, settings):  # the block length of every decode chunk
         seen_lengths.add(slots.cache.length)
-        return decode(params, slots, *args, **kwargs)
+        return decode(slots, settings)
 
     monkeypatch.setattr(scheduler.programs, "decode", watched)
     jobs = [make_job(tok.encode(p), n, sp) for (p, sp), n in ((long, long_tokens), (short, 24))]
@@ -172,7 +179,7 @@ def test_rows_growing_past_cache_lengths_keep_their_tokens(scheduler, tok, tiny_
     while scheduler.block_length != lengths[0] and time.monotonic() < end:
         time.sleep(0.01)
     assert scheduler.block_length == lengths[0]  # the block shrank back once idle
-    assert scheduler.programs.traces == scheduler.compiled_traces
+    assert nothing_compiled_since_start(scheduler)
 
 
 def test_stop_string_frees_the_row_and_is_never_shown(scheduler, tok):
@@ -300,3 +307,86 @@ def test_a_prompt_cancelled_mid_prefill_keeps_what_was_read(scheduler, tok, tiny
     engine = Engine(*tiny_a, batch=1)
     want = generate(engine, tok, prompt, max_new_tokens=8, sampling=SAMPLINGS[3]).text
     assert retry.sink.text == want
+
+
+def start(tiny_a, tok, warm_up: str, max_batch: int) -> Scheduler:
+    config, params = tiny_a
+
+    def load():
+        one, many = Engine(config, params, batch=1), Engine(config, params, batch=max_batch)
+        return SlotPrograms(one, many, chunk=4, prefill_chunk=48), tok
+
+    s = Scheduler(load, max_batch=max_batch, max_queue=6, warm_up=warm_up)
+    s.start()
+    assert s.ready.wait(300) and s.load_error is None
+    return s
+
+
+def model_programs(s: Scheduler) -> int:
+    return sum(q.kind in ("prefill", "decode") for q in s.programs.compiles)
+
+
+def test_warm_up_all_compiles_every_program_once_before_ready(scheduler):
+    assert set(scheduler.compiled_at_start) == set(every_program(scheduler.programs, [1, 2, 4]))
+    assert set(scheduler.compiled_at_start.values()) == {1}
+    assert scheduler.programs_waiting == 0
+
+
+def test_a_request_needing_uncompiled_programs_waits_for_them_alone(tok, tiny_a):
+    """--warm-up first: ready once a short request's programs are compiled; a long prompt and
+    a second row need more (a wider prefill, a longer stage, a two-row block): they are
+    compiled when needed, once, and the answers are `generate`'s (twice: no program is ever
+    compiled or traced again)."""
+    s = start(tiny_a, tok, "first", max_batch=2)
+    try:
+        assert set(s.programs.compiles) == set(first_programs(s.programs))
+        assert s.programs_waiting == 0  # nothing compiles in the background
+        specs = [(PROMPTS[2], SAMPLINGS[0]), (PROMPTS[0], SAMPLINGS[1])]
+        engine = Engine(*tiny_a, batch=1)
+        want = [
+            generate(engine, tok, tok.encode(p), max_new_tokens=24, sampling=sp).text
+            for p, sp in specs
+        ]
+        assert [job.sink.text for job in run(s, tok, specs)] == want
+        compiled = dict(s.programs.compiles)
+        assert any(q.kind == "decode" and q.rows == 2 for q in compiled)  # both rows at once
+        stage = s.programs.stage_length(len(tok.encode(PROMPTS[2])))
+        assert Program("prefill", 1, stage, width=48) in compiled
+        assert [job.sink.text for job in run(s, tok, specs)] == want
+        assert set(s.programs.compiles.values()) == {1}
+        assert set(s.programs.compiles) <= set(every_program(s.programs, s.buckets))
+        assert s.programs.traces == model_programs(s)
+    finally:
+        s.stop()
+
+
+def test_background_warm_up_serves_at_once_and_compiles_each_program_once(tok, tiny_a):
+    """The default: a request sent as soon as the scheduler is ready is answered while the rest
+    compiles in the background, which ends with every program compiled exactly once."""
+    s = start(tiny_a, tok, "background", max_batch=2)
+    try:
+        plan = every_program(s.programs, s.buckets)
+        assert s.programs_waiting > 0  # still compiling
+        (job,) = run(s, tok, [(PROMPTS[0], SAMPLINGS[0])])
+        engine = Engine(*tiny_a, batch=1)
+        want = generate(engine, tok, tok.encode(PROMPTS[0]), max_new_tokens=24).text
+        assert job.sink.text == want
+        end = time.monotonic() + 300
+        while s.warmer.running and time.monotonic() < end:
+            time.sleep(0.1)
+        assert s.programs_waiting == 0 and set(s.programs.compiles) == set(plan)
+        assert set(s.programs.compiles.values()) == {1}
+        assert s.programs.traces == model_programs(s)
+    finally:
+        s.stop()
+
+
+def test_stop_while_compiling_returns_promptly(tok, tiny_a):
+    """A stop during the background compiles ends the scheduler after the program being
+    compiled."""
+    s = start(tiny_a, tok, "background", max_batch=4)
+    assert s.programs_waiting > 0
+    began = time.monotonic()
+    s.stop(timeout=10)
+    assert time.monotonic() - began < 10
+    assert not s.running and s.programs_waiting > 0

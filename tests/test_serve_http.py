@@ -3,6 +3,7 @@ official `openai` client and raw HTTP."""
 
 from __future__ import annotations
 
+import signal
 import socket
 import threading
 import time
@@ -377,3 +378,52 @@ def test_overload_every_request_completes_or_gets_503_none_starves(server):
         t.join(300)
     assert set(outcomes) <= {200, 503}, [o for o in outcomes if o not in (200, 503)]
     assert sum(o == 200 for o in outcomes) >= 150
+
+
+def stderr_after_exit(s: ServerProcess) -> str:
+    """The server's whole log once it exited (its reader thread may lag behind the exit)."""
+    end = time.monotonic() + 5
+    while "stopped" not in s.stderr and time.monotonic() < end:
+        time.sleep(0.05)
+    return s.stderr
+
+
+def test_answered_at_once_then_sigterm_while_compiling_exits_0_promptly():
+    """The default warm-up: a request sent as soon as /health is 200 is answered while the
+    other programs still compile in the background; a SIGTERM then stops the compiles and the
+    server within seconds, exit 0, and 'ready' is never logged after 'Shutting down'."""
+    s = ServerProcess("--max-batch", "8")
+    try:
+        s.wait_ready()
+        body = {"prompt": "Hello", "max_tokens": 5, "temperature": 0}
+        status, _, out = post_json(s.port, "/v1/completions", body)
+        assert status == 200 and out["choices"][0]["finish_reason"] == "length"
+        assert metric(s.port, "gpt2_programs_waiting") > 0  # the background still compiles
+        assert metric(s.port, "gpt2_programs_compiled") >= 4
+        start = time.monotonic()
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(30) == 0
+        assert time.monotonic() - start < 10
+        log = stderr_after_exit(s)
+        assert "Traceback" not in log
+        assert "ready" in log and "ready" not in log[log.index("Shutting down") :]
+    finally:
+        s.stop()
+
+
+def test_sigterm_before_ready_never_says_ready():
+    """A SIGTERM while the first programs compile: the server stops (exit 0, or 143 when the
+    signal came before the handlers were installed) and never says it is ready after it."""
+    s = ServerProcess()
+    try:
+        end = time.monotonic() + 120
+        while "compiling" not in s.stderr and time.monotonic() < end:
+            time.sleep(0.01)
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(30) in (0, -signal.SIGTERM)
+        log = s.stderr if s.proc.returncode else stderr_after_exit(s)
+        assert "Traceback" not in log
+        if "Shutting down" in log:
+            assert "ready" not in log[log.index("Shutting down") :]
+    finally:
+        s.stop()

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import copy
 import functools
-import threading
+import os
+import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -24,6 +25,8 @@ from gpt2cli.cli.options import (
 )
 from gpt2cli.errors import UserError
 
+WarmUp = Literal["background", "first", "all"]  # what serve/warmup.py compiles before ready
+STOP_WAIT = 3.0  # seconds the engine may take to end; a compile it is in is not waited for
 # serve's -m without the --model-name alias, which names the served id here (--served-name)
 ServeModel = Annotated[str, typer.Option("--model", "-m", help=ModelRef.__metadata__[0].help)]
 
@@ -94,6 +97,14 @@ def serve(
             "only the rest (a chat turn: the new message); 0 keeps none."
         ),
     ] = 1024,
+    warm_up: Annotated[
+        WarmUp,
+        typer.Option(
+            help="What is compiled before /health answers 200: what a first request needs, then "
+            "the rest in the background; 'first': the rest when a request needs it; 'all': "
+            "everything (nothing compiles after start)."
+        ),
+    ] = "background",
     dtype: Dtype = "float32",
     adapter: AdapterDir = None,
     tokenizer: TokenizerRef = None,
@@ -161,8 +172,15 @@ def serve(
     def load():
         one = engine(batch=1)
         many = engine(batch=max_batch) if max_batch > 1 else one
-        err.print(f"compiling for up to {max_batch} rows (/health answers 503 until done)")
+        what = f"every program for up to {max_batch} rows" if warm_up == "all" else "the first"
+        err.print(f"compiling {what} (/health answers 503 until done)")
         return SlotPrograms(one, many, decode_chunk, prefill_chunk), tok
+
+    def say_ready() -> None:
+        if scheduler.load_error:
+            err.print(f"[bold red]error:[/] the engine failed to start: {scheduler.load_error}")
+        else:
+            err.print("ready: /health answers 200")
 
     scheduler = Scheduler(
         load,
@@ -170,6 +188,8 @@ def serve(
         max_queue=max_queue,
         queue_timeout=queue_timeout,
         prefix_cache_bytes=prefix_cache_mb << 20,
+        warm_up=warm_up,
+        on_ready=say_ready,
     )
     scheduler.metrics = Metrics(scheduler)
     app = create_app(
@@ -178,6 +198,10 @@ def serve(
     timeouts = {"grace": grace, "request": request_timeout, "keep_alive": keep_alive}
     _run(app, scheduler, sock, host, port, timeouts, err)
     err.print("stopped")
+    if scheduler.running:  # a compile still runs: exiting under it could crash the interpreter
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def _check_flags(flags: dict) -> list[str] | None:
@@ -248,18 +272,10 @@ def _run(app, scheduler, sock, host: str, port: int, timeouts: dict, err) -> Non
         log_config=logging,
         lifespan="off",
     )
-    server = Server(config, timeouts["grace"], app.state.server.shut_down)
+    # on a signal the scheduler compiles nothing more and never says "ready" after it
+    server = Server(config, timeouts["grace"], app.state.server.shut_down, scheduler.begin_shutdown)
     scheduler.start()
-    threading.Thread(target=_say_when_ready, args=(scheduler, err), daemon=True).start()
     try:
         server.run(sockets=[sock])
     finally:
-        scheduler.stop()
-
-
-def _say_when_ready(scheduler, err) -> None:
-    scheduler.ready.wait()
-    if scheduler.load_error:
-        err.print(f"[bold red]error:[/] the engine failed to start: {scheduler.load_error}")
-    else:
-        err.print("ready: /health answers 200")
+        scheduler.stop(timeout=STOP_WAIT)

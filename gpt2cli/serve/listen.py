@@ -75,10 +75,17 @@ class Server(uvicorn.Server):
     """uvicorn's server with `gpt2 serve`'s ending (see the module's note). A shutdown that
     ended cleanly exits 0: uvicorn would re-raise the signal after it."""
 
-    def __init__(self, config: uvicorn.Config, grace: float, end_requests: Callable[[], None]):
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        grace: float,
+        end_requests: Callable[[], None],
+        on_signal: Callable[[], None] = lambda: None,
+    ):
         super().__init__(config)
         self.grace = grace
         self.end_requests = end_requests  # run on the event loop
+        self.on_signal = on_signal  # run in the signal handler, before anything else
         self.hurry = False  # a second signal: end the requests now
 
     @contextlib.contextmanager
@@ -95,6 +102,7 @@ class Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
     def handle_exit(self, sig: int, frame) -> None:
+        self.on_signal()
         if self.should_exit:
             self.hurry = True
         else:

@@ -145,6 +145,16 @@ class Metrics:
                     "Busy rows / --max-batch.",
                     lambda: scheduler.busy_rows / scheduler.max_batch,
                 ),
+                Gauge(
+                    "gpt2_programs_compiled",
+                    "Programs compiled (each block shape's decode, prefill, copies).",
+                    lambda: scheduler.programs_compiled,
+                ),
+                Gauge(
+                    "gpt2_programs_waiting",
+                    "Programs the background warm-up has still to compile.",
+                    lambda: scheduler.programs_waiting,
+                ),
             ]
 
     def render(self) -> str:

@@ -15,6 +15,10 @@ slots of its block only, so a short conversation does not pay for the whole cont
 A server that steers (`gpt2 serve --steer`) steers every row alike: the engines' `Steering`,
 passed to each program as an argument.
 
+Each program is compiled ahead of time for one shape (`Program`: its kind and block shape), once,
+on first use or by `gpt2 serve`'s warm-up (`serve/warmup.py`), from any thread: a second thread
+asking for a program being compiled waits for that one program. A program is never traced again.
+
 Shapes: B rows, S cache slots per row (the block's length; at most the context window plus one
 prefill chunk), C prefill chunk, V vocabulary, L logprobs kept per token (TOP_LOGPROBS).
 """
@@ -22,6 +26,9 @@ prefill chunk), C prefill chunk, V vocabulary, L logprobs kept per token (TOP_LO
 from __future__ import annotations
 
 import functools
+import threading
+from collections import Counter
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +45,18 @@ TOP_LOGPROBS = 20  # the most `top_logprobs` a request may ask for (OpenAI's lim
 SHORT_PREFILL = 32  # the narrower prefill block, for short prompts and prompts' last chunks
 # the fields of a row's rule that its `SamplingParams.rule` gives (the server adds the others)
 SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "log_min_p", "repetition_penalty")
+
+
+@dataclass(frozen=True, order=True)
+class Program:
+    """One compiled program: its kind and the block shape it runs on."""
+
+    kind: str  # "prefill", "decode", "insert", "move" or "resize"
+    rows: int
+    length: int  # cache slots per row (prefill: the stage's)
+    width: int = 0  # prefill: prompt tokens per call
+    to_rows: int = 0  # resize: the shape it makes
+    to_length: int = 0
 
 
 @struct.dataclass
@@ -172,13 +191,72 @@ class SlotPrograms:
         self.models = {True: one.programs.model, False: many.programs.model}
         self.kernels = {True: one.kernels, False: many.kernels}
         self.steering = one.steering
-        self.prefill = jax.jit(self._prefill, donate_argnames="stage")
-        decode = jax.jit(self._decode, static_argnames="single", donate_argnames="slots")
-        self.decode = functools.partial(decode, steering=self.steering)
+        self._jits = {
+            "prefill": jax.jit(self._prefill, donate_argnames="stage"),
+            "decode": jax.jit(self._decode, static_argnames="single", donate_argnames="slots"),
+            "insert": jax.jit(_insert, donate_argnames="slots"),
+            "move": jax.jit(_move, donate_argnames="slots"),
+            "resize": jax.jit(_resize, static_argnames=("rows", "length")),
+        }
         self.scorer = Scorer(self.config, many.params, many.dtype, out_in=many.kernels.out_in)
-        self.move = jax.jit(_move, donate_argnames="slots")
-        self.insert = jax.jit(_insert, donate_argnames="slots")
-        self.traces = 0
+        self._compiled: dict[Program, object] = {}
+        self._compiling: set[Program] = set()
+        self._lock = threading.Condition()
+        self.compiles: Counter[Program] = Counter()  # each program's compiles: 1 each, ever
+        self.traces = 0  # model programs traced (prefill and decode)
+
+    @property
+    def compiled_count(self) -> int:
+        return len(self._compiled)
+
+    def is_compiled(self, program: Program) -> bool:
+        return program in self._compiled
+
+    def compiled(self, program: Program):
+        """The compiled `program`: compiled now in this thread, or waited for while another
+        thread compiles it."""
+        with self._lock:
+            while program in self._compiling:
+                self._lock.wait()
+            if program in self._compiled:
+                return self._compiled[program]
+            self._compiling.add(program)
+        done = None
+        try:
+            done = self._lower(program).compile()
+        finally:
+            with self._lock:
+                self._compiling.discard(program)
+                if done is not None:
+                    self._compiled[program] = done
+                    self.compiles[program] += 1
+                self._lock.notify_all()
+        return done
+
+    def _lower(self, program: Program):
+        """Trace and lower `program` on abstract arguments of its shape."""
+        rows, length, vocab = program.rows, program.length, self.config.vocab_size
+        jitted = self._jits[program.kind]
+        slots = self._abstract_slots(rows, length)
+        i32 = np.int32(0)
+        if program.kind == "prefill":
+            settings = settings_arrays([Settings()], vocab)
+            ids, seen = np.zeros(program.width, np.int32), np.zeros(vocab, np.bool_)
+            return jitted.lower(
+                self.one.params, slots, settings, ids, i32, i32, seen, np.uint32(0), i32,
+                self.steering,
+            )  # fmt: skip
+        if program.kind == "decode":
+            settings = settings_arrays([None] * rows, vocab)
+            return jitted.lower(self.params(rows), slots, settings, self.steering, single=rows == 1)
+        if program.kind == "insert":
+            return jitted.lower(slots, self._abstract_slots(1, length), i32)
+        if program.kind == "move":
+            return jitted.lower(slots, i32, i32)
+        return jitted.lower(slots, rows=program.to_rows, length=program.to_length)
+
+    def _abstract_slots(self, rows: int, length: int) -> Slots:
+        return jax.eval_shape(functools.partial(self.empty, rows, length))
 
     def fitting(self, needed: int) -> int:
         """The shortest cache length with `needed` slots (the longest if none has)."""
@@ -204,7 +282,8 @@ class SlotPrograms:
         ids[: len(part)] = part
         seen = np.zeros(self.config.vocab_size, np.bool_)
         seen[prompt] = True
-        return self.prefill(
+        program = Program("prefill", 1, stage.cache.length, width=len(ids))
+        return self.compiled(program)(
             self.one.params,
             stage,
             settings,
@@ -219,6 +298,27 @@ class SlotPrograms:
 
     def params(self, rows: int):
         return (self.one if rows == 1 else self.many).params
+
+    def decode(self, slots: Slots, settings: RowSettings):
+        """`chunk` tokens for every active row of the block -> (slots, Picked [B, chunk])."""
+        rows = slots.token.shape[0]
+        program = self.compiled(Program("decode", rows, slots.cache.length))
+        return program(self.params(rows), slots, settings, self.steering)
+
+    def insert(self, slots: Slots, stage: Slots, row: int) -> Slots:
+        program = self.compiled(Program("insert", slots.token.shape[0], slots.cache.length))
+        return program(slots, stage, np.int32(row))
+
+    def move(self, slots: Slots, src: int, dst: int) -> Slots:
+        program = self.compiled(Program("move", slots.token.shape[0], slots.cache.length))
+        return program(slots, np.int32(src), np.int32(dst))
+
+    def resize(self, slots: Slots, rows: int, length: int) -> Slots:
+        """The block with `rows` rows (the first ones, or more free rows) of `length` slots."""
+        now = Program(
+            "resize", slots.token.shape[0], slots.cache.length, to_rows=rows, to_length=length
+        )
+        return self.compiled(now)(slots)
 
     def empty(self, rows: int, length: int) -> Slots:
         cfg = self.config
@@ -235,7 +335,8 @@ class SlotPrograms:
     def _prefill(self, params, stage, settings, ids, start, n, seen, seed, sample, steering):
         """Run tokens ids[:n] (of [C]) into the one-row stage from slot `start`; sample the next
         token with the row's `settings` (a one-row RowSettings)."""
-        self.traces += 1
+        with self._lock:
+            self.traces += 1
         top = self.config.n_positions - 1
         width = ids.shape[0]
         positions = jnp.minimum(start + jnp.arange(width), top)[None]  # [1, C]
@@ -267,7 +368,8 @@ class SlotPrograms:
 
     def _decode(self, params, slots, settings, steering, *, single):
         """`chunk` tokens for every active row -> (slots, Picked with [B, chunk] leaves)."""
-        self.traces += 1
+        with self._lock:
+            self.traces += 1
         model, chosen = self.models[single], self.kernels[single]
         top = self.config.n_positions - 1
         active = settings.active
@@ -322,8 +424,7 @@ def _insert(slots: Slots, stage: Slots, row) -> Slots:
     return jax.tree_util.tree_map(lambda a, one: a.at[row].set(one[0]), slots, stage)
 
 
-@functools.partial(jax.jit, static_argnames=("rows", "length"))
-def resize(slots: Slots, rows: int, length: int) -> Slots:
+def _resize(slots: Slots, rows: int, length: int) -> Slots:
     """The block with `rows` rows (the first ones, or more free rows) of `length` slots."""
 
     def fit_keys(a):  # typed PRNG keys cannot be zero-filled: repeat the first row instead

@@ -9,6 +9,9 @@ smallest size in `row_buckets` that holds them with the shortest cache length th
 their tokens (resized only when a job starts or ends, or a row outgrows the length), so one
 short request alone pays for one short row, not for `max_batch` rows of the whole context.
 
+The programs a first request needs are compiled before `ready`, the others in the background
+or when first needed (`warmup.py`).
+
 Text is made here too (`generate.RowText`: UTF-8-safe detokenizing, stop strings held back),
 so a stop frees its row at once; each job gets its output through `sink`, a thread-safe
 callback, one `Delta` per chunk and a last `Finish` or `Failed`.
@@ -110,12 +113,6 @@ def row_buckets(max_batch: int) -> list[int]:
     return sorted({*sizes, max_batch})
 
 
-def neighbours(sizes: list[int], now: int) -> list[int]:
-    """The sizes next to `now` in the sorted `sizes`."""
-    i = sizes.index(now)
-    return sizes[max(i - 1, 0) : i] + sizes[i + 1 : i + 2]
-
-
 def toward(sizes: list[int], now: int, want: int) -> int:
     """The neighbour of `now` in the sorted `sizes`, on the side of `want`."""
     i = sizes.index(now)
@@ -134,8 +131,12 @@ class Scheduler:
         queue_timeout: float = 60.0,
         prefix_cache_bytes: int = 0,
         metrics=None,
+        warm_up: str = "background",
+        on_ready: Callable[[], None] | None = None,  # also told a failed load
     ):
         self._load = load  # () -> (SlotPrograms, tokenizer), run on the engine thread
+        self.warm_up = warm_up  # "background", "first" or "all": see warmup.py
+        self._on_ready = on_ready  # called once ready, never after `begin_shutdown`
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.queue_timeout = queue_timeout
@@ -155,6 +156,8 @@ class Scheduler:
         self._slots_length = 0  # cache slots per row in the block
         self._inflight = None  # (jobs and their rows, tokens) of the decode chunk still running
         self._stopping = False
+        self._closing = False  # shutting down: compile nothing more in the background
+        self.warmer = None  # the background compiles (warmup.Warmer), once ready
         self._thread = threading.Thread(target=self._run, name="gpt2-engine", daemon=True)
 
     # ---- any thread ------------------------------------------------------------------
@@ -177,15 +180,33 @@ class Scheduler:
                 job.cancelled = True
             self._cond.notify()
 
+    def begin_shutdown(self) -> None:
+        """The server is shutting down: compile nothing more in the background and never
+        announce `ready`; the jobs in flight go on until `stop`."""
+        with self._cond:
+            self._closing = True
+            if self.warmer:
+                self.warmer.stop()
+
     def stop(self, timeout: float = 30.0) -> None:
-        """Cancel everything and end the engine thread."""
+        """Cancel everything and end the engine thread, waiting up to `timeout` for it and the
+        background compiles (a compile cannot be interrupted: see `running`)."""
+        self.begin_shutdown()
         with self._cond:
             self._stopping = True
             for job in [*self._waiting, *self._reading, *self._jobs]:
                 job.cancelled = True
             self._cond.notify()
+        end = time.monotonic() + timeout
         if self._thread.is_alive():
             self._thread.join(timeout)
+        if self.warmer:
+            self.warmer.join(max(end - time.monotonic(), 0))
+
+    @property
+    def running(self) -> bool:
+        """The engine thread or the background compiles have not ended."""
+        return self._thread.is_alive() or bool(self.warmer and self.warmer.running)
 
     @property
     def queue_length(self) -> int:
@@ -203,63 +224,57 @@ class Scheduler:
     def block_length(self) -> int:
         return self._slots_length
 
+    @property
+    def programs_compiled(self) -> int:
+        return self.programs.compiled_count if self.programs else 0
+
+    @property
+    def programs_waiting(self) -> int:
+        return self.warmer.waiting if self.warmer else 0
+
     # ---- the engine thread -----------------------------------------------------------
 
     def _run(self) -> None:
         try:
             self.programs, self.tokenizer = self._load()
-            self._warm_up()
+            started = self._warm_up()
         except Exception as exc:  # noqa: BLE001 - reported by /health and the CLI
-            self.load_error = f"{type(exc).__name__}: {exc}"
-            self.ready.set()
+            with self._cond:
+                self.load_error = f"{type(exc).__name__}: {exc}"
+                self.ready.set()
+                if self._on_ready and not self._closing:
+                    self._on_ready()
             return
-        self.ready.set()
+        if not started:
+            return
         while self._next_round():
             self._read_prompts()
             self._decode_chunk()
 
-    def _warm_up(self) -> None:
-        """Compile every program for every stage and block shape, so no request waits for a
-        compile."""
-        from gpt2cli.serve.programs import resize, settings_arrays
+    def _warm_up(self) -> bool:
+        """Compile what `warm_up` says comes before `ready` (warmup.py), then set `ready` and
+        start compiling the rest in the background. -> False: shut down before it was ready."""
+        from gpt2cli.serve.warmup import Warmer, every_program, first_programs
 
         p = self.programs
-        vocab = p.config.vocab_size
-        stages = sorted({p.stage_length(n) for n in range(1, p.config.n_positions + 1)})
-
-        def stage_programs(length: int) -> None:
-            stage = p.empty(1, length)
-            for width in p.widths:
-                stage, picked = p.prefill_stage(
-                    stage, settings_arrays([Settings()], vocab), [0] * width, 0, [0], 0, 0
-                )
-            for other in p.lengths:
-                if other != length:
-                    resize(stage, rows=1, length=other).token.block_until_ready()
-            picked.token.block_until_ready()
-
-        def block_programs(rows: int, length: int) -> None:
-            slots = p.empty(rows, length)
-            settings = settings_arrays([None] * rows, vocab)
-            slots, picked = p.decode(p.params(rows), slots, settings, single=rows == 1)
-            if rows > 1:
-                slots = p.move(slots, rows - 1, 0)
-            slots = p.insert(slots, p.empty(1, length), np.int32(0))
-            for other in neighbours(self.buckets, rows):
-                resize(slots, rows=other, length=length).token.block_until_ready()
-            for other in neighbours(p.lengths, length):
-                resize(slots, rows=rows, length=other).token.block_until_ready()
-            picked.token.block_until_ready()
-
-        for length in stages:
-            stage_programs(length)
-        for rows in self.buckets:
-            for length in p.lengths:
-                block_programs(rows, length)
-        self.compiled_traces = p.traces
+        plan = every_program(p, self.buckets)
+        for program in plan if self.warm_up == "all" else first_programs(p):
+            if self._closing:
+                return False
+            p.compiled(program)
         self._slots_rows, self._slots_length = self.buckets[0], p.lengths[0]
         self._slots = p.empty(self._slots_rows, self._slots_length)
         self._settings = None  # device copy of the rows' settings, rebuilt when rows change
+        with self._cond:
+            if self._closing:
+                return False
+            if self.warm_up == "background":
+                self.warmer = Warmer(p, plan)
+                self.warmer.start()
+            self.ready.set()
+            if self._on_ready:
+                self._on_ready()
+        return True
 
     def _next_round(self) -> bool:
         """Wait for work; admit what fits; drop what was cancelled. False: stop the thread."""
@@ -344,18 +359,16 @@ class Scheduler:
         """Resize the block to the fewest rows holding every decoding row and the shortest
         length holding their next chunk, one bucket at a time (the resizes between neighbours
         are the ones compiled)."""
-        from gpt2cli.serve.programs import resize
-
         p = self.programs
         rows = next(b for b in self.buckets if b >= max(len(self._jobs), 1))
         length = p.fitting(max((job.cached + p.chunk for job in self._jobs), default=0))
         while rows != self._slots_rows:
             self._slots_rows = toward(self.buckets, self._slots_rows, rows)
-            self._slots = resize(self._slots, rows=self._slots_rows, length=self._slots_length)
+            self._slots = p.resize(self._slots, rows=self._slots_rows, length=self._slots_length)
             self._settings = None
         while length != self._slots_length:
             self._slots_length = toward(p.lengths, self._slots_length, length)
-            self._slots = resize(self._slots, rows=rows, length=self._slots_length)
+            self._slots = p.resize(self._slots, rows=rows, length=self._slots_length)
 
     def _settings_now(self):
         if self._settings is None:
@@ -378,7 +391,7 @@ class Scheduler:
     def _prefill_one(self) -> int:
         """One chunk of the oldest prompt still being read (admitted first, read first); a
         prompt read whole takes a row of the block. -> the width computed."""
-        from gpt2cli.serve.programs import resize, settings_arrays
+        from gpt2cli.serve.programs import settings_arrays
 
         job, p = self._reading[0], self.programs
         if self._stage is None:
@@ -405,7 +418,7 @@ class Scheduler:
                 self._jobs.append(job)
                 self._fit_block()
                 if stage.cache.length != self._slots_length:
-                    stage = resize(stage, rows=1, length=self._slots_length)
+                    stage = p.resize(stage, rows=1, length=self._slots_length)
                 self._slots = p.insert(self._slots, stage, np.int32(job.row))
                 self._settings = None  # the row turns active
         return p.width(len(part))
@@ -457,10 +470,7 @@ class Scheduler:
         ahead = None
         if decoding:
             p = self.programs
-            rows = self._slots_rows
-            self._slots, picked = p.decode(
-                p.params(rows), self._slots, self._settings_now(), single=rows == 1
-            )
+            self._slots, picked = p.decode(self._slots, self._settings_now())
             for job in self._jobs:
                 job.cached += p.chunk
             ahead = (decoding, picked)

@@ -13,7 +13,7 @@ import secrets
 import time
 from dataclasses import dataclass, replace
 
-from gpt2cli.chat import TEMPLATES, Template, Trimmed
+from gpt2cli.chat import TEMPLATES, MessageError, Template, Trimmed, render
 from gpt2cli.errors import UserError
 from gpt2cli.generate import SamplingParams, check_prompt
 from gpt2cli.sampling_checks import check_sampling
@@ -385,38 +385,28 @@ def _message_text(message: dict, index: int) -> str:
         content = "".join(parts)
     if not isinstance(content, str):
         raise bad(f"messages[{index}].content", "content must be a string or a list of text parts")
-    return " ".join(content.split())  # one line per turn, as `gpt2 chat` writes it
+    return content
 
 
 def chat_ids(messages, tokenizer, template: Template = TEMPLATES["chat"]) -> list[int]:
-    """The transcript `gpt2 chat` would send: preamble, then each turn, ending at the assistant's
-    name. System (or developer) messages replace the preamble."""
+    """The transcript `gpt2 chat` would send (chat.render): preamble, then each turn, ending at
+    the assistant's name. System (or developer) messages replace the preamble."""
     if not isinstance(messages, list) or not messages:
         raise bad("messages", "messages must be a non-empty list")
-    system, turns = None, []
+    pairs = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise bad(f"messages[{i}]", "each message must be an object with role and content")
         role = message.get("role")
-        text = _message_text(message, i)
-        if role in ("system", "developer"):
-            system = text if system is None else f"{system} {text}"
-        elif role == "user":
-            turns.append(template.turn_prompt(text))
-        elif role == "assistant":
-            if not turns:
-                raise bad(f"messages[{i}]", "an assistant message must follow a user message")
-            turns.append(" " + text)
-        else:
-            raise bad(
-                f"messages[{i}].role", f"role must be system, user or assistant, got {role!r}"
-            )
+        pairs.append(("system" if role == "developer" else role, _message_text(message, i)))
     if messages[-1].get("role") != "user":
         raise bad("messages", "the last message must be the user's")
-    ids = tokenizer.encode(template.system if system is None else system)
-    for turn in turns:
-        ids += tokenizer.encode(turn)
-    return ids
+    try:
+        return render(pairs, template, tokenizer).ids
+    except MessageError as exc:
+        where = "messages" if exc.index is None else f"messages[{exc.index}]"
+        role_error = exc.reason.startswith("role")
+        raise bad(f"{where}.role" if role_error else where, exc.reason) from None
 
 
 def chat_plan(body: dict, *, models: set[str], tokenizer, config, max_batch: int) -> Plan:

@@ -257,7 +257,7 @@ def _permutation(seed: int, epoch: int, n_blocks: int) -> np.ndarray:
 Part = tuple[int, int]  # (this process's index, number of processes): whose rows to read
 
 
-def _rows_of(idx: np.ndarray, part: Part) -> np.ndarray:
+def rows_of(idx: np.ndarray, part: Part) -> np.ndarray:
     """The columns of [..., rows] block indices that process part[0] of part[1] reads."""
     index, count = part
     size = idx.shape[-1] // count
@@ -270,7 +270,7 @@ def batch_for_step(
     """The [accum, rows/count, seq+1] tokens of optimizer step `step` (0-based) that `part`
     reads; only those blocks are read (from a memory-mapped corpus, only those pages)."""
     per_step = rows * accum
-    idx = _rows_of(sampler.indices(step * per_step, per_step).reshape(accum, rows), part)
+    idx = rows_of(sampler.indices(step * per_step, per_step).reshape(accum, rows), part)
     return blocks.gather(idx.reshape(-1)).reshape(*idx.shape, blocks.seq + 1)
 
 
@@ -280,5 +280,5 @@ def val_batches(
     """Fixed validation batches ([rows/count, seq+1] each), the same at every evaluation."""
     n = min(len(blocks) // rows, max_batches)
     if n == 0:  # fewer blocks than a batch: repeat them to fill one
-        return [blocks.gather(_rows_of(np.resize(np.arange(len(blocks)), rows), part))]
-    return [blocks.gather(_rows_of(np.arange(b * rows, (b + 1) * rows), part)) for b in range(n)]
+        return [blocks.gather(rows_of(np.resize(np.arange(len(blocks)), rows), part))]
+    return [blocks.gather(rows_of(np.arange(b * rows, (b + 1) * rows), part)) for b in range(n)]

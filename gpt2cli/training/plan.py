@@ -30,8 +30,8 @@ import numpy as np
 from gpt2cli.config import GPT2Config, new_model_config
 from gpt2cli.errors import ParameterError, UserError
 from gpt2cli.fields import check_types
-from gpt2cli.training import data, settings
-from gpt2cli.training.loop import TrainData
+from gpt2cli.training import data, examples, settings
+from gpt2cli.training.loop import ExampleData, TrainData
 from gpt2cli.training.run_folder import RUN_FILE, RunFolder, RunLock, load_checkpoint
 from gpt2cli.training.shards import is_prepared, open_prepared
 from gpt2cli.training.trainer import TrainConfig, Trainer, TrainState
@@ -370,9 +370,11 @@ def source_config(
     return load_model(model)
 
 
-def load_data(plan: Plan, tokenizer, progress=None) -> TrainData:
+def load_data(plan: Plan, tokenizer, progress=None) -> TrainData | ExampleData:
     d, tc, files = plan.settings.data, plan.train_config, plan.files
     paths = [Path(f) for f in files.dataset]
+    if not files.prepared and examples.is_examples(paths, d.mask_prompt):
+        return _load_examples(plan, tokenizer)
     if files.prepared:
         tokens, digest = _prepared_tokens(paths[0], tokenizer)
     else:
@@ -385,6 +387,54 @@ def load_data(plan: Plan, tokenizer, progress=None) -> TrainData:
         val, _ = data.split(val_tokens, tc.seq_length, 0.0)
     else:
         train, val = data.split(tokens, tc.seq_length, d.val_fraction)
+    _check_digest(files, digest)
+    sampler = data.Sampler(len(train), tc.seed)
+    return TrainData(train, val, sampler, tc.batch_size, tc.grad_accum, d.eval_batches)
+
+
+def _load_examples(plan: Plan, tokenizer) -> ExampleData:
+    from gpt2cli.chat import template
+
+    d, tc, files = plan.settings.data, plan.train_config, plan.files
+    chat = template(d.chat_template)
+
+    def read(paths: list[str]) -> examples.Examples:
+        return examples.read_examples(
+            [Path(p) for p in paths],
+            chat,
+            tokenizer,
+            mask_prompt=d.mask_prompt,
+            max_tokens=tc.seq_length + 1,
+        )
+
+    train = read(files.dataset)
+    if files.val_dataset:
+        val = read(files.val_dataset)
+    else:
+        held = int(len(train) * d.val_fraction)
+        if held >= len(train):
+            raise ParameterError("val_fraction", f"{d.val_fraction} leaves no example to train on")
+        val = train.subset(len(train) - held, len(train)) if held else None
+        train = train.subset(0, len(train) - held)
+    digest = hashlib.sha256()
+    for array in (train.ids, train.counts, train.offsets):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    _check_digest(files, digest.hexdigest()[:16])
+    sampler = data.Sampler(len(train), tc.seed)
+    return ExampleData(
+        train,
+        val,
+        sampler,
+        tc.batch_size,
+        tc.grad_accum,
+        tc.seq_length,
+        tokenizer.eos_id,
+        d.eval_batches,
+    )
+
+
+def _check_digest(files: DataFiles, digest: str) -> None:
+    """Record the tokens' fingerprint (a new run), or check it is the recorded one (resume)."""
     if files.token_hash is None:
         files.token_hash = digest
     elif files.token_hash != digest:
@@ -392,8 +442,6 @@ def load_data(plan: Plan, tokenizer, progress=None) -> TrainData:
             "the dataset files changed since this run started (their tokens differ); "
             "a resumed run needs the same data: restore the files or start a new run"
         )
-    sampler = data.Sampler(len(train), tc.seed)
-    return TrainData(train, val, sampler, tc.batch_size, tc.grad_accum, d.eval_batches)
 
 
 def _prepared_folder(dataset: list[str], data_dir: str | None) -> Path | None:

@@ -86,16 +86,16 @@ def make(out: Path, train_rows: int = 3000, held_rows: int = 100) -> None:
     pairs = [(a, b) for a in ORDER_WORDS for b in ORDER_WORDS if a != b]
     rng.shuffle(pairs)
     held_pairs, train_pairs = pairs[:60], pairs[60:]
-    makers_train = (
-        lambda: echo(rng, train_words),
-        lambda: order(rng, train_pairs),
-        lambda: ask(rng, facts, WORLD_TRAIN),
-    )
-    makers_held = (
-        lambda: echo(rng, held_words),
-        lambda: order(rng, held_pairs),
-        lambda: ask(rng, facts, WORLD_TRAIN + WORLD_HELD),
-    )
+    makers_train = {
+        "echo": lambda: echo(rng, train_words),
+        "order": lambda: order(rng, train_pairs),
+        "world": lambda: ask(rng, facts, WORLD_TRAIN),
+    }
+    makers_held = {
+        "echo": lambda: echo(rng, held_words),
+        "order": lambda: order(rng, held_pairs),
+        "world": lambda: ask(rng, facts, WORLD_HELD),
+    }
     out.mkdir(parents=True, exist_ok=True)
     for name, count, makers in (
         ("train.jsonl", train_rows, makers_train),
@@ -103,42 +103,47 @@ def make(out: Path, train_rows: int = 3000, held_rows: int = 100) -> None:
     ):
         with open(out / name, "w") as f:
             for i in range(count):
-                prompt, answer = makers[i % len(makers)]()
-                f.write(json.dumps({"prompt": prompt, "completion": answer}) + "\n")
+                kind = list(makers)[i % len(makers)]
+                prompt, answer = makers[kind]()
+                row = {"prompt": prompt, "completion": answer, "kind": kind}
+                f.write(json.dumps(row) + "\n")
     print(f"wrote {train_rows} + {held_rows} rows to {out}", file=sys.stderr)
 
 
-def score(heldout: Path, model: str, flags: list[str] = ()) -> float:
-    """Share of held-out prompts whose greedy `gpt2 chat` reply is exactly the answer."""
+def score(heldout: Path, model: str, template: str = "chat") -> float:
+    """Share of held-out prompts whose greedy `gpt2 chat` reply is exactly the answer (and, on
+    stderr, that share per kind of question)."""
     rows = [json.loads(line) for line in heldout.read_text().splitlines() if line.strip()]
     stdin = "".join(f"{row['prompt']}\n/reset\n" for row in rows)
-    command = ["gpt2", "chat", "-m", model, "--json", "--max-new-tokens", "8", *flags]
+    command = ["gpt2", "chat", "-m", model, "--template", template, "--json"]
+    command += ["--max-new-tokens", "8"]
     done = subprocess.run(command, input=stdin, capture_output=True, text=True, check=True)
     replies = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
-    replies = [r for r in replies if "reply" in r or "assistant" in r]
+    replies = [r for r in replies if "reply" in r]
     if len(replies) != len(rows):
         raise SystemExit(f"got {len(replies)} replies for {len(rows)} prompts: {done.stderr}")
-    right = sum(
-        _clean(r.get("reply", r.get("assistant", ""))) == row["completion"]
-        for r, row in zip(replies, rows, strict=True)
-    )
-    return right / len(rows)
+    kinds: dict[str, list[bool]] = {}
+    for reply, row in zip(replies, rows, strict=True):
+        kinds.setdefault(row["kind"], []).append(_clean(reply["reply"]) == row["completion"])
+    shares = ", ".join(f"{kind} {sum(v) / len(v):.0%}" for kind, v in kinds.items())
+    print(f"{model}: {shares}", file=sys.stderr)
+    return sum(sum(v) for v in kinds.values()) / len(rows)
 
 
 def _clean(reply: str) -> str:
     return reply.strip().rstrip(".!").strip()
 
 
-def run(data: Path, out: Path, flags: list[str], model: str = "shakespeare") -> None:
-    base = score(data / "heldout.jsonl", model)
+def run(data: Path, out: Path, flags: list[str], template: str, model: str = "shakespeare") -> None:
+    base = score(data / "heldout.jsonl", model, template)
     print(f"base {model}: {base:.0%} of held-out prompts answered exactly")
     command = ["gpt2", "train", "--dataset", str(data / "train.jsonl"), "-m", model]
-    command += ["--out", str(out), "--seq-length", "64", *flags]
+    command += ["--out", str(out), "--chat-template", template, *flags]
     print(" ".join(command), file=sys.stderr)
     started = time.perf_counter()
     subprocess.run(command, check=True)
     minutes = (time.perf_counter() - started) / 60
-    tuned = score(data / "heldout.jsonl", str(out / "final.npz"))
+    tuned = score(data / "heldout.jsonl", str(out / "final.npz"), template)
     print(f"fine-tuned ({' '.join(flags)}; {minutes:.1f} min): {tuned:.0%} answered exactly")
 
 
@@ -150,17 +155,20 @@ def main() -> None:
     p = sub.add_parser("score", help="score a model on the held-out rows")
     p.add_argument("heldout", type=Path)
     p.add_argument("-m", "--model", default="shakespeare")
+    p.add_argument("--template", default="chat", help="the chat template (gpt2 chat --template)")
     p = sub.add_parser("run", help="score the base model, fine-tune it, score the result")
     p.add_argument("data", type=Path)
     p.add_argument("out", type=Path)
+    p.add_argument("--template", default="chat", help="the chat template, in training and chat")
     p.add_argument("flags", nargs="*", help="gpt2 train flags (after --)")
     args = parser.parse_args()
     if args.action == "make":
         make(args.out)
     elif args.action == "score":
-        print(f"{score(args.heldout, args.model):.0%} of held-out prompts answered exactly")
+        share = score(args.heldout, args.model, args.template)
+        print(f"{share:.0%} of held-out prompts answered exactly")
     else:
-        run(args.data, args.out, args.flags)
+        run(args.data, args.out, args.flags, args.template)
 
 
 if __name__ == "__main__":

@@ -315,3 +315,92 @@ def test_a_changed_sft_file_refuses_to_resume(tmp_path):
     write_rows(tmp_path / "qa.jsonl", qa_rows(21))
     done = gpt2("train", "--resume", "r", "--steps", "2")
     assert done.exit_code == 1 and "the dataset files changed" in done.output
+
+
+def test_a_prepared_folder_carries_the_mask(tmp_path):
+    write_rows(tmp_path / "qa.jsonl", qa_rows(20))
+    done = gpt2("prepare", "qa.jsonl", "--mask-prompt", "--out", "sft")
+    assert done.exit_code == 0, done.output
+    spec = json.loads((tmp_path / "sft" / "examples.json").read_text())
+    assert spec["mask_prompt"] is True and spec["examples"] == 20
+    flags = [f for f in RUN if f != "--mask-prompt"]
+    done = gpt2("train", "--dataset", "sft", *flags, "--steps", "2", "--out", "from-folder")
+    assert done.exit_code == 0, done.output
+    done = gpt2("train", "--dataset", "qa.jsonl", *RUN, "--steps", "2", "--out", "from-rows")
+    assert done.exit_code == 0, done.output
+    assert losses(tmp_path / "from-folder") == losses(tmp_path / "from-rows")
+    recorded = json.loads((tmp_path / "from-folder" / "run.json").read_text())["settings"]
+    assert recorded["mask_prompt"] is True
+
+    done = gpt2("prepare", "qa.jsonl", "--out", "plain")
+    assert done.exit_code == 0, done.output
+    done = gpt2("train", "--dataset", "plain", *RUN, "--steps", "1", "--out", "r")
+    assert done.exit_code == 1
+    assert "--mask-prompt asks for a mask that" in done.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_run_json_from_before_sft_resumes(tmp_path):
+    (tmp_path / "plain.txt").write_text("The cat sat on the mat. " * 40)
+    flags = [f for f in RUN if f != "--mask-prompt"]
+    done = gpt2("train", "--dataset", "plain.txt", *flags, "--steps", "1", "--out", "old")
+    assert done.exit_code == 0, done.output
+    spec_file = tmp_path / "old" / "run.json"
+    spec = json.loads(spec_file.read_text())
+    del spec["settings"]["mask_prompt"], spec["settings"]["chat_template"]
+    spec_file.write_text(json.dumps(spec))
+    done = gpt2("train", "--resume", "old", "--steps", "2")
+    assert done.exit_code == 0, done.output
+    assert sorted(losses(tmp_path / "old")) == [1, 2]
+
+
+MULTI = """
+import dataclasses, json, sys
+import jax, numpy as np
+from pathlib import Path
+from gpt2cli.chat import TEMPLATES
+from gpt2cli.hub import load_model
+from gpt2cli.tokenizer import bundled
+from gpt2cli.training import data, examples
+from gpt2cli.training.loop import ExampleData
+from gpt2cli.training.plan import train_config_for
+from gpt2cli.training.trainer import Trainer
+
+config, params = load_model(sys.argv[1])
+ex = examples.read_examples([Path(sys.argv[2])], TEMPLATES["chat"], bundled(),
+                            mask_prompt=True, max_tokens=33)
+single = train_config_for(config, batch_size=4, seq_length=32, lr=1e-2, min_lr=1e-3,
+                          warmup=0, decay_steps=3, grad_accum=2)
+out = {"devices": jax.device_count()}
+for mode in ("single", "data-parallel", "fsdp"):
+    trainer = Trainer(config, dataclasses.replace(single, parallel=mode))
+    state = trainer.create_state(params)
+    feed = ExampleData(ex, None, data.Sampler(len(ex), 0), 4, 2, 32, 50256)
+    losses = []
+    for step in range(3):
+        state, metrics = trainer.step(state, feed.batch(step))
+        losses.append(float(metrics["loss"]))
+    out[mode] = losses
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_sft_steps_match_on_one_and_four_devices(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    rows = qa_rows(12) + [{"prompt": "Say: a b c d e f", "completion": "a b c d e f"}] * 4
+    write_rows(tmp_path / "qa.jsonl", rows)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "GPT2_NO_COMPILE_CACHE": "1",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=4 "
+                        "--xla_backend_optimization_level=0"}  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", MULTI, str(TINY_A), str(tmp_path / "qa.jsonl")],
+                          env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["devices"] == 4
+    assert out["single"][0] > out["single"][-1]  # it learns
+    for mode in ("data-parallel", "fsdp"):
+        np.testing.assert_allclose(out[mode], out["single"], rtol=2e-5)

@@ -215,3 +215,62 @@ def gather(examples: Examples, indices: np.ndarray, length: int, pad: int):
         tokens[row, : b - a] = examples.ids[a:b]
         weights[row, : b - a] = examples.counts[a:b]
     return tokens, weights[:, 1:]  # a weight belongs to the token predicted, not the input
+
+
+# ---- a prepared folder of examples -----------------------------------------------------------
+
+PREPARED = "examples.json"  # beside examples.npz: what the arrays hold and how they were made
+ARRAYS = "examples.npz"
+
+
+def is_prepared_examples(folder: str | Path) -> bool:
+    return (Path(folder) / PREPARED).is_file()
+
+
+def write_prepared(folder: Path, ex: Examples, *, mask_prompt: bool, template: str,
+                   tokenizer: str, sources: list[str]) -> None:  # fmt: skip
+    """examples.npz (ids, counts: the mask, offsets) and examples.json, each written whole."""
+    from gpt2cli.atomic import atomic_write
+
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def arrays(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, ids=ex.ids, counts=ex.counts, offsets=ex.offsets)
+
+    atomic_write(folder / ARRAYS, arrays)
+    spec = {"format": "gpt2cli-examples", "version": 1, "examples": len(ex),
+            "tokens": int(len(ex.ids)), "mask_prompt": mask_prompt, "chat_template": template,
+            "tokenizer": tokenizer, "sources": sources}  # fmt: skip
+    atomic_write(folder / PREPARED, lambda tmp: tmp.write_text(json.dumps(spec, indent=2) + "\n"))
+
+
+def read_prepared(folder: Path, tokenizer: str, max_tokens: int) -> tuple[dict, Examples]:
+    """(examples.json, the examples cut to `max_tokens`) of a prepared folder, checked."""
+    try:
+        spec = json.loads((folder / PREPARED).read_text())
+        with np.load(folder / ARRAYS, allow_pickle=False) as arrays:
+            ids, counts, offsets = arrays["ids"], arrays["counts"], arrays["offsets"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(
+            f"{folder} is not a readable prepared folder ({exc}): prepare it again"
+        ) from None
+    if spec.get("format") != "gpt2cli-examples" or spec.get("version") != 1:
+        raise UserError(f"{folder / PREPARED} is not version 1 of 'gpt2cli-examples'")
+    if spec.get("tokenizer") != tokenizer:
+        raise UserError(f"{folder} was prepared with another tokenizer: prepare it again")
+    if len(offsets) != spec.get("examples", -1) + 1 or not offsets[-1] == len(ids) == len(counts):
+        raise UserError(f"{folder / ARRAYS} does not hold what {PREPARED} says: prepare it again")
+    return spec, cut_to(Examples(ids, counts, offsets), max_tokens)
+
+
+def cut_to(ex: Examples, max_tokens: int) -> Examples:
+    """The examples, each cut to at most `max_tokens` tokens (`cut` counts those shortened)."""
+    lengths = np.diff(ex.offsets)
+    if (lengths <= max_tokens).all():
+        return ex
+    keep = np.concatenate(
+        [np.arange(a, a + min(n, max_tokens)) for a, n in zip(ex.offsets, lengths, strict=False)]
+    )
+    offsets = np.concatenate([[0], np.cumsum(np.minimum(lengths, max_tokens))]).astype(np.int64)
+    return Examples(ex.ids[keep], ex.counts[keep], offsets, int((lengths > max_tokens).sum()))

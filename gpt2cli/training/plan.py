@@ -114,11 +114,13 @@ def new_plan(
     data_dir = _data_dir()
     d, loop = s.data, s.loop
     prepared = _prepared_folder(d.dataset, data_dir)
+    if prepared and examples.is_prepared_examples(prepared):
+        s = _with_folder_mask(s, prepared)
     files = [prepared] if prepared else data.resolve_files(d.dataset, data_dir)
     val_files = data.resolve_files(d.val_dataset, data_dir) if d.val_dataset else None
     if val_files:
         val_fraction = 0.0
-    elif prepared:
+    elif prepared and not examples.is_prepared_examples(prepared):
         val_fraction = open_prepared(prepared).val_fraction
     else:
         val_fraction = settings.VAL_FRACTION
@@ -150,6 +152,20 @@ def new_plan(
     if main_process:
         RunFolder.check_new(folder)
     return plan
+
+
+def _with_folder_mask(s: settings.Settings, folder: Path) -> settings.Settings:
+    """The settings with the mask and template a prepared folder of examples was made with."""
+    import json
+
+    spec = json.loads((folder / examples.PREPARED).read_text())
+    if s.data.mask_prompt and not spec.get("mask_prompt"):
+        raise ParameterError(
+            "mask_prompt", f"asks for a mask that {folder} lacks: prepare it with --mask-prompt"
+        )
+    return s.replace(
+        mask_prompt=bool(spec.get("mask_prompt")), chat_template=spec.get("chat_template")
+    )
 
 
 def start_folder(plan: Plan) -> None:
@@ -232,6 +248,8 @@ def _read(folder: RunFolder) -> Plan:
     spec = folder.spec()
     if spec["version"] == 1:
         spec = _from_version_1(spec, file)
+    if isinstance(spec.get("settings"), dict):
+        spec = {**spec, "settings": {**_ADDED_LATER, **spec["settings"]}}
     check_spec(spec, file)
     output = folder.path / spec["output"]  # an absolute output stays as it is
     places = {"out": str(folder.path.resolve()), "output": str(output.resolve())}
@@ -241,6 +259,8 @@ def _read(folder: RunFolder) -> Plan:
     return Plan(folder, recorded, model_config, files, resumed=True)
 
 
+# Settings that came after a run.json could be written without them: such a run had them off
+_ADDED_LATER = {"mask_prompt": False, "chat_template": "chat"}
 _SECTIONS = {"settings": dict, "model_config": dict, "data": dict, "output": str}
 
 
@@ -266,7 +286,8 @@ def check_spec(spec: dict[str, Any], file: Path) -> None:
     for name in files["dataset"] + (files["val_dataset"] or []):
         if not isinstance(name, str):
             raise UserError(f"{file}: data.dataset holds {name!r}, not a file name")
-        if not (is_prepared(name) if files["prepared"] else Path(name).is_file()):
+        prepared = is_prepared(name) or examples.is_prepared_examples(name)
+        if not (prepared if files["prepared"] else Path(name).is_file()):
             raise UserError(
                 f"{file}: the run's dataset file {name} is gone; restore it to resume "
                 "(a resumed run reads the same data), or start a new run"
@@ -373,6 +394,8 @@ def source_config(
 def load_data(plan: Plan, tokenizer, progress=None) -> TrainData | ExampleData:
     d, tc, files = plan.settings.data, plan.train_config, plan.files
     paths = [Path(f) for f in files.dataset]
+    if files.prepared and examples.is_prepared_examples(paths[0]):
+        return _load_examples(plan, tokenizer)
     if not files.prepared and examples.is_examples(paths, d.mask_prompt):
         return _load_examples(plan, tokenizer)
     if files.prepared:
@@ -399,6 +422,9 @@ def _load_examples(plan: Plan, tokenizer) -> ExampleData:
     chat = template(d.chat_template)
 
     def read(paths: list[str]) -> examples.Examples:
+        if files.prepared and paths is files.dataset:
+            fingerprint = data.tokenizer_fingerprint(tokenizer)
+            return examples.read_prepared(Path(paths[0]), fingerprint, tc.seq_length + 1)[1]
         return examples.read_examples(
             [Path(p) for p in paths],
             chat,
@@ -449,7 +475,7 @@ def _prepared_folder(dataset: list[str], data_dir: str | None) -> Path | None:
     import os
 
     folders = [Path(data_dir or "", os.path.expanduser(d)) for d in dataset]
-    prepared = [f for f in folders if is_prepared(f)]
+    prepared = [f for f in folders if is_prepared(f) or examples.is_prepared_examples(f)]
     if prepared and len(dataset) > 1:
         raise ParameterError(
             "dataset",

@@ -27,6 +27,7 @@ import numpy as np
 from gpt2cli.chat import ROLES, MessageError, Template, render
 from gpt2cli.errors import ParameterError, UserError
 from gpt2cli.tokenizer import GPT2Tokenizer
+from gpt2cli.training.sources import BadInput, json_line
 
 FORMS = {"text": ("text",), "completion": ("prompt", "completion"), "chat": ("messages",)}
 MIN_BUCKET = 16  # the shortest padded length: fewer shapes to compile
@@ -80,10 +81,10 @@ def _rows(path: Path):
                 if not line.strip():
                     continue
                 try:
-                    yield number, json.loads(line)
-                except (UnicodeDecodeError, ValueError) as exc:
-                    reason = getattr(exc, "msg", "not UTF-8")
-                    raise UserError(f"{path} line {number}: not a JSON row ({reason})") from None
+                    record = json_line(line, 0, "strict")
+                except BadInput as exc:
+                    raise UserError(f"{path} line {number} {exc.reason}") from None
+                yield number, record
     except (OSError, EOFError) as exc:
         raise UserError(f"cannot read {path}: {exc}") from None
 

@@ -405,3 +405,16 @@ def test_sft_steps_match_on_one_and_four_devices(tmp_path):
     assert out["single"][0] > out["single"][-1]  # it learns
     for mode in ("data-parallel", "fsdp"):
         np.testing.assert_allclose(out[mode], out["single"], rtol=2e-5)
+
+
+def test_text_rows_alone_are_documents_of_the_packed_corpus(tmp_path):
+    from gpt2cli.training.data import tokenize_file
+
+    tok = bundled()
+    write_rows(tmp_path / "docs.jsonl", [{"text": "First doc."}, {"text": "Second one."}])
+    ids = tokenize_file(tmp_path / "docs.jsonl", tok).tolist()
+    assert ids == tok.encode("First doc.") + [tok.eos_id] + tok.encode("Second one.")
+    assert not examples.is_examples([tmp_path / "docs.jsonl"], mask_prompt=False)
+    write_rows(tmp_path / "mixed.jsonl", [{"text": "a"}, {"prompt": "b", "completion": "c"}])
+    with pytest.raises(UserError, match="mixed.jsonl line 2: a row of text rows needs"):
+        tokenize_file(tmp_path / "mixed.jsonl", tok)

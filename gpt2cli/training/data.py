@@ -21,7 +21,9 @@ from gpt2cli.atomic import atomic_write
 from gpt2cli.errors import UserError
 from gpt2cli.tokenizer import GPT2Tokenizer
 from gpt2cli.training.settings import check_val_fraction
+from gpt2cli.training.sources import kind_of
 
+EOS_TEXT = "<|endoftext|>"  # the tokenizer reads it as the one end-of-text id
 # Tokenize in pieces of about this many characters, so a progress bar can move.
 _CHUNK_CHARS = 1 << 20
 _CACHE_VERSION = "1"
@@ -119,7 +121,8 @@ def tokenize_file(
         raise UserError(f"dataset {path} is empty")
     fingerprint = fingerprint or tokenizer_fingerprint(tokenizer)
     key = hashlib.sha256(raw).hexdigest()
-    cached = cache_dir() / f"{key[:32]}-{fingerprint}-{errors}-v{_CACHE_VERSION}.npy"
+    kind = "-rows" if kind_of(path) == "jsonl" else ""
+    cached = cache_dir() / f"{key[:32]}-{fingerprint}-{errors}{kind}-v{_CACHE_VERSION}.npy"
     if cached.is_file():
         try:
             ids = np.load(cached, allow_pickle=False)
@@ -129,6 +132,10 @@ def tokenize_file(
         except (OSError, ValueError):
             pass  # a damaged cache entry: tokenize again and rewrite it
     text = decode_text(raw, path, errors)
+    if kind_of(path) == "jsonl":  # text rows: the documents, joined as files are
+        from gpt2cli.training.examples import text_rows
+
+        text = EOS_TEXT.join(text_rows(path))
     ids, done = [], 0
     for chunk in text_chunks(text):
         ids.extend(tokenizer.encode(chunk))

@@ -44,7 +44,7 @@ def form_of(record) -> str | None:
 
 
 def file_form(path: Path) -> str:
-    """The form of a JSON-lines file (that of its first row); 'text' for anything else."""
+    """The form of a JSON-lines file (that of its first row), or 'plain' (not JSON lines)."""
     if not path.name.removesuffix(".gz").endswith((".jsonl", ".ndjson")):
         return "plain"
     for _, record in _rows(path):
@@ -70,6 +70,18 @@ def is_examples(paths: list[Path], mask_prompt: bool) -> bool:
             f"needs prompt/completion or messages rows (a .jsonl dataset); {paths[0]} has none",
         )
     return False
+
+
+def text_rows(path: Path) -> list[str]:
+    """The texts of a file of text rows (the packed corpus reads them as documents)."""
+    texts = []
+    for number, record in _rows(path):
+        if form_of(record) != "text":
+            raise UserError(f"{path} line {number}: a row of text rows needs a string text")
+        if not isinstance(record["text"], str):
+            raise UserError(f"{path} line {number}: text must be a string")
+        texts.append(record["text"])
+    return texts
 
 
 def _rows(path: Path):

@@ -8,8 +8,13 @@ GPT-2 was never tuned to follow instructions, so a chat is a document it keeps w
     User: Tell me a story
     Assistant:                                                       <- the model continues here
 
-A reply ends where the model starts the next `User:` line (the stop string `"\\nUser:"`), at
-`<|endoftext|>`, or after `max_new_tokens`.
+A reply ends at `<|endoftext|>` (the end-of-turn marker), where the model starts the next
+`User:` line (the stop string `"\\nUser:"`, which a base model writes on its own), or after
+`max_new_tokens`. In the transcript every reply is followed by `<|endoftext|>`: one token, already
+the end of a document to every GPT-2, the end of generation everywhere (`generate`, `serve`), and
+what a model fine-tuned on chats (`gpt2 train --mask-prompt`) learns to write when its answer is
+done. `render` writes a conversation's ids for all three users of a template (this session, the
+server's chat endpoint, training), so a fine-tuned model sees at inference what it was trained on.
 
 The transcript is kept as token ids, segment by segment (preamble, then each turn's prompt and
 reply), so the ids sent for turn N+1 extend those of turn N: the prompt cache then holds the
@@ -48,6 +53,11 @@ class Template:
         """The text of one user turn, up to where the model writes the reply."""
         return f"\n{self.user}: {message}\n{self.assistant}:"
 
+    @staticmethod
+    def reply_text(message: str) -> str:
+        """The text of one reply after its turn prompt (the end-of-turn token follows it)."""
+        return f" {message}"
+
     @property
     def stops(self) -> tuple[str, ...]:
         return (f"\n{self.user}:",)
@@ -66,6 +76,69 @@ DEFAULT_TEMPLATE = "chat"
 MIN_TURN_ROOM = 16  # tokens a user turn may always use, whatever the preamble and reply budget
 REPLY_TOKENS = 100  # the most tokens a reply gets by default (less in a small window)
 TAIL_TOKENS = 64  # how far back from a reply's end its generated tokens may stop matching its text
+
+
+ROLES = ("system", "user", "assistant")
+
+
+def one_line(text: str) -> str:
+    """A message as the transcript holds it: one line, runs of whitespace made one space."""
+    return " ".join(text.split())
+
+
+class MessageError(ValueError):
+    """A conversation `render` cannot write: `index` is the message at fault (None: the whole)."""
+
+    def __init__(self, index: int | None, reason: str):
+        super().__init__(reason)
+        self.index, self.reason = index, reason
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A conversation's token ids in parts: the preamble's, then each message's (a user turn's
+    prompt, or a reply with its end-of-turn token), with whether it is a reply."""
+
+    preamble: list[int]
+    parts: list[tuple[list[int], bool]]
+
+    @property
+    def ids(self) -> list[int]:
+        return self.preamble + [t for part, _ in self.parts for t in part]
+
+    @property
+    def replies(self) -> list[bool]:
+        """For each id, whether it is a reply's (the loss counts it)."""
+        return [False] * len(self.preamble) + [r for part, r in self.parts for _ in part]
+
+
+def render(messages, template: Template, tokenizer: GPT2Tokenizer, encode=None) -> Rendered:
+    """The transcript of (role, text) messages: the preamble (system messages replace the
+    template's), then per user message its turn prompt, per assistant message its reply and the
+    end-of-turn token. A conversation that ends with a user message ends where the model writes.
+
+    Each part is tokenized on its own, as ChatSession sends them (by `encode`: the tokenizer's
+    own by default; the server passes one that lets other threads run meanwhile).
+    """
+    encode = encode or tokenizer.encode
+    system, parts = None, []
+    for i, (role, text) in enumerate(messages):
+        text = one_line(text)
+        if role == "system":
+            system = text if system is None else f"{system} {text}"
+        elif role == "user":
+            parts.append((encode(template.turn_prompt(text)), False))
+        elif role == "assistant":
+            if not any(not reply for _, reply in parts):
+                raise MessageError(i, "an assistant message must follow a user message")
+            parts.append((encode(template.reply_text(text)) + [tokenizer.eos_id], True))
+        else:
+            raise MessageError(
+                i, f"role must be {', '.join(ROLES[:-1])} or {ROLES[-1]}, got {role!r}"
+            )
+    if not parts:
+        raise MessageError(None, "a conversation needs a user message")
+    return Rendered(encode(template.system if system is None else system), parts)
 
 
 def template(name: str) -> Template:
@@ -195,9 +268,9 @@ class ChatSession:
 
     def set_system(self, text: str) -> None:
         """Replace the preamble (the history stays; the cache is rebuilt on the next turn)."""
-        ids = self._encode(text.strip(), "the preamble")
+        ids = self._encode(one_line(text), "the preamble")
         self._check_room(len(ids), self.max_new_tokens)
-        self.system = text.strip()
+        self.system = one_line(text)
         self.preamble_ids = ids
 
     def set_max_new_tokens(self, value: int) -> None:
@@ -281,7 +354,7 @@ class ChatSession:
 
         Closing the generator early (Ctrl-C in the REPL) keeps the reply shown so far.
         """
-        message = " ".join(message.split())
+        message = one_line(message)
         if not message:
             raise UserError("empty message: type some text")
         prompt = self._encode(self.template.turn_prompt(message), "the message")
@@ -337,8 +410,11 @@ class ChatSession:
             )
 
     def _commit(self, message, prompt, pieces, tokens, finish) -> None:
-        text = "".join(pieces)
-        ids = [t for t in tokens if t != self.tokenizer.eos_id]
-        ids = reply_ids(self.tokenizer, ids, text)
-        reply = text.strip()
-        self.turns.append(Turn(message, reply, tuple(prompt + ids), finish))
+        """The turn as `render` writes it: prompt, the reply's ids, the end-of-turn token. The
+        model's own tokens are kept where they spell that text (the usual case: the cache then
+        holds them); where they do not (no leading space, a newline), the rest is re-encoded."""
+        reply = one_line("".join(pieces))
+        eos = self.tokenizer.eos_id
+        text = self.template.reply_text(reply)
+        ids = reply_ids(self.tokenizer, [t for t in tokens if t != eos], text)
+        self.turns.append(Turn(message, reply, tuple(prompt + ids + [eos]), finish))

@@ -73,8 +73,9 @@ def test_prompt_cache_gives_the_fresh_prefill_reply_and_prefills_only_the_new_tu
     new_turn = _prompt_len(session, messages[-1])
     assert session.last.prompt_tokens == len(history_ids) + new_turn
     # Computed: the new turn's tokens, plus the previous reply's last token (sampled, never fed
-    # back). Everything before came from the cache.
-    assert session.last.prefilled_tokens == new_turn + 1
+    # back) and the end-of-turn token after it. Everything before came from the cache.
+    assert history[-1].ids[-1] == session.tokenizer.eos_id
+    assert session.last.prefilled_tokens == new_turn + 2
 
     fresh = greedy_session(max_new_tokens=6)
     fresh.turns = history
@@ -98,9 +99,12 @@ def test_sixty_turns_in_a_small_window_keep_the_preamble_and_rebuild_only_on_dro
             drops += 1  # positions shifted: the kept turns are computed again, once
             oldest_kept = len(session.turns[0].ids)
             assert stats.prefilled_tokens >= stats.prompt_tokens - len(preamble) - oldest_kept
-            assert stats.prefilled_tokens > _prompt_len(session, message) + 1
-        elif i > 0:
-            assert stats.prefilled_tokens <= _prompt_len(session, message) + 1
+            assert stats.prefilled_tokens > _prompt_len(session, message) + 2
+        elif i > 0:  # the new turn and at most the last reply (its ids are re-encoded where
+            # the model's own tokens do not spell the rendered text) and its end-of-turn token
+            before = session.turns[-2]
+            last_reply = len(before.ids) - _prompt_len(session, before.user)
+            assert stats.prefilled_tokens <= _prompt_len(session, message) + last_reply
     assert session.turns[-1].user == "message number 59"
     assert 5 <= drops <= 20  # the window filled again and again, and each drop freed room
     assert session.context_tokens <= room
@@ -119,7 +123,8 @@ def test_a_reply_ends_before_a_stop_string_and_the_next_turn_reuses_the_cache():
     assert session.tokenizer.decode(list(turn.ids)).endswith(reply)
 
     _reply(session, "And then?")
-    assert session.last.prefilled_tokens <= _prompt_len(session, "And then?") + 1
+    # the new turn, the end-of-turn token after the reply, the reply's last token (never fed)
+    assert session.last.prefilled_tokens <= _prompt_len(session, "And then?") + 2
 
 
 def test_closing_a_reply_early_keeps_what_was_shown_and_the_cache_stays_right():

@@ -52,6 +52,16 @@ def evaluate(
     adapter: AdapterDir = None,
     errors: TextErrors = None,
     as_json: JsonOutput = False,
+    mask_prompt: Annotated[
+        bool,
+        Opt(
+            "--mask-prompt",
+            help="Instruction or chat rows: score only the replies (as gpt2 train --mask-prompt).",
+        ),
+    ] = False,
+    chat_template: Annotated[
+        str, Opt("--chat-template", help="The template chat rows are written in.")
+    ] = "chat",
     task: Annotated[
         str | None,
         Opt(
@@ -69,6 +79,7 @@ def evaluate(
       gpt2 eval -m runs/ft/final.npz --dataset val.txt
       gpt2 eval -m gpt2 --dataset wiki.txt --seq-length 1024 --stride 512 --json
       gpt2 eval -m runs/scratch/final.npz --dataset data/corpus
+      gpt2 eval -m runs/sft/final.npz --dataset chats.jsonl --mask-prompt
       gpt2 eval -m gpt2 --task hellaswag_val.jsonl
       gpt2 eval -m gpt2 --dataset val.txt --adapter runs/lora/adapter
     """
@@ -91,16 +102,22 @@ def evaluate(
     from gpt2cli import compile_cache
     from gpt2cli.hub import load_model, load_tokenizer
     from gpt2cli.progress import hub_progress_class, task_progress
-    from gpt2cli.training import data
+    from gpt2cli.training import data, examples
     from gpt2cli.training import evaluate as evaluation
 
     compile_cache.enable()
     names = list(dataset or []) + list(more_files or [])
     prepared = _prepared(names)
     files = [] if prepared else data.resolve_files(names, os.environ.get("DATA_DIR"))
+    with flags_for({"mask_prompt"}):
+        rows = not prepared and examples.is_examples(files, mask_prompt)
     config, params = load_model(
         model, finite=True, tqdm_class=hub_progress_class(), adapter=adapter
     )
+    if rows:
+        _score_examples(files, config, params, model, tokenizer, seq_length, batch_size, dtype,
+                        mask_prompt, chat_template, as_json)  # fmt: skip
+        return
     if prepared:
         prepared.check_tokenizer(load_tokenizer(tokenizer, model, tqdm_class=hub_progress_class()))
         tokens = np.asarray(prepared.validation())
@@ -199,6 +216,49 @@ def _score_task(
         }
         typer.echo(json.dumps(line))
     typer.echo(json.dumps({"acc": acc, "acc_norm": acc_norm, "n": n}))
+
+
+def _score_examples(
+    files,
+    config,
+    params,
+    model,
+    tokenizer,
+    seq_length,
+    batch_size,
+    dtype,
+    mask_prompt,
+    chat_template,
+    as_json,
+) -> None:
+    """The loss over the counted tokens of instruction or chat rows, one example a row."""
+    from gpt2cli.chat import template
+    from gpt2cli.hub import load_tokenizer
+    from gpt2cli.progress import hub_progress_class, task_progress
+    from gpt2cli.training import evaluate as evaluation
+    from gpt2cli.training.examples import read_examples
+
+    tok = load_tokenizer(tokenizer, model, tqdm_class=hub_progress_class())
+    length = seq_length or config.n_positions
+    rows = read_examples(files, template(chat_template), tok, mask_prompt=mask_prompt,
+                         max_tokens=length + 1)  # fmt: skip
+    with task_progress() as progress, flags_for({"batch_size"}, length="--seq-length"):
+        task = progress.add_task("evaluating", total=None)
+        result = evaluation.evaluate_examples(
+            config, params, rows, length=length, batch_size=batch_size, dtype=dtype,
+            progress=lambda done, total: progress.update(task, completed=done, total=total),
+        )  # fmt: skip
+    figures = {"loss": result.loss, "perplexity": result.perplexity,
+               "tokens_scored": result.n_tokens, "examples": result.n_windows,
+               "examples_cut": rows.cut, "seq_length": length}  # fmt: skip
+    if as_json:
+        typer.echo(json.dumps(figures))
+    else:
+        cut = f", {rows.cut} cut to {length + 1} tokens" if rows.cut else ""
+        typer.echo(
+            f"loss {result.loss:.4f}  perplexity {result.perplexity:.4f}  ({result.n_tokens} "
+            f"counted tokens in {result.n_windows} examples{cut})"
+        )
 
 
 def _prepared(names: list[str]):

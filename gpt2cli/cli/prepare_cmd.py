@@ -46,6 +46,13 @@ def prepare(
     force: Annotated[
         bool, Opt("--force", help="Replace a folder prepared from other inputs or settings.")
     ] = False,
+    mask_prompt: Annotated[
+        bool,
+        Opt("--mask-prompt", help="Instruction or chat rows: the loss will count only replies."),
+    ] = False,
+    chat_template: Annotated[
+        str, Opt("--chat-template", help="The template chat rows are written in.")
+    ] = "chat",
 ) -> None:
     """Tokenize text into flat uint16 shards for gpt2 train --dataset DIR.
 
@@ -58,8 +65,10 @@ def prepare(
       gpt2 prepare 'corpus/*.txt' --out data/corpus
       gpt2 prepare web-*.jsonl.gz --text-field text --out data/web --workers 8
       gpt2 train --dataset data/corpus --init tiny --steps 1000
+      gpt2 prepare chats.jsonl --mask-prompt --out data/sft     # rows and their loss mask
     """
     from gpt2cli.training.data import resolve_files
+    from gpt2cli.training.examples import is_examples
     from gpt2cli.training.prepare import FolderInUse
     from gpt2cli.training.prepare import prepare as run
 
@@ -68,6 +77,11 @@ def prepare(
     paths = resolve_files(files, os.environ.get("DATA_DIR"))
     if Path(out).exists() and not Path(out).is_dir():
         raise UserError(f"--out {out} is a file; give a folder for the prepared dataset")
+    with flags_for({"mask_prompt"}):
+        rows = is_examples(paths, mask_prompt)
+    if rows:
+        _prepare_examples(paths, Path(out), mask_prompt, chat_template, force)
+        return
     try:
         with _Bar() as bar:
             result = run(paths, Path(out), settings, workers=workers, force=force, progress=bar)
@@ -87,6 +101,31 @@ def prepare(
     err.print(
         f"{what}: {index['tokens']:,} tokens of {docs:,} document{'s' * (docs != 1)} in "
         f"{shards} shard{'s' * (shards != 1)} under {out}",
+        soft_wrap=True,
+    )
+
+
+def _prepare_examples(paths, out: Path, mask_prompt: bool, template_name: str, force: bool):
+    """Instruction or chat rows -> examples.npz (ids and loss mask) and examples.json."""
+    from gpt2cli.chat import template
+    from gpt2cli.tokenizer import bundled
+    from gpt2cli.training import examples
+    from gpt2cli.training.data import tokenizer_fingerprint
+
+    chosen = template(template_name)
+    if examples.is_prepared_examples(out) and not force:
+        raise UserError(f"{out} already holds prepared examples: use --force to replace them")
+    tok = bundled()
+    rows = examples.read_examples(
+        paths, chosen, tok, mask_prompt=mask_prompt, max_tokens=2**31
+    )  # cut by gpt2 train, to its --seq-length
+    examples.write_prepared(out, rows, mask_prompt=mask_prompt, template=chosen.name,
+                            tokenizer=tokenizer_fingerprint(tok),
+                            sources=[str(p.resolve()) for p in paths])  # fmt: skip
+    counted = int(rows.counts.sum())
+    err.print(
+        f"prepared: {len(rows):,} examples, {len(rows.ids):,} tokens ({counted:,} counted in the "
+        f"loss) under {out}",
         soft_wrap=True,
     )
 

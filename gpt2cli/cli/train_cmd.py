@@ -35,7 +35,8 @@ def train(**given) -> None:
       gpt2 prepare 'corpus/*.txt' --out data/corpus && gpt2 train --dataset data/corpus --init tiny
       gpt2 train --init tiny --dataset tiny.txt --print-config > run.toml; gpt2 train --config run.toml
       gpt2 train --resume runs/ft --steps 4000
-      gpt2 train --dataset chats.txt -m gpt2-xl --lora --lora-rank 16 --out runs/xl-lora
+      gpt2 train --dataset chats.jsonl -m gpt2.npz --mask-prompt --steps 500 --out runs/sft
+      gpt2 train --dataset chats.jsonl -m gpt2-xl --lora --lora-rank 16 --mask-prompt --out runs/xl-lora
     """
     from gpt2cli.cli.options import flags_for
     from gpt2cli.training import settings

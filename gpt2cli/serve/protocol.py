@@ -15,7 +15,15 @@ import secrets
 import time
 from dataclasses import dataclass, replace
 
-from gpt2cli.chat import TEMPLATES, Template, Trimmed, default_reply_tokens, turns_to_drop
+from gpt2cli.chat import (
+    TEMPLATES,
+    MessageError,
+    Template,
+    Trimmed,
+    default_reply_tokens,
+    render,
+    turns_to_drop,
+)
 from gpt2cli.errors import UserError
 from gpt2cli.generate import SamplingParams, check_prompt
 from gpt2cli.sampling_checks import check_sampling
@@ -455,7 +463,7 @@ def _message_text(message: dict, index: int) -> str:
         content = "".join(parts)
     if not isinstance(content, str):
         raise bad(f"messages[{index}].content", "content must be a string or a list of text parts")
-    return " ".join(content.split())  # one line per turn, as `gpt2 chat` writes it
+    return content
 
 
 @dataclass(frozen=True)
@@ -498,35 +506,34 @@ def chat_ids(messages, tokenizer, template: Template = TEMPLATES["chat"]) -> lis
 
 
 def transcript(messages, tokenizer, template: Template = TEMPLATES["chat"]) -> Transcript:
-    """Preamble, then each turn, ending at the assistant's name. System (or developer) messages
-    replace the preamble."""
+    """The transcript `gpt2 chat` would send (chat.render), cut into turns: preamble, then each
+    turn, ending at the assistant's name. System (or developer) messages replace the preamble."""
     if not isinstance(messages, list) or not messages:
         raise bad("messages", "messages must be a non-empty list")
-    system, turns, counts = None, [], []
+    pairs = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise bad(f"messages[{i}]", "each message must be an object with role and content")
         check_message_fields(message, i)
         role = message.get("role")
-        text = _message_text(message, i)
-        if role in ("system", "developer"):
-            system = text if system is None else f"{system} {text}"
-        elif role == "user":  # starts a turn
-            turns.append(tokenizer.encode_unlocked(template.turn_prompt(text)))
-            counts.append(1)
-        elif role == "assistant":
-            if not turns:
-                raise bad(f"messages[{i}]", "an assistant message must follow a user message")
-            turns[-1] = turns[-1] + tokenizer.encode_unlocked(" " + text)
-            counts[-1] += 1
-        else:
-            raise bad(
-                f"messages[{i}].role", f"role must be system, user or assistant, got {role!r}"
-            )
+        pairs.append(("system" if role == "developer" else role, _message_text(message, i)))
     if messages[-1].get("role") != "user":
         raise bad("messages", "the last message must be the user's")
-    preamble = tokenizer.encode_unlocked(template.system if system is None else system)
-    return Transcript(preamble, turns, counts)
+    try:
+        rendered = render(pairs, template, tokenizer, tokenizer.encode_unlocked)
+    except MessageError as exc:
+        where = "messages" if exc.index is None else f"messages[{exc.index}]"
+        role_error = exc.reason.startswith("role")
+        raise bad(f"{where}.role" if role_error else where, exc.reason) from None
+    turns, counts = [], []
+    for part, reply in rendered.parts:
+        if reply:  # an assistant message: part of the turn its user message began
+            turns[-1] = turns[-1] + part
+            counts[-1] += 1
+        else:
+            turns.append(part)
+            counts.append(1)
+    return Transcript(rendered.preamble, turns, counts)
 
 
 def fit_transcript(chat: Transcript, max_tokens: int, n_positions: int) -> tuple[Transcript, int]:

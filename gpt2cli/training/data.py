@@ -21,7 +21,9 @@ from gpt2cli.atomic import atomic_write
 from gpt2cli.errors import UserError
 from gpt2cli.tokenizer import GPT2Tokenizer
 from gpt2cli.training.settings import check_val_fraction
+from gpt2cli.training.sources import kind_of
 
+EOS_TEXT = "<|endoftext|>"  # the tokenizer reads it as the one end-of-text id
 # Tokenize in pieces of about this many characters, so a progress bar can move.
 _CHUNK_CHARS = 1 << 20
 _CACHE_VERSION = "1"
@@ -119,7 +121,8 @@ def tokenize_file(
         raise UserError(f"dataset {path} is empty")
     fingerprint = fingerprint or tokenizer_fingerprint(tokenizer)
     key = hashlib.sha256(raw).hexdigest()
-    cached = cache_dir() / f"{key[:32]}-{fingerprint}-{errors}-v{_CACHE_VERSION}.npy"
+    kind = "-rows" if kind_of(path) == "jsonl" else ""
+    cached = cache_dir() / f"{key[:32]}-{fingerprint}-{errors}{kind}-v{_CACHE_VERSION}.npy"
     if cached.is_file():
         try:
             ids = np.load(cached, allow_pickle=False)
@@ -129,6 +132,10 @@ def tokenize_file(
         except (OSError, ValueError):
             pass  # a damaged cache entry: tokenize again and rewrite it
     text = decode_text(raw, path, errors)
+    if kind_of(path) == "jsonl":  # text rows: the documents, joined as files are
+        from gpt2cli.training.examples import text_rows
+
+        text = EOS_TEXT.join(text_rows(path))
     ids, done = [], 0
     for chunk in text_chunks(text):
         ids.extend(tokenizer.encode(chunk))
@@ -257,7 +264,7 @@ def _permutation(seed: int, epoch: int, n_blocks: int) -> np.ndarray:
 Part = tuple[int, int]  # (this process's index, number of processes): whose rows to read
 
 
-def _rows_of(idx: np.ndarray, part: Part) -> np.ndarray:
+def rows_of(idx: np.ndarray, part: Part) -> np.ndarray:
     """The columns of [..., rows] block indices that process part[0] of part[1] reads."""
     index, count = part
     size = idx.shape[-1] // count
@@ -270,7 +277,7 @@ def batch_for_step(
     """The [accum, rows/count, seq+1] tokens of optimizer step `step` (0-based) that `part`
     reads; only those blocks are read (from a memory-mapped corpus, only those pages)."""
     per_step = rows * accum
-    idx = _rows_of(sampler.indices(step * per_step, per_step).reshape(accum, rows), part)
+    idx = rows_of(sampler.indices(step * per_step, per_step).reshape(accum, rows), part)
     return blocks.gather(idx.reshape(-1)).reshape(*idx.shape, blocks.seq + 1)
 
 
@@ -280,5 +287,5 @@ def val_batches(
     """Fixed validation batches ([rows/count, seq+1] each), the same at every evaluation."""
     n = min(len(blocks) // rows, max_batches)
     if n == 0:  # fewer blocks than a batch: repeat them to fill one
-        return [blocks.gather(_rows_of(np.resize(np.arange(len(blocks)), rows), part))]
-    return [blocks.gather(_rows_of(np.arange(b * rows, (b + 1) * rows), part)) for b in range(n)]
+        return [blocks.gather(rows_of(np.resize(np.arange(len(blocks)), rows), part))]
+    return [blocks.gather(rows_of(np.arange(b * rows, (b + 1) * rows), part)) for b in range(n)]

@@ -115,7 +115,7 @@ def run(plan: Plan, view: View, *, force: bool, plot: bool, tqdm_class=None) -> 
         f"{what} {source.model or 'a fresh ' + source.init} ({config.n_layer} layers, "
         f"{config.n_head} heads, width {config.n_embd}, context {config.n_positions}: "
         f"{config.num_params() / 1e6:.1f}M params) in {folder.path} from step {start} "
-        f"to {loop.steps}; {len(data.train)} train blocks of {data.train.seq} tokens"
+        f"to {loop.steps}; {data.describe()}"
     )
     try:
         with view.stopping() as stop_requested, view.steps(loop.steps, start) as steps:

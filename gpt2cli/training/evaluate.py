@@ -22,6 +22,7 @@ from gpt2cli import kernels, precision
 from gpt2cli.config import GPT2Config
 from gpt2cli.errors import ParameterError, UserError
 from gpt2cli.model import GPT2
+from gpt2cli.training.examples import Examples, gather
 
 
 @dataclass(frozen=True)
@@ -125,3 +126,32 @@ def evaluate(
             progress(min(start + batch_size, len(wins)), len(wins))
     total = float(np.sum(np.concatenate(jax.device_get(sums)), dtype=np.float64))
     return EvalResult(total, int(mask.sum()), len(wins))
+
+
+def evaluate_examples(
+    config: GPT2Config,
+    params: Any,
+    examples: Examples,
+    *,
+    length: int,
+    batch_size: int = 8,
+    dtype: str = "float32",
+    progress: Callable[[int, int], None] | None = None,
+) -> EvalResult:
+    """The loss over the counted tokens of examples of their own (instruction or chat rows,
+    their mask as `gpt2 train` reads them), each from its first token, cut to `length` + 1."""
+    config.check_fits(length, "length")
+    score = make_scorer(config, dtype)
+    params = jax.device_put(params)
+    sums, counted = [], 0
+    for start in range(0, len(examples), batch_size):
+        end = min(start + batch_size, len(examples))
+        rows = np.resize(np.arange(start, end), batch_size)  # whole batches: one compiled shape
+        tokens, weights = gather(examples, rows, length, pad=0)
+        weights[end - start :] = 0  # the rows repeated to fill the last batch
+        sums.append(score(params, tokens[:, :-1], tokens[:, 1:], weights))
+        counted += int(weights.sum())
+        if progress:
+            progress(end, len(examples))
+    total = float(np.sum(np.concatenate(jax.device_get(sums)), dtype=np.float64))
+    return EvalResult(total, counted, len(examples))

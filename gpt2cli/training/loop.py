@@ -20,7 +20,8 @@ import jax
 import numpy as np
 
 from gpt2cli.errors import UserError
-from gpt2cli.training.data import Blocks, Sampler, batch_for_step, val_batches
+from gpt2cli.training.data import Blocks, Sampler, batch_for_step, rows_of, val_batches
+from gpt2cli.training.examples import Examples, bucket, gather
 from gpt2cli.training.settings import DataSettings, LoopSettings
 from gpt2cli.training.trainer import Trainer, TrainState
 
@@ -54,6 +55,56 @@ class TrainData:
         if self.val is None:
             return []
         return [b[None] for b in val_batches(self.val, self.rows, self.eval_batches, self._part())]
+
+    def describe(self) -> str:
+        return f"{len(self.train)} train blocks of {self.train.seq} tokens"
+
+
+@dataclass(frozen=True)
+class ExampleData:
+    """Examples of their own (instruction or chat rows), as TrainData: a step's batch is a
+    (tokens [accum, rows, L+1], weights [accum, rows, L]) pair, L the length bucket of the
+    step's longest example (the same for every process), at most `seq`."""
+
+    train: Examples
+    val: Examples | None
+    sampler: Sampler
+    rows: int
+    accum: int
+    seq: int
+    pad: int  # the id padding is filled with (it never counts)
+    eval_batches: int = DataSettings.eval_batches
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens of an average step (padding aside)."""
+        return int(self.rows * self.accum * len(self.train.ids) / max(len(self.train), 1))
+
+    def batch(self, step: int):
+        per_step = self.rows * self.accum
+        idx = self.sampler.indices(step * per_step, per_step).reshape(self.accum, self.rows)
+        return self._gather(idx, TrainData._part())
+
+    def _gather(self, idx: np.ndarray, part, examples: Examples | None = None):
+        examples = examples or self.train
+        length = bucket(int(examples.lengths(idx).max()) - 1, self.seq)
+        mine = rows_of(idx, part)
+        tokens, weights = gather(examples, mine.reshape(-1), length, self.pad)
+        return tokens.reshape(*mine.shape, -1), weights.reshape(*mine.shape, -1)
+
+    def validation(self) -> list:
+        if self.val is None:
+            return []
+        n = max(1, min(len(self.val) // self.rows, self.eval_batches))
+        order = np.resize(np.arange(len(self.val)), n * self.rows)  # repeated when too few
+        return [
+            self._gather(rows[None], TrainData._part(), self.val)
+            for rows in order.reshape(n, self.rows)
+        ]
+
+    def describe(self) -> str:
+        cut = f" ({self.train.cut} cut to {self.seq + 1} tokens)" if self.train.cut else ""
+        return f"{len(self.train)} train examples{cut}"
 
 
 # ---- the loop ----------------------------------------------------------------------------

@@ -31,8 +31,8 @@ from gpt2cli.config import GPT2Config, new_model_config
 from gpt2cli.errors import ParameterError, UserError
 from gpt2cli.fields import check_types
 from gpt2cli.lora import LoraSpec, parse_targets
-from gpt2cli.training import data, settings
-from gpt2cli.training.loop import TrainData
+from gpt2cli.training import data, examples, settings
+from gpt2cli.training.loop import ExampleData, TrainData
 from gpt2cli.training.run_folder import RUN_FILE, RunFolder, RunLock, load_checkpoint
 from gpt2cli.training.shards import is_prepared, open_prepared
 from gpt2cli.training.trainer import TrainConfig, Trainer, TrainState
@@ -128,11 +128,13 @@ def new_plan(
     data_dir = _data_dir()
     d, loop = s.data, s.loop
     prepared = _prepared_folder(d.dataset, data_dir)
+    if prepared and examples.is_prepared_examples(prepared):
+        s = _with_folder_mask(s, prepared)
     files = [prepared] if prepared else data.resolve_files(d.dataset, data_dir)
     val_files = data.resolve_files(d.val_dataset, data_dir) if d.val_dataset else None
     if val_files:
         val_fraction = 0.0
-    elif prepared:
+    elif prepared and not examples.is_prepared_examples(prepared):
         val_fraction = open_prepared(prepared).val_fraction
     else:
         val_fraction = settings.VAL_FRACTION
@@ -165,6 +167,20 @@ def new_plan(
     if main_process:
         RunFolder.check_new(folder)
     return plan
+
+
+def _with_folder_mask(s: settings.Settings, folder: Path) -> settings.Settings:
+    """The settings with the mask and template a prepared folder of examples was made with."""
+    import json
+
+    spec = json.loads((folder / examples.PREPARED).read_text())
+    if s.data.mask_prompt and not spec.get("mask_prompt"):
+        raise ParameterError(
+            "mask_prompt", f"asks for a mask that {folder} lacks: prepare it with --mask-prompt"
+        )
+    return s.replace(
+        mask_prompt=bool(spec.get("mask_prompt")), chat_template=spec.get("chat_template")
+    )
 
 
 def start_folder(plan: Plan) -> None:
@@ -246,6 +262,8 @@ def _read(folder: RunFolder) -> Plan:
     spec = folder.spec()
     if spec["version"] == 1:
         spec = _from_version_1(spec, file)
+    if isinstance(spec.get("settings"), dict):
+        spec = {**spec, "settings": {**_ADDED_LATER, **spec["settings"]}}
     check_spec(spec, file)
     output = folder.path / spec["output"]  # an absolute output stays as it is
     places = {"out": str(folder.path.resolve()), "output": str(output.resolve())}
@@ -255,6 +273,8 @@ def _read(folder: RunFolder) -> Plan:
     return Plan(folder, recorded, model_config, files, resumed=True)
 
 
+# Settings that came after a run.json could be written without them: such a run had them off
+_ADDED_LATER = {"mask_prompt": False, "chat_template": "chat"}
 _SECTIONS = {"settings": dict, "model_config": dict, "data": dict, "output": str}
 
 
@@ -282,7 +302,8 @@ def check_spec(spec: dict[str, Any], file: Path) -> None:
     for name in files["dataset"] + (files["val_dataset"] or []):
         if not isinstance(name, str):
             raise UserError(f"{file}: data.dataset holds {name!r}, not a file name")
-        if not (is_prepared(name) if files["prepared"] else Path(name).is_file()):
+        prepared = is_prepared(name) or examples.is_prepared_examples(name)
+        if not (prepared if files["prepared"] else Path(name).is_file()):
             raise UserError(
                 f"{file}: the run's dataset file {name} is gone; restore it to resume "
                 "(a resumed run reads the same data), or start a new run"
@@ -367,9 +388,13 @@ def source_config(
     return load_model(model)
 
 
-def load_data(plan: Plan, tokenizer, progress=None) -> TrainData:
+def load_data(plan: Plan, tokenizer, progress=None) -> TrainData | ExampleData:
     d, tc, files = plan.settings.data, plan.train_config, plan.files
     paths = [Path(f) for f in files.dataset]
+    if files.prepared and examples.is_prepared_examples(paths[0]):
+        return _load_examples(plan, tokenizer)
+    if not files.prepared and examples.is_examples(paths, d.mask_prompt):
+        return _load_examples(plan, tokenizer)
     if files.prepared:
         tokens, digest = _prepared_tokens(paths[0], tokenizer)
     else:
@@ -382,6 +407,57 @@ def load_data(plan: Plan, tokenizer, progress=None) -> TrainData:
         val, _ = data.split(val_tokens, tc.seq_length, 0.0)
     else:
         train, val = data.split(tokens, tc.seq_length, d.val_fraction)
+    _check_digest(files, digest)
+    sampler = data.Sampler(len(train), tc.seed)
+    return TrainData(train, val, sampler, tc.batch_size, tc.grad_accum, d.eval_batches)
+
+
+def _load_examples(plan: Plan, tokenizer) -> ExampleData:
+    from gpt2cli.chat import template
+
+    d, tc, files = plan.settings.data, plan.train_config, plan.files
+    chat = template(d.chat_template)
+
+    def read(paths: list[str]) -> examples.Examples:
+        if files.prepared and paths is files.dataset:
+            fingerprint = data.tokenizer_fingerprint(tokenizer)
+            return examples.read_prepared(Path(paths[0]), fingerprint, tc.seq_length + 1)[1]
+        return examples.read_examples(
+            [Path(p) for p in paths],
+            chat,
+            tokenizer,
+            mask_prompt=d.mask_prompt,
+            max_tokens=tc.seq_length + 1,
+        )
+
+    train = read(files.dataset)
+    if files.val_dataset:
+        val = read(files.val_dataset)
+    else:
+        held = int(len(train) * d.val_fraction)
+        if held >= len(train):
+            raise ParameterError("val_fraction", f"{d.val_fraction} leaves no example to train on")
+        val = train.subset(len(train) - held, len(train)) if held else None
+        train = train.subset(0, len(train) - held)
+    digest = hashlib.sha256()
+    for array in (train.ids, train.counts, train.offsets):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    _check_digest(files, digest.hexdigest()[:16])
+    sampler = data.Sampler(len(train), tc.seed)
+    return ExampleData(
+        train,
+        val,
+        sampler,
+        tc.batch_size,
+        tc.grad_accum,
+        tc.seq_length,
+        tokenizer.eos_id,
+        d.eval_batches,
+    )
+
+
+def _check_digest(files: DataFiles, digest: str) -> None:
+    """Record the tokens' fingerprint (a new run), or check it is the recorded one (resume)."""
     if files.token_hash is None:
         files.token_hash = digest
     elif files.token_hash != digest:
@@ -389,8 +465,6 @@ def load_data(plan: Plan, tokenizer, progress=None) -> TrainData:
             "the dataset files changed since this run started (their tokens differ); "
             "a resumed run needs the same data: restore the files or start a new run"
         )
-    sampler = data.Sampler(len(train), tc.seed)
-    return TrainData(train, val, sampler, tc.batch_size, tc.grad_accum, d.eval_batches)
 
 
 def _prepared_folder(dataset: list[str], data_dir: str | None) -> Path | None:
@@ -398,7 +472,7 @@ def _prepared_folder(dataset: list[str], data_dir: str | None) -> Path | None:
     import os
 
     folders = [Path(data_dir or "", os.path.expanduser(d)) for d in dataset]
-    prepared = [f for f in folders if is_prepared(f)]
+    prepared = [f for f in folders if is_prepared(f) or examples.is_prepared_examples(f)]
     if prepared and len(dataset) > 1:
         raise ParameterError(
             "dataset",

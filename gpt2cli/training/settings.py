@@ -139,6 +139,14 @@ class DataSettings:
     )
     grad_accum: int = setting(1, "Micro-batches per optimizer step.", allowed=POSITIVE)
     eval_batches: int = setting(8, "Validation batches per evaluation.", allowed=POSITIVE)
+    mask_prompt: bool = setting(
+        False,
+        "Count only the replies in the loss (prompt/completion and messages rows): not the "
+        "prompts, the preamble or the padding.",
+    )
+    chat_template: str = setting(
+        "chat", "The template chat rows are written in (gpt2 chat --template's names)."
+    )
 
 
 @dataclass(frozen=True)

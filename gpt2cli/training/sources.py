@@ -228,7 +228,7 @@ def piece_texts(piece: Piece, text_field: str, errors: str) -> list[str]:
     for i, line in enumerate(piece.data.split(b"\n")):
         if not line.strip():
             continue
-        record = _json_line(line, i, errors)
+        record = json_line(line, i, errors)
         if not isinstance(record, dict) or text_field not in record:
             raise BadInput(i, f"has no field {text_field!r} (choose one with --text-field)")
         if not isinstance(record[text_field], str):
@@ -237,7 +237,7 @@ def piece_texts(piece: Piece, text_field: str, errors: str) -> list[str]:
     return texts
 
 
-def _json_line(line: bytes, i: int, errors: str):
+def json_line(line: bytes, i: int, errors: str):
     """The JSON value of line `i` of a piece; what Python's reader refuses is a BadInput."""
     try:
         return json.loads(line.decode("utf-8", errors=errors))

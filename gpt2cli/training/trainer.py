@@ -118,6 +118,30 @@ def token_loss(
     With `loss_chunks` > 1 the LM head and the loss run over that many slices of the sequence,
     each recomputed in the backward pass: the [B, T, V] float32 logits never exist at once.
     """
+    hidden, head, targets = _hidden(model, params, tokens, rng, deterministic)
+    if loss_chunks <= 1:
+        return cross_entropy(head(hidden), targets).mean()
+    B, T, _ = hidden.shape
+    return _chunked_sum(head, hidden, targets, None, loss_chunks) / (B * T)
+
+
+def masked_loss(
+    model: GPT2, params, batch, rng, deterministic: bool, loss_chunks: int = 1
+) -> tuple[jax.Array, jax.Array]:
+    """(sum of the counted tokens' cross-entropy, how many count) of a (tokens [B, T+1],
+    weights [B, T]) batch: weight 1 where a target counts (a reply's token), 0 where not (a
+    prompt's token, padding), so those give no gradient."""
+    tokens, weights = batch
+    hidden, head, targets = _hidden(model, params, tokens, rng, deterministic)
+    if loss_chunks <= 1 or targets.shape[1] % loss_chunks:
+        total = jnp.sum(cross_entropy(head(hidden), targets) * weights)
+    else:
+        total = _chunked_sum(head, hidden, targets, weights, loss_chunks)
+    return total, jnp.sum(weights)
+
+
+def _hidden(model: GPT2, params, tokens, rng, deterministic: bool):
+    """(final hidden states [B, T, D], the LM head, the targets [B, T]) of [B, T+1] tokens."""
     inputs, targets = tokens[:, :-1], tokens[:, 1:]  # [B, T] each
     rngs = None if deterministic else {"dropout": rng}
     hidden, _ = model.apply(
@@ -126,19 +150,24 @@ def token_loss(
     table = params["wte"]["embedding"].astype(model.dtype)  # [V, D]
     # The head as the model runs it, but its logits [..., V'] may keep the table's padding
     head = functools.partial(kernels.active().head, table=table, keep_padding=True)
-    if loss_chunks <= 1:
-        return cross_entropy(head(hidden), targets).mean()
+    return hidden, head, targets
+
+
+def _chunked_sum(head, hidden, targets, weights, loss_chunks: int) -> jax.Array:
+    """The summed (weighted, unless `weights` is None) loss, over `loss_chunks` slices."""
     B, T, D = hidden.shape
     slices = (hidden.reshape(B, loss_chunks, -1, D), targets.reshape(B, loss_chunks, -1))
+    if weights is not None:
+        slices += (weights.reshape(B, loss_chunks, -1),)
 
     @jax.checkpoint
     def chunk_loss(total, xs):
-        x, y = xs  # [B, T/c, D], [B, T/c]
-        logits = head(x)  # [B, T/c, V'] float32
-        return total + cross_entropy(logits, y).sum(), None
+        x, y = xs[:2]  # [B, T/c, D], [B, T/c]
+        losses = cross_entropy(head(x), y)  # [B, T/c] from [B, T/c, V'] float32 logits
+        return total + (losses if weights is None else losses * xs[2]).sum(), None
 
     total, _ = jax.lax.scan(chunk_loss, 0.0, jax.tree.map(lambda a: jnp.moveaxis(a, 1, 0), slices))
-    return total / (B * T)
+    return total
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -285,37 +314,74 @@ class Trainer:
             full = self._with_base(trained, base)
             return token_loss(self.model, full, tokens, rng, False, self.loss_chunks)
 
-        rate = self.lora.dropout if self.lora is not None else 0.0
-        with kernels.use(self.kernels), adapter_dropout(rate):
+        with kernels.use(self.kernels), adapter_dropout(self._adapter_dropout):
             return jax.value_and_grad(loss)(params, tokens, rng)
 
-    def _train_step(self, state: TrainState, batch: jax.Array, base: Any = None):
-        """One optimizer step over [accum, rows, T+1] tokens."""
+    def _masked_sums(self, params, batch, rng, base=None):
+        """((loss sum, counted tokens), gradient of the sum in `params` alone) of one
+        (tokens, weights) batch."""
+
+        def loss(trained, batch, rng):
+            full = self._with_base(trained, base)
+            return masked_loss(self.model, full, batch, rng, False, self.loss_chunks)
+
+        with kernels.use(self.kernels), adapter_dropout(self._adapter_dropout):
+            return jax.value_and_grad(loss, has_aux=True)(params, batch, rng)
+
+    @property
+    def _adapter_dropout(self) -> float:
+        return self.lora.dropout if self.lora is not None else 0.0
+
+    def _train_step(self, state: TrainState, batch, base: Any = None):
+        """One optimizer step over [accum, rows, T+1] tokens, or a (tokens, weights [accum,
+        rows, T]) pair: then the loss is the mean over the step's counted tokens."""
         key = jax.random.fold_in(jax.random.key(self.tc.seed), state.step)
-        accum = batch.shape[0]
-        if accum == 1:
-            loss, grads = self._loss_and_grads(state.params, batch[0], key, base)
+        if isinstance(batch, tuple):
+            loss, grads = self._masked_step(state.params, batch, key, base)
         else:
-
-            def micro(carry, xs):
-                tokens, i = xs
-                rng = jax.random.fold_in(key, i)
-                loss, grads = self._loss_and_grads(state.params, tokens, rng, base)
-                total_loss, total_grads = carry
-                return (total_loss + loss, jax.tree.map(jnp.add, total_grads, grads)), None
-
-            zeros = jax.tree.map(jnp.zeros_like, state.params)
-            (loss, grads), _ = jax.lax.scan(micro, (0.0, zeros), (batch, jnp.arange(accum)))
-            loss = loss / accum
-            grads = jax.tree.map(lambda g: g / accum, grads)
+            loss, grads = self._packed_step(state.params, batch, key, base)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, {"loss": loss}
 
-    def place(self, local_batch: np.ndarray) -> jax.Array:
-        """This process's rows of a batch, sent to the devices that train on them."""
-        return sharding.put_batch(local_batch, self.batch_sharding)
+    def _packed_step(self, params, batch, key, base):
+        accum = batch.shape[0]
+        if accum == 1:
+            return self._loss_and_grads(params, batch[0], key, base)
+
+        def micro(carry, xs):
+            tokens, i = xs
+            loss, grads = self._loss_and_grads(params, tokens, jax.random.fold_in(key, i), base)
+            total_loss, total_grads = carry
+            return (total_loss + loss, jax.tree.map(jnp.add, total_grads, grads)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (loss, grads), _ = jax.lax.scan(micro, (0.0, zeros), (batch, jnp.arange(accum)))
+        return loss / accum, jax.tree.map(lambda g: g / accum, grads)
+
+    def _masked_step(self, params, batch, key, base):
+        accum = batch[0].shape[0]
+        if accum == 1:
+            (total, count), grads = self._masked_sums(params, (batch[0][0], batch[1][0]), key, base)
+        else:
+
+            def micro(carry, xs):
+                micro_batch, i = xs
+                (total, count), grads = self._masked_sums(
+                    params, micro_batch, jax.random.fold_in(key, i), base
+                )
+                return jax.tree.map(jnp.add, carry, (total, count, grads)), None
+
+            zeros = (0.0, 0.0, jax.tree.map(jnp.zeros_like, params))
+            (total, count, grads), _ = jax.lax.scan(micro, zeros, (batch, jnp.arange(accum)))
+        count = jnp.maximum(count, 1.0)  # a step with no counted token changes nothing
+        return total / count, jax.tree.map(lambda g: g / count, grads)
+
+    def place(self, local_batch):
+        """This process's rows of a batch (an array, or a (tokens, weights) pair), sent to the
+        devices that train on them."""
+        return jax.tree.map(lambda a: sharding.put_batch(a, self.batch_sharding), local_batch)
 
     def step(self, state: TrainState, batch: np.ndarray | jax.Array) -> tuple[TrainState, dict]:
         """Run one step on this process's rows (placed or not); returns device values."""
@@ -327,15 +393,16 @@ class Trainer:
                 out_shardings=(shardings, sharding.replicated(self.mesh)),
                 donate_argnums=0,
             )
-        if not isinstance(batch, jax.Array):
+        if isinstance(jax.tree.leaves(batch)[0], np.ndarray):
             batch = self.place(batch)
         # The classic threefry layout draws dropout masks ~2.5x faster on CPU than the
         # partitionable one, and its numbers do not depend on the sharding either.
         with jax.threefry_partitionable(False):
             return self._step(state, batch, self.base)
 
-    def eval_loss(self, params: Any, local_batches: list[np.ndarray]) -> float:
-        """Mean loss over validation batches (each [1, rows, T+1], this process's rows)."""
+    def eval_loss(self, params: Any, local_batches: list) -> float:
+        """Mean loss over validation batches (each [1, rows, T+1], this process's rows), or
+        over their counted tokens when they are (tokens, weights) pairs."""
         if self._eval is None:
             self._eval = self.kernels.jit(
                 self._eval_loss,
@@ -346,15 +413,20 @@ class Trainer:
                 ),
                 out_shardings=sharding.replicated(self.mesh),
             )
-        losses = [
-            self._eval(params, sharding.put_batch(b, self.batch_sharding), self.base)
-            for b in local_batches
-        ]
-        return float(np.mean(jax.device_get(losses)))
+        losses = jax.device_get(
+            [self._eval(params, self.place(b), self.base) for b in local_batches]
+        )
+        if isinstance(local_batches[0], tuple):
+            total, count = np.sum(losses, axis=0)
+            return float(total / max(count, 1.0))
+        return float(np.mean(losses))
 
     def _eval_loss(self, params, batch, base=None):
         full = self._with_base(params, base)
         with kernels.use(self.kernels):
+            if isinstance(batch, tuple):
+                first = (batch[0][0], batch[1][0])
+                return jnp.stack(masked_loss(self.model, full, first, None, True))
             return token_loss(self.model, full, batch[0], None, True, self.loss_chunks)
 
     def lr_at(self, step: int) -> float:

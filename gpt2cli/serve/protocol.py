@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, replace
 
 from gpt2cli.chat import (
+    ROLES,
     TEMPLATES,
     MessageError,
     Template,
@@ -516,15 +517,20 @@ def transcript(messages, tokenizer, template: Template = TEMPLATES["chat"]) -> T
             raise bad(f"messages[{i}]", "each message must be an object with role and content")
         check_message_fields(message, i)
         role = message.get("role")
-        pairs.append(("system" if role == "developer" else role, _message_text(message, i)))
+        role = "system" if role == "developer" else role
+        if role not in ROLES:
+            raise bad(
+                f"messages[{i}].role", f"role must be system, user or assistant, got {role!r}"
+            )
+        pairs.append((role, _message_text(message, i)))
     if messages[-1].get("role") != "user":
         raise bad("messages", "the last message must be the user's")
     try:
         rendered = render(pairs, template, tokenizer, tokenizer.encode_unlocked)
     except MessageError as exc:
-        where = "messages" if exc.index is None else f"messages[{exc.index}]"
-        role_error = exc.reason.startswith("role")
-        raise bad(f"{where}.role" if role_error else where, exc.reason) from None
+        raise bad(
+            "messages" if exc.index is None else f"messages[{exc.index}]", exc.reason
+        ) from None
     turns, counts = [], []
     for part, reply in rendered.parts:
         if reply:  # an assistant message: part of the turn its user message began

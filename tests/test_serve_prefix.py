@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from gpt2cli.chat import TEMPLATES, turns_to_drop
+from gpt2cli.chat import TEMPLATES, render, turns_to_drop
 from gpt2cli.tokenizer import bundled
 from tests.helpers_serve import SERVE_KEY, metric, post_json, request, sse_events
 
@@ -53,13 +53,11 @@ def history(turns: int) -> list[dict]:
 
 def lengths(messages: list[dict]) -> tuple[int, list[int], int]:
     """Tokens of a `history`'s preamble, of each past turn, of the new turn."""
-    tok, template = bundled(), TEMPLATES["chat"]
-    preamble = len(tok.encode(messages[0]["content"]))
-    turns = [
-        len(tok.encode(template.turn_prompt(u["content"])) + tok.encode(" " + a["content"]))
-        for u, a in zip(messages[1:-1:2], messages[2:-1:2], strict=True)
-    ]
-    return preamble, turns, len(tok.encode(template.turn_prompt(messages[-1]["content"])))
+    pairs = [(m["role"], m["content"]) for m in messages]
+    rendered = render(pairs, TEMPLATES["chat"], bundled())
+    parts = [len(part) for part, _ in rendered.parts]  # user, assistant, ..., the new user turn
+    turns = [u + a for u, a in zip(parts[:-1:2], parts[1:-1:2], strict=True)]
+    return len(rendered.preamble), turns, parts[-1]
 
 
 def test_truncation_auto_drops_the_oldest_turns_as_gpt2_chat(serve_tiny):

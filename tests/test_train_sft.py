@@ -340,6 +340,17 @@ def test_a_prepared_folder_carries_the_mask(tmp_path):
     assert "--mask-prompt asks for a mask that" in done.output
     assert not (tmp_path / "r").exists()
 
+    # eval scores the folder's examples with the folder's mask, as it scores the rows
+    score = ("-m", "from-folder/final.npz", "--json", "--seq-length", "32")
+    from_folder = gpt2("eval", *score, "--dataset", "sft")
+    from_rows = gpt2("eval", *score, "--dataset", "qa.jsonl", "--mask-prompt")
+    assert from_folder.exit_code == 0 and from_rows.exit_code == 0, from_folder.output
+    figures = json.loads(from_folder.output.strip().splitlines()[-1])
+    assert figures == json.loads(from_rows.output.strip().splitlines()[-1])
+    assert figures["examples"] == 20 and figures["tokens_scored"] == 20 * 2
+    done = gpt2("eval", *score, "--dataset", "plain", "--mask-prompt")
+    assert done.exit_code == 1 and "--mask-prompt asks for a mask that" in done.output
+
 
 def test_a_run_json_from_before_sft_resumes(tmp_path):
     (tmp_path / "plain.txt").write_text("The cat sat on the mat. " * 40)

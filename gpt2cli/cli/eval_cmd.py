@@ -107,10 +107,14 @@ def evaluate(
 
     compile_cache.enable()
     names = list(dataset or []) + list(more_files or [])
-    prepared = _prepared(names)
-    files = [] if prepared else data.resolve_files(names, os.environ.get("DATA_DIR"))
+    prepared_rows = len(names) == 1 and examples.is_prepared_examples(names[0])
+    prepared = None if prepared_rows else _prepared(names)
+    if prepared_rows:
+        files = [Path(names[0])]
+    else:
+        files = [] if prepared else data.resolve_files(names, os.environ.get("DATA_DIR"))
     with flags_for({"mask_prompt"}):
-        rows = not prepared and examples.is_examples(files, mask_prompt)
+        rows = prepared_rows or (not prepared and examples.is_examples(files, mask_prompt))
     config, params = load_model(
         model, finite=True, tqdm_class=hub_progress_class(), adapter=adapter
     )
@@ -231,17 +235,27 @@ def _score_examples(
     chat_template,
     as_json,
 ) -> None:
-    """The loss over the counted tokens of instruction or chat rows, one example a row."""
+    """The loss over the counted tokens of instruction or chat rows, one example a row: every
+    row of the files, or every example of a folder `gpt2 prepare` wrote (with its own mask)."""
     from gpt2cli.chat import template
     from gpt2cli.hub import load_tokenizer
     from gpt2cli.progress import hub_progress_class, task_progress
+    from gpt2cli.training import data, examples
     from gpt2cli.training import evaluate as evaluation
-    from gpt2cli.training.examples import read_examples
 
     tok = load_tokenizer(tokenizer, model, tqdm_class=hub_progress_class())
     length = seq_length or config.n_positions
-    rows = read_examples(files, template(chat_template), tok, mask_prompt=mask_prompt,
-                         max_tokens=length + 1)  # fmt: skip
+    if examples.is_prepared_examples(files[0]):
+        fingerprint = data.tokenizer_fingerprint(tok)
+        spec, rows = examples.read_prepared(files[0], fingerprint, length + 1)
+        if mask_prompt and not spec.get("mask_prompt"):
+            raise UserError(
+                f"--mask-prompt asks for a mask that {files[0]} lacks: prepare it with "
+                "--mask-prompt"
+            )
+    else:
+        rows = examples.read_examples(files, template(chat_template), tok,
+                                      mask_prompt=mask_prompt, max_tokens=length + 1)  # fmt: skip
     with task_progress() as progress, flags_for({"batch_size"}, length="--seq-length"):
         task = progress.add_task("evaluating", total=None)
         result = evaluation.evaluate_examples(

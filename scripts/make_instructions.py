@@ -134,7 +134,7 @@ def score(heldout: Path, model: str, template: str = "chat", adapter: Path | Non
     rows = [json.loads(line) for line in heldout.read_text().splitlines() if line.strip()]
     stdin = "".join(f"{row['prompt']}\n/reset\n" for row in rows)
     command = ["gpt2", "chat", "-m", model, "--template", template, "--json"]
-    command += ["--max-new-tokens", "8"]
+    command += ["--max-new-tokens", "8", "--temperature", "0"]
     if adapter is not None:
         command += ["--adapter", str(adapter)]
     done = subprocess.run(command, input=stdin, capture_output=True, text=True, check=True)

@@ -28,7 +28,10 @@ import time
 from pathlib import Path
 
 BEFORE = {"shakespeare": (72.0, 11.0), "gpt2-124m": (109.0, 35.0)}  # cold, warm seconds
-DEFAULT_MODELS = ["shakespeare", "/work/bench/gpt2-124m-random"]
+DEFAULT_MODELS = [
+    "shakespeare",
+    "../bench/gpt2-124m-random",
+]  # as the other benchmarks: an HF folder beside the checkout
 
 
 def get(port: int, method: str, path: str, body: dict | None = None) -> tuple[int, bytes]:
